@@ -1,0 +1,112 @@
+"""Waveform in, waveform out: decode, mix down to mono, resample, fix the length."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+
+RESAMPLER = "soxr_hq"
+
+
+class BadAudioError(ValueError):
+    """An audio file that cannot be used: unreadable, corrupt, empty or non-finite."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The raw bytes of an audio file; a missing or unreadable file is a BadAudioError."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise BadAudioError(path, f"cannot read file ({error.strerror or error})") from error
+
+
+# path -> (stat signature, digest); per process, so each process hashes an unchanged file once.
+_digests: dict[str, tuple[tuple[int, int, int, int], str]] = {}
+
+
+def file_digest(path: str | Path) -> tuple[str, bytes | None]:
+    """A digest of a file's bytes, and the bytes when they had to be read for it.
+
+    The digest is remembered per (size, mtime, inode, device): a file that was not touched is
+    not read again in this process; an edited one is.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError as error:
+        raise BadAudioError(path, f"cannot read file ({error.strerror or error})") from error
+    signature = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_dev)
+    remembered = _digests.get(str(path))
+    if remembered is not None and remembered[0] == signature:
+        return remembered[1], None
+    data = read_bytes(path)
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    _digests[str(path)] = (signature, digest)
+    return digest, data
+
+
+def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
+    """Decode audio bytes to a mono float32 waveform at `sample_rate`.
+
+    `path` only names the file in errors. Any channel count, bit depth and rate is accepted.
+    """
+    if not data:
+        raise BadAudioError(path, "empty file (0 bytes)")
+    try:
+        samples, native_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as error:
+        raise BadAudioError(path, f"cannot decode audio ({error})") from error
+    if samples.shape[0] == 0:
+        raise BadAudioError(path, "no audio samples (zero-length)")
+    if not np.isfinite(samples).all():
+        raise BadAudioError(path, "audio contains NaN or infinite samples")
+    waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if native_rate != sample_rate:
+        waveform = librosa.resample(
+            waveform, orig_sr=native_rate, target_sr=sample_rate, res_type=RESAMPLER
+        )
+    return np.ascontiguousarray(waveform, dtype=np.float32)
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Read a file and return a mono float32 waveform at `sample_rate`."""
+    return decode_audio(read_bytes(path), path, sample_rate)
+
+
+def fix_length(
+    waveform: np.ndarray, num_samples: int, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Crop or zero-pad to exactly `num_samples`.
+
+    With `rng`, the crop start (or the clip's place inside the padding) is random, as in
+    training; without, the clip is centred, as in evaluation.
+    """
+    excess = len(waveform) - num_samples
+    if excess == 0:
+        return waveform
+    offset = int(rng.integers(0, abs(excess) + 1)) if rng is not None else abs(excess) // 2
+    if excess > 0:
+        return waveform[offset : offset + num_samples]
+    return np.pad(waveform, (offset, -excess - offset))
+
+
+def pad_for_random_crop(waveform: np.ndarray, num_samples: int) -> np.ndarray:
+    """Zero-pad a short clip on both sides so any crop of `num_samples` is a valid placement.
+
+    A clip of n < num_samples samples gets num_samples - n zeros on each side: every window of
+    num_samples over the result holds the whole clip at one of its possible offsets.
+    """
+    shortfall = num_samples - len(waveform)
+    if shortfall <= 0:
+        return waveform
+    return np.pad(waveform, (shortfall, shortfall))

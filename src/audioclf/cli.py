@@ -1,0 +1,260 @@
+"""The Hydra entry point (`python main.py ...`, `audioclf ...`): reads the config, runs the job.
+
+The configuration is read here and only here; the library below takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from audioclf.audio import BadAudioError
+from audioclf.augment import AudioAugment, SpecAugment
+from audioclf.cache import FeatureCache
+from audioclf.dataset import (
+    BAD_FILE_POLICIES,
+    DatasetError,
+    DatasetIndex,
+    SpectrogramDataset,
+    class_counts,
+    index_folder,
+    index_fsdd,
+    index_manifest,
+    prepare,
+)
+from audioclf.features import LogMelParams, resolve_params
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+log = logging.getLogger("audioclf")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section."""
+
+    format: str
+    name: str
+    root: str | None
+    manifest: str | None
+    sample_rate: int
+    clip_seconds: float
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+    val_fold: Any
+    test_fold: Any
+    on_bad_file: str
+
+
+def _section(config: DictConfig, key: str, cls: type) -> Any:
+    """Build a dataclass from a config section; an unknown or missing key names itself."""
+    values = OmegaConf.to_container(OmegaConf.select(config, key), resolve=True)
+    names = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[f'{key}.{name}' for name in unknown]}")
+    missing = sorted(names - set(values))
+    if missing:
+        raise ConfigError(f"missing key(s) {[f'{key}.{name}' for name in missing]}")
+    return cls(**values)
+
+
+def feature_params(config: DictConfig) -> LogMelParams:
+    """The resolved log-mel parameters of `features` at `data.sample_rate`."""
+    section = OmegaConf.to_container(config.features, resolve=True)
+    preset = section.pop("preset")
+    # null in the config means "the preset's value"; the Python API takes None literally.
+    overrides = {name: value for name, value in section.items() if value is not None}
+    try:
+        return resolve_params(preset, config.data.sample_rate, **overrides)
+    except ValueError as error:
+        raise ConfigError(f"features: {error}") from error
+
+
+def build_index(data: DataConfig) -> DatasetIndex:
+    """Index the configured dataset into splits."""
+    if data.on_bad_file not in BAD_FILE_POLICIES:
+        raise ConfigError(f"data.on_bad_file must be one of {BAD_FILE_POLICIES}")
+    if data.format == "manifest":
+        if not data.manifest or not Path(data.manifest).is_file():
+            raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
+        return index_manifest(
+            Path(data.manifest),
+            Path(data.root) if data.root else None,
+            data.val_fraction,
+            data.test_fraction,
+            data.split_seed,
+            data.val_fold,
+            data.test_fold,
+        )
+    if not data.root or not Path(data.root).is_dir():
+        raise ConfigError(
+            f"data.root: no such folder {data.root!r} (relative paths start at "
+            f"{Path.cwd()}; set data.root=/path/to/clips)"
+        )
+    if data.format == "fsdd":
+        return index_fsdd(Path(data.root))
+    if data.format == "folder":
+        return index_folder(Path(data.root), data.val_fraction, data.test_fraction, data.split_seed)
+    raise ConfigError(f"data.format must be fsdd, folder or manifest, not {data.format!r}")
+
+
+def build_datasets(config: DictConfig) -> tuple[DatasetIndex, dict[str, SpectrogramDataset]]:
+    """The train / val / test datasets the config describes."""
+    data = _section(config, "data", DataConfig)
+    params = feature_params(config)
+    spec_augment = _section(config, "augmentations.spec_augment", SpecAugment)
+    audio_augment = AudioAugment(
+        OmegaConf.to_container(config.augmentations.audio.transforms, resolve=True)
+    )
+    cache = FeatureCache(config.system.cache_dir, enabled=config.system.cache)
+    index = build_index(data)
+    datasets = {
+        split: SpectrogramDataset(
+            clips=clips,
+            classes=index.classes,
+            sample_rate=data.sample_rate,
+            clip_seconds=data.clip_seconds,
+            feature_params=params,
+            cache=cache,
+            training=split == "train",
+            audio_augment=audio_augment if split == "train" else None,
+            spec_augment=spec_augment if split == "train" else None,
+        )
+        for split, clips in index.splits.items()
+    }
+    return index, datasets
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch in this process."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(config: DictConfig) -> dict[str, Any]:
+    """Index the dataset, check every file, fill the feature cache; return a summary."""
+    started = time.perf_counter()
+    index, datasets = build_datasets(config)
+    on_bad_file = config.data.on_bad_file
+    bad_files: list[dict[str, str]] = []
+    splits: dict[str, Any] = {}
+    hits = 0
+    for split, dataset in datasets.items():
+        report = prepare(
+            dataset,
+            on_bad_file,
+            num_workers=config.system.num_workers,
+            progress=lambda items, split=split: tqdm(
+                items, desc=f"prepare {split}", leave=False, disable=None
+            ),
+        )
+        hits += report.cache_hits
+        bad_files += [{"split": split, "path": p, "reason": r} for p, r in report.bad_files]
+        splits[split] = {"clips": len(dataset), "per_class": class_counts(dataset)}
+    train = datasets["train"]
+    items = sum(len(dataset) for dataset in datasets.values()) + len(bad_files)
+    return {
+        "dataset": config.data.name,
+        "root": config.data.root,
+        "classes": index.classes,
+        "splits": splits,
+        "sample_rate": train.sample_rate,
+        "clip_seconds": train.clip_seconds,
+        "clip_samples": train.clip_samples,
+        "features": {
+            "preset": config.features.preset,
+            "shape": list(train.feature_shape),
+            "params": train.feature_params.as_dict(),
+        },
+        "training_augmentation": {
+            "audio": [type(t).__name__ for t in train.audio_augment.transforms],
+            "spec_augment": train.spec_augment.active,
+        },
+        "cache": {
+            "enabled": bool(config.system.cache),
+            "dir": str(config.system.cache_dir),
+            "hits": hits,
+            "computed": items - hits - len(bad_files),
+        },
+        "bad_files": bad_files,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The dataset summary as a few readable lines."""
+    classes = summary["classes"]
+    lines = [
+        f"dataset      {summary['dataset']} ({summary['root']})",
+        f"classes      {len(classes)}: {', '.join(classes)}",
+    ]
+    for split, info in summary["splits"].items():
+        per_class = info["per_class"].values()
+        spread = f"{min(per_class)}-{max(per_class)} per class" if per_class else "empty"
+        lines.append(f"{split:<12} {info['clips']} clips ({spread})")
+    features = summary["features"]
+    cache = summary["cache"]
+    lines += [
+        f"clip         {summary['clip_seconds']} s = {summary['clip_samples']} samples "
+        f"at {summary['sample_rate']} Hz",
+        f"features     {features['preset']}: {tuple(features['shape'])} (channel, frames, mels)",
+        f"cache        {'on' if cache['enabled'] else 'off'} ({cache['dir']}): "
+        f"{cache['hits']} hits, {cache['computed']} computed",
+        f"bad files    {len(summary['bad_files'])}",
+    ]
+    lines += [f"  {bad['path']}: {bad['reason']}" for bad in summary["bad_files"]]
+    lines.append(f"time         {summary['seconds']} s")
+    return "\n".join(lines)
+
+
+def run(config: DictConfig) -> dict[str, Any]:
+    """The main job: prepare the data (and, as the project grows, train, test, export)."""
+    logging.getLogger().setLevel(config.system.log_level)
+    seed_everything(config.system.seed)
+    summary = prepare_data(config)
+    output_dir = Path(config.system.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "dataset_summary.json").write_text(json.dumps(summary, indent=1))
+    log.info(
+        "dataset summary (%s):\n%s", output_dir / "dataset_summary.json", format_summary(summary)
+    )
+    stages = [name for name in ("train", "test", "quantise", "export") if config.run[name]]
+    if stages:
+        log.warning(
+            "run.%s: this version has no trainer, model zoo or exporters yet; "
+            "the run prepared the data only",
+            "/".join(stages),
+        )
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(config: DictConfig) -> None:
+    try:
+        run(config)
+    except (ConfigError, DatasetError, BadAudioError) as error:
+        log.error("%s", error)
+        raise SystemExit(2) from error
+
+
+def main() -> None:
+    """Console entry point."""
+    _hydra_main()

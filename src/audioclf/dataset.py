@@ -1,0 +1,461 @@
+"""Datasets: index files into train/val/test, load clips as log-mel tensors, batch them."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from audioclf.audio import (
+    RESAMPLER,
+    BadAudioError,
+    decode_audio,
+    file_digest,
+    fix_length,
+    pad_for_random_crop,
+    read_bytes,
+)
+from audioclf.augment import AudioAugment, SpecAugment
+from audioclf.cache import FeatureCache, feature_key, parameters_digest
+from audioclf.features import FEATURE_CODE_VERSION, LogMelParams, log_mel, num_frames
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
+BAD_FILE_POLICIES = ("error", "skip")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be indexed as configured (missing folder, bad manifest, labels)."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled audio file."""
+
+    path: Path
+    label: str
+
+
+@dataclass
+class DatasetIndex:
+    """The clips of each split and the class order (sorted training labels)."""
+
+    classes: list[str]
+    splits: dict[str, list[Clip]]
+
+    def counts(self) -> dict[str, int]:
+        """Clips per split."""
+        return {split: len(clips) for split, clips in self.splits.items()}
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
+    )
+
+
+def stratified_split(
+    clips: Sequence[Clip], fractions: dict[str, float], seed: int
+) -> dict[str, list[Clip]]:
+    """Split clips per class by seeded shuffling; `fractions` maps split names to shares.
+
+    What the fractions leave goes to "train". Each class gives round(n * fraction) clips to a
+    split, so small classes keep their proportions; the result depends only on the clips and
+    the seed.
+    """
+    rng = random.Random(seed)
+    result: dict[str, list[Clip]] = {"train": [], **{name: [] for name in fractions}}
+    by_label: dict[str, list[Clip]] = {}
+    for clip in sorted(clips, key=lambda clip: (clip.label, str(clip.path))):
+        by_label.setdefault(clip.label, []).append(clip)
+    for members in by_label.values():
+        rng.shuffle(members)
+        start = 0
+        for name, fraction in fractions.items():
+            take = round(len(members) * fraction)
+            result[name].extend(members[start : start + take])
+            start += take
+        result["train"].extend(members[start:])
+    return {name: sorted(split, key=lambda clip: str(clip.path)) for name, split in result.items()}
+
+
+def _finish_index(splits: dict[str, list[Clip]], source: str) -> DatasetIndex:
+    """Check labels across splits and fix the class order."""
+    if not splits.get("train"):
+        raise DatasetError(f"{source}: no training clips found")
+    classes = sorted({clip.label for clip in splits["train"]})
+    for split in ("val", "test"):
+        unknown = sorted({clip.label for clip in splits.get(split, [])} - set(classes))
+        if unknown:
+            raise DatasetError(
+                f"{source}: labels {unknown} appear in the {split} split but not in training"
+            )
+    return DatasetIndex(classes, {split: splits.get(split, []) for split in SPLITS})
+
+
+_FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<index>\d+)$")
+
+
+def index_fsdd(root: Path) -> DatasetIndex:
+    """The Free Spoken Digit Dataset: `{digit}_{speaker}_{index}.wav`.
+
+    Test: index 0-4 (the official split). Validation: index 5-9, carved from the official
+    training part (every digit and speaker, 10% of it). Training: index 10-49.
+    """
+    splits: dict[str, list[Clip]] = {split: [] for split in SPLITS}
+    for path in _audio_files(root):
+        match = _FSDD_NAME.match(path.stem)
+        if match is None:
+            raise DatasetError(f"{path}: not an FSDD file name ({{digit}}_{{speaker}}_{{index}})")
+        index = int(match["index"])
+        split = "test" if index < 5 else "val" if index < 10 else "train"
+        splits[split].append(Clip(path, match["digit"]))
+    return _finish_index(splits, str(root))
+
+
+def index_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> DatasetIndex:
+    """A folder per class, under top-level train/ val/ test/ folders or split by ratio.
+
+    With `root/train/` present, its sibling `val/` and `test/` give those splits; a missing
+    `val/` is carved from training by `val_fraction`. Without it, `root/CLASS/` folders are
+    split by `val_fraction` and `test_fraction`, stratified and seeded.
+    """
+
+    def clips_under(folder: Path) -> list[Clip]:
+        return [
+            Clip(path, class_dir.name)
+            for class_dir in sorted(folder.iterdir())
+            if class_dir.is_dir()
+            for path in _audio_files(class_dir)
+        ]
+
+    if (root / "train").is_dir():
+        splits = {split: clips_under(root / split) for split in SPLITS if (root / split).is_dir()}
+        if "val" not in splits:
+            carved = stratified_split(splits["train"], {"val": val_fraction}, seed)
+            splits.update(train=carved["train"], val=carved["val"])
+        if "test" not in splits:
+            log.warning("%s has no test/ folder: the test split is empty", root)
+    else:
+        fractions = {"val": val_fraction, "test": test_fraction}
+        splits = stratified_split(clips_under(root), fractions, seed)
+    return _finish_index(splits, str(root))
+
+
+def index_manifest(
+    manifest: Path,
+    root: Path | None,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    val_fold: str | int | None = None,
+    test_fold: str | int | None = None,
+) -> DatasetIndex:
+    """A CSV manifest with columns `path,label[,split][,fold]`.
+
+    Paths are relative to `root`, or to the manifest's folder when `root` is None. With
+    `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
+    validation split; otherwise a `split` column decides; otherwise a stratified ratio split.
+    """
+    base = root if root is not None else manifest.parent
+    try:
+        with manifest.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
+    except OSError as error:
+        raise DatasetError(f"{manifest}: cannot read manifest ({error})") from error
+    missing = {"path", "label"} - columns
+    if missing:
+        raise DatasetError(f"{manifest}: missing column(s) {sorted(missing)} (need path,label)")
+
+    def clip(row: dict[str, str]) -> Clip:
+        return Clip(base / row["path"], row["label"])
+
+    if test_fold is not None:
+        if "fold" not in columns:
+            raise DatasetError(f"{manifest}: data.test_fold is set but there is no 'fold' column")
+        folds = {str(test_fold): "test"}
+        if val_fold is not None:
+            folds[str(val_fold)] = "val"
+        splits = {split: [] for split in SPLITS}
+        for row in rows:
+            splits[folds.get(row["fold"].strip(), "train")].append(clip(row))
+        if val_fold is None:
+            carved = stratified_split(splits["train"], {"val": val_fraction}, seed)
+            splits.update(train=carved["train"], val=carved["val"])
+    elif "split" in columns:
+        splits = {split: [] for split in SPLITS}
+        for line, row in enumerate(rows, start=2):
+            split = row["split"].strip().lower()
+            if split not in splits:
+                raise DatasetError(
+                    f"{manifest}, line {line}: split {row['split']!r} is not one of {SPLITS}"
+                )
+            splits[split].append(clip(row))
+    else:
+        fractions = {"val": val_fraction, "test": test_fraction}
+        splits = stratified_split([clip(row) for row in rows], fractions, seed)
+    return _finish_index(splits, str(manifest))
+
+
+# ---------------------------------------------------------------- clips to tensors
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_features_digest(params: LogMelParams, clip_samples: int, crop: str) -> str:
+    """The digest of everything besides the audio that shapes cached features."""
+    return parameters_digest(
+        {
+            "features": params.as_dict(),
+            "clip_samples": clip_samples,
+            "crop": crop,
+            "resampler": RESAMPLER,
+            "version": FEATURE_CODE_VERSION,
+        }
+    )
+
+
+@dataclass
+class SpectrogramDataset(Dataset):
+    """Labelled clips as log-mel tensors of shape (1, frames, n_mels).
+
+    Evaluation: the clip centred in `clip_seconds`, features cached. Training without audio
+    augmentation: features of the whole clip (zero-padded so that every placement of a short
+    clip is possible) are cached, and each access takes a random window of the clip's frame
+    count from them. Training with audio augmentation: a random crop of the waveform is
+    augmented and its features computed every time (not cached). SpecAugment, in training,
+    comes last and is never cached.
+    """
+
+    clips: list[Clip]
+    classes: list[str]
+    sample_rate: int
+    clip_seconds: float
+    feature_params: LogMelParams
+    cache: FeatureCache
+    training: bool = False
+    audio_augment: AudioAugment | None = None
+    spec_augment: SpecAugment | None = None
+    _label_index: dict[str, int] = field(init=False, repr=False)
+    _rng_owner: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._label_index = {label: index for index, label in enumerate(self.classes)}
+        unknown = sorted({clip.label for clip in self.clips} - set(self._label_index))
+        if unknown:
+            raise DatasetError(f"labels {unknown} are not among the classes {self.classes}")
+        if self.feature_params.sample_rate != self.sample_rate:
+            raise ValueError(
+                f"feature parameters are for {self.feature_params.sample_rate} Hz, "
+                f"the audio is loaded at {self.sample_rate} Hz"
+            )
+
+    @property
+    def clip_samples(self) -> int:
+        """Samples in one fixed-length clip."""
+        return round(self.clip_seconds * self.sample_rate)
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        """The shape of every item's features: (1, frames, n_mels)."""
+        return (1, num_frames(self.clip_samples, self.feature_params), self.feature_params.n_mels)
+
+    @property
+    def augments_audio(self) -> bool:
+        """Whether items are augmented waveforms, computed afresh each time."""
+        return self.training and self.audio_augment is not None and self.audio_augment.active
+
+    def label_index(self, clip: Clip) -> int:
+        """The class index of a clip."""
+        return self._label_index[clip.label]
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def _generator(self) -> np.random.Generator:
+        # One generator per process, seeded from torch's seed: the data loader gives each
+        # worker its own seed, and the main process has the run's seed.
+        owner = (os.getpid(), torch.initial_seed())
+        if self._rng is None or self._rng_owner != owner:
+            self._rng = np.random.default_rng(torch.initial_seed())
+            self._rng_owner = owner
+        return self._rng
+
+    def _parameters_digest(self) -> str:
+        crop = "padded" if self.training else "centre"
+        return _cached_features_digest(self.feature_params, self.clip_samples, crop)
+
+    def cached_features(self, index: int) -> tuple[np.ndarray, bool]:
+        """The deterministic (cacheable) features of an item, and whether they were a hit.
+
+        Raises BadAudioError for an unusable file. For an augmenting training set, which
+        caches nothing, this decodes the audio to check it and returns empty features.
+        """
+        clip = self.clips[index]
+        if self.augments_audio:
+            decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
+            return np.empty((0, self.feature_params.n_mels), np.float32), False
+        digest, data = file_digest(clip.path)
+
+        def compute() -> np.ndarray:
+            audio = data if data is not None else read_bytes(clip.path)
+            waveform = decode_audio(audio, clip.path, self.sample_rate)
+            if self.training:
+                waveform = pad_for_random_crop(waveform, self.clip_samples)
+            else:
+                waveform = fix_length(waveform, self.clip_samples)
+            return log_mel(waveform, self.feature_params)
+
+        hits = self.cache.hits
+        features = self.cache.get_or_compute(
+            feature_key(digest, self._parameters_digest()), compute
+        )
+        return features, self.cache.hits > hits
+
+    def features(self, index: int) -> np.ndarray:
+        """The (frames, n_mels) features of an item as training or evaluation sees them."""
+        frames = self.feature_shape[1]
+        if self.augments_audio:
+            clip = self.clips[index]
+            waveform = decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
+            waveform = fix_length(waveform, self.clip_samples, self._generator())
+            waveform = self.audio_augment(waveform, self.sample_rate)
+            features = log_mel(waveform, self.feature_params)
+        else:
+            features, _ = self.cached_features(index)
+            if self.training:
+                start = int(self._generator().integers(0, len(features) - frames + 1))
+                features = features[start : start + frames]
+        if self.training and self.spec_augment is not None and self.spec_augment.active:
+            features = self.spec_augment(features, self._generator())
+        return features
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        # np.array copies: cached arrays are read-only views of the cache entry.
+        features = torch.from_numpy(np.array(self.features(index)))
+        return features.unsqueeze(0), self.label_index(self.clips[index])
+
+
+# ---------------------------------------------------------------- checking and caching
+
+
+@dataclass
+class PrepareReport:
+    """What preparing a dataset found: cache use and the bad files."""
+
+    items: int = 0
+    cache_hits: int = 0
+    bad_files: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _PrepareView(Dataset):
+    """Each item: (index, cache hit, error message or None); runs in loader workers."""
+
+    def __init__(self, dataset: SpectrogramDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, bool, str | None]:
+        try:
+            _, hit = self.dataset.cached_features(index)
+        except BadAudioError as error:
+            return index, False, error.reason
+        return index, hit, None
+
+
+def prepare(
+    dataset: SpectrogramDataset,
+    on_bad_file: str = "error",
+    num_workers: int = 0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> PrepareReport:
+    """Decode every clip once, fill the feature cache, and deal with bad files.
+
+    `on_bad_file="error"` raises BadAudioError naming the first bad file; "skip" logs each bad
+    file once, drops it from `dataset.clips` and counts it in the report.
+    """
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(
+            f"data.on_bad_file must be one of {BAD_FILE_POLICIES}, not {on_bad_file!r}"
+        )
+    report = PrepareReport(items=len(dataset))
+    loader = DataLoader(
+        _PrepareView(dataset), batch_size=None, num_workers=num_workers, collate_fn=None
+    )
+    results = progress(loader) if progress is not None else loader
+    bad_indices = set()
+    for index, hit, error in results:
+        report.cache_hits += bool(hit)
+        if error is None:
+            continue
+        path = str(dataset.clips[index].path)
+        if on_bad_file == "error":
+            raise BadAudioError(path, error)
+        log.warning("skipping bad audio file %s: %s", path, error)
+        report.bad_files.append((path, error))
+        bad_indices.add(int(index))
+    if bad_indices:
+        dataset.clips = [clip for i, clip in enumerate(dataset.clips) if i not in bad_indices]
+    return report
+
+
+# ---------------------------------------------------------------- loading
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed `random` and `np.random` in a loader worker from the seed torch gave it."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = True,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader whose shuffling and per-worker randomness follow `seed`."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=drop_last,
+    )
+
+
+def class_counts(dataset: SpectrogramDataset) -> dict[str, int]:
+    """Clips per class, in class order."""
+    counts = Counter(clip.label for clip in dataset.clips)
+    return {label: counts.get(label, 0) for label in dataset.classes}
