@@ -9,6 +9,8 @@ import dataclasses
 import json
 import logging
 import random
+import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +257,21 @@ def _hydra_main(config: DictConfig) -> None:
         raise SystemExit(2) from error
 
 
+_LIST_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def normalise_override(argument: str) -> str:
+    """Rewrite list indices in an override key, `a.b[0].c=1` -> `a.b.0.c=1`.
+
+    Hydra's override grammar reaches list items only as `.0`; users write `[0]`.
+    """
+    if argument.startswith("-") or "=" not in argument:
+        return argument
+    key, value = argument.split("=", 1)
+    return _LIST_INDEX.sub(r".\1", key) + "=" + value
+
+
 def main() -> None:
     """Console entry point."""
+    sys.argv[1:] = [normalise_override(argument) for argument in sys.argv[1:]]
     _hydra_main()

@@ -1,0 +1,5 @@
+"""`python -m audioclf [overrides]`: the same Hydra app as `python main.py` and `audioclf`."""
+
+from audioclf.cli import main
+
+main()

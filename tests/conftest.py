@@ -1,0 +1,74 @@
+"""Shared fixtures: composed configs, a few FSDD clips, small audio files written on the fly."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from audioclf.cli import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+FSDD = REPO / "data" / "fsdd" / "recordings"
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose the real config tree with overrides; cache and outputs go to tmp_path."""
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            return compose(
+                "config",
+                overrides=[
+                    f"system.cache_dir={tmp_path / 'cache'}",
+                    f"system.output_dir={tmp_path / 'outputs'}",
+                    "system.num_workers=0",
+                    *overrides,
+                ],
+            )
+
+    return _compose
+
+
+def fsdd_clip(digit: int, speaker: str = "jackson", index: int = 10) -> Path:
+    """The path of one bundled FSDD recording."""
+    return FSDD / f"{digit}_{speaker}_{index}.wav"
+
+
+def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> Path:
+    """Write audio (samples or samples x channels) and return the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, waveform, sample_rate, subtype=subtype)
+    return path
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path) -> Path:
+    """root/{train,val,test}/{digit}/*.wav with real FSDD clips of three digits."""
+    root = tmp_path / "folder"
+    layout = {"train": range(10, 14), "val": range(5, 7), "test": range(0, 2)}
+    for split, indices in layout.items():
+        for digit in (0, 1, 2):
+            for index in indices:
+                target = root / split / str(digit) / f"{digit}_{index}.wav"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(fsdd_clip(digit, index=index), target)
+    return root
+
+
+@pytest.fixture
+def manifest_rows() -> list[tuple[str, str, int]]:
+    """(relative path, label, fold) for 24 FSDD clips: two digits, four folds."""
+    rows = []
+    for digit in (3, 4):
+        for n, index in enumerate(range(10, 22)):
+            rows.append((f"{digit}_jackson_{index}.wav", str(digit), n % 4 + 1))
+    return rows

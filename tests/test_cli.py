@@ -1,0 +1,116 @@
+"""The main job end to end: compose, index, prepare, summarise; and the console entry points."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audioclf.audio import BadAudioError
+from audioclf.cli import ConfigError, run
+from conftest import FSDD, REPO
+
+
+@pytest.fixture
+def manifest(tmp_path, manifest_rows):
+    path = tmp_path / "clips.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "fold"])
+        writer.writerows(manifest_rows)
+    return path
+
+
+def _manifest_overrides(manifest, *extra):
+    return [
+        "data=manifest",
+        f"data.manifest={manifest}",
+        f"data.root={FSDD}",
+        "data.sample_rate=8000",
+        "data.test_fold=1",
+        "data.val_fold=2",
+        *extra,
+    ]
+
+
+def test_main_job_writes_a_dataset_summary(compose_config, manifest, tmp_path):
+    summary = run(compose_config(*_manifest_overrides(manifest)))
+    assert summary["classes"] == ["3", "4"]
+    assert {split: info["clips"] for split, info in summary["splits"].items()} == {
+        "train": 12,
+        "val": 6,
+        "test": 6,
+    }
+    assert summary["features"]["shape"] == [1, 101, 64]
+    assert summary["bad_files"] == []
+    written = json.loads((tmp_path / "outputs" / "dataset_summary.json").read_text())
+    assert written == summary
+
+
+def test_second_run_reads_evaluation_features_from_the_cache(compose_config, manifest):
+    config = compose_config(*_manifest_overrides(manifest))
+    first = run(config)
+    second = run(config)
+    assert first["cache"]["hits"] == 0
+    # Training items are augmented (never cached); validation and test are all hits.
+    assert second["cache"]["hits"] == 12
+
+
+def test_bad_file_in_skip_mode_is_counted_in_the_summary(compose_config, manifest, tmp_path):
+    with manifest.open("a", newline="") as handle:
+        csv.writer(handle).writerow([str(tmp_path / "broken.wav"), "3", 3])
+    (tmp_path / "broken.wav").write_bytes(b"not audio")
+    summary = run(compose_config(*_manifest_overrides(manifest, "data.on_bad_file=skip")))
+    assert [bad["path"] for bad in summary["bad_files"]] == [str(tmp_path / "broken.wav")]
+    assert summary["splits"]["train"]["clips"] == 12
+
+
+def test_bad_file_in_error_mode_stops_the_job(compose_config, manifest, tmp_path):
+    with manifest.open("a", newline="") as handle:
+        csv.writer(handle).writerow([str(tmp_path / "broken.wav"), "3", 1])
+    (tmp_path / "broken.wav").write_bytes(b"")
+    with pytest.raises(BadAudioError, match="broken.wav"):
+        run(compose_config(*_manifest_overrides(manifest)))
+
+
+def test_missing_data_root_names_the_key(compose_config, tmp_path):
+    with pytest.raises(ConfigError, match="data.root"):
+        run(compose_config(f"data.root={tmp_path / 'nowhere'}"))
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = subprocess.run(
+        [sys.executable, "main.py", "--cfg", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for section in ("system:", "data:", "model:", "training:", "run:", "augmentations:"):
+        assert f"\n{section}" in f"\n{result.stdout}"
+
+
+def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manifest):
+    script = Path(sys.executable).parent / "audioclf"
+    assert script.exists(), "the package is not installed with its console script"
+    result = subprocess.run(
+        [
+            str(script),
+            *_manifest_overrides(manifest),
+            "system.num_workers=0",
+            f"system.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "dataset_summary.json").exists()
+    assert "classes      2: 3, 4" in result.stderr + result.stdout

@@ -1,0 +1,120 @@
+"""The Hydra config tree: every option composes, typos stop at start, CLI overrides work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from audioclf.cli import CONFIG_DIR, ConfigError, build_datasets, feature_params, normalise_override
+from conftest import REPO
+
+GROUPS = ["model", "teacher_model", "data", "features"]
+MODELS = [
+    "efficientnet_v2",
+    "efficientnet_v2_qat",
+    "ghost_efficientnet_v2",
+    "panns_cnn14",
+    "panns_mobilenetv1",
+    "panns_mobilenetv2",
+]
+OPTIONS = [
+    (group, path.stem) for group in GROUPS for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
+
+
+def test_primary_config_has_every_section(compose_config):
+    config = compose_config()
+    assert {"system", "data", "model", "training", "run", "augmentations"} <= set(config)
+
+
+@pytest.mark.parametrize("group", ["model", "teacher_model"])
+def test_model_groups_hold_every_architecture(group):
+    assert sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")) == sorted(MODELS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS)
+def test_every_group_option_composes(compose_config, group, option):
+    overrides = [f"{group}={option}"]
+    if group == "teacher_model":
+        overrides.append("teacher_model.checkpoint_path=teacher.pth")
+    if option in ("folder", "manifest"):
+        overrides.append("data.root=somewhere")
+        overrides.append("data.manifest=somewhere.csv")
+    config = compose_config(*overrides)
+    section = config[group]
+    if group in ("model", "teacher_model"):
+        assert section.name.replace("_qat", "") in option
+        assert "params" in section
+    elif group == "features":
+        assert section.preset == option
+        assert feature_params(config).n_mels > 0
+    else:
+        assert section.format == option
+
+
+def test_teacher_model_matches_its_model_option(compose_config):
+    config = compose_config("teacher_model=panns_cnn14", "teacher_model.checkpoint_path=t.pth")
+    assert config.teacher_model.params == compose_config("model=panns_cnn14").model.params
+
+
+def test_unknown_override_key_stops_at_start(compose_config):
+    with pytest.raises(ConfigCompositionException, match="batchsize"):
+        compose_config("training.batchsize=3")
+
+
+def test_unknown_key_added_to_a_section_is_named(compose_config):
+    config = compose_config("+data.sample_rte=16000")
+    with pytest.raises(ConfigError, match=r"data\.sample_rte"):
+        build_datasets(config)
+
+
+def test_unknown_feature_parameter_is_named(compose_config):
+    config = compose_config("+features.n_melz=40")
+    with pytest.raises(ConfigError, match="n_melz"):
+        feature_params(config)
+
+
+def test_feature_override_replaces_the_preset_value(compose_config):
+    config = compose_config("features=panns", "data.sample_rate=32000", "features.n_mels=128")
+    params = feature_params(config)
+    assert (params.n_mels, params.frame_length, params.hop_length) == (128, 1024, 320)
+
+
+def test_augmentation_probability_override_from_the_cli():
+    result = subprocess.run(
+        [sys.executable, "main.py", "augmentations.audio.transforms[0].p=0.125", "--cfg", "job"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "p: 0.125" in result.stdout
+
+
+def test_typo_on_the_command_line_fails_with_the_key_named():
+    result = subprocess.run(
+        [sys.executable, "main.py", "training.batchsize=3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "batchsize" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argument", "expected"),
+    [
+        ("augmentations.audio.transforms[0].p=0.5", "augmentations.audio.transforms.0.p=0.5"),
+        ("a.b[1][2]=x[3]", "a.b.1.2=x[3]"),
+        ("training.epochs=5", "training.epochs=5"),
+        ("--cfg", "--cfg"),
+    ],
+)
+def test_list_index_in_an_override_key_becomes_a_dotted_index(argument, expected):
+    assert normalise_override(argument) == expected

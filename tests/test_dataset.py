@@ -1,0 +1,281 @@
+"""Indexing (FSDD, folders, manifests), audio conversion, bad files, items and loaders."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audioclf.audio import BadAudioError, fix_length, load_audio
+from audioclf.augment import AudioAugment, SpecAugment
+from audioclf.cache import FeatureCache
+from audioclf.dataset import (
+    Clip,
+    DatasetError,
+    SpectrogramDataset,
+    index_folder,
+    index_fsdd,
+    index_manifest,
+    make_loader,
+    prepare,
+)
+from audioclf.features import resolve_params
+from conftest import FSDD, fsdd_clip, write_wav
+
+
+def _dataset(tmp_path, clips, classes, **kwargs) -> SpectrogramDataset:
+    return SpectrogramDataset(
+        clips=clips,
+        classes=classes,
+        sample_rate=8000,
+        clip_seconds=0.5,
+        feature_params=resolve_params("librosa", 8000),
+        cache=FeatureCache(tmp_path / "cache"),
+        **kwargs,
+    )
+
+
+def _write_manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------- indexing
+
+
+def test_fsdd_uses_the_official_test_split_and_index_5_to_9_for_validation():
+    index = index_fsdd(FSDD)
+    assert index.classes == [str(digit) for digit in range(10)]
+    assert index.counts() == {"train": 2400, "val": 300, "test": 300}
+    test_indices = {int(clip.path.stem.split("_")[2]) for clip in index.splits["test"]}
+    val_indices = {int(clip.path.stem.split("_")[2]) for clip in index.splits["val"]}
+    assert (test_indices, val_indices) == ({0, 1, 2, 3, 4}, {5, 6, 7, 8, 9})
+
+
+def test_fsdd_rejects_a_foreign_file_name(tmp_path):
+    shutil.copy(fsdd_clip(1), tmp_path / "hello.wav")
+    with pytest.raises(DatasetError, match="hello.wav"):
+        index_fsdd(tmp_path)
+
+
+def test_folder_with_split_folders(folder_dataset):
+    index = index_folder(folder_dataset, 0.1, 0.1, seed=0)
+    assert index.classes == ["0", "1", "2"]
+    assert index.counts() == {"train": 12, "val": 6, "test": 6}
+
+
+def test_folder_without_split_folders_is_split_stratified_and_seeded(tmp_path, folder_dataset):
+    flat = tmp_path / "flat"
+    for source in folder_dataset.glob("*/*/*.wav"):
+        target = flat / source.parent.name / f"{source.parent.parent.name}_{source.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    first = index_folder(flat, 0.25, 0.25, seed=1)
+    assert first.counts() == {"train": 12, "val": 6, "test": 6}
+    for split in ("val", "test"):
+        assert sorted(clip.label for clip in first.splits[split]) == ["0", "0", "1", "1", "2", "2"]
+    assert first.splits == index_folder(flat, 0.25, 0.25, seed=1).splits
+    assert first.splits != index_folder(flat, 0.25, 0.25, seed=2).splits
+
+
+def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
+    extra = folder_dataset / "test" / "9"
+    extra.mkdir()
+    shutil.copy(fsdd_clip(9), extra / "9.wav")
+    with pytest.raises(DatasetError, match=r"\['9'\].*test"):
+        index_folder(folder_dataset, 0.1, 0.1, seed=0)
+
+
+def test_manifest_with_split_column(tmp_path):
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), s)
+        for d in (3, 4)
+        for i, s in [(10, "train"), (11, "train"), (12, "val"), (1, "test")]
+    ]
+    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    index = index_manifest(manifest, FSDD, 0.1, 0.1, seed=0)
+    assert index.counts() == {"train": 4, "val": 2, "test": 2}
+    assert index.splits["test"][0].path == FSDD / "3_jackson_1.wav"
+
+
+def test_manifest_with_folds(tmp_path, manifest_rows):
+    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
+    index = index_manifest(manifest, FSDD, 0.1, 0.1, seed=0, val_fold=2, test_fold=1)
+    assert index.counts() == {"train": 12, "val": 6, "test": 6}
+    fold_of = {row[0]: row[2] for row in manifest_rows}
+    assert {fold_of[clip.path.name] for clip in index.splits["test"]} == {1}
+    assert {fold_of[clip.path.name] for clip in index.splits["val"]} == {2}
+
+
+def test_manifest_paths_are_relative_to_the_manifest_folder(tmp_path):
+    shutil.copy(fsdd_clip(5), tmp_path / "a.wav")
+    shutil.copy(fsdd_clip(6), tmp_path / "b.wav")
+    manifest = _write_manifest(
+        tmp_path / "m.csv", ["path", "label"], [("a.wav", "5"), ("b.wav", "6")]
+    )
+    index = index_manifest(manifest, None, 0.0, 0.0, seed=0)
+    assert {clip.path for clip in index.splits["train"]} == {tmp_path / "a.wav", tmp_path / "b.wav"}
+
+
+def test_manifest_test_fold_without_fold_column_is_an_error(tmp_path):
+    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label"], [("a.wav", "5")])
+    with pytest.raises(DatasetError, match="fold"):
+        index_manifest(manifest, None, 0.1, 0.1, seed=0, test_fold=1)
+
+
+def test_manifest_without_label_column_is_an_error(tmp_path):
+    manifest = _write_manifest(tmp_path / "m.csv", ["path", "class"], [("a.wav", "5")])
+    with pytest.raises(DatasetError, match="label"):
+        index_manifest(manifest, None, 0.1, 0.1, seed=0)
+
+
+# ---------------------------------------------------------------- audio conversion
+
+
+@pytest.mark.parametrize(
+    ("channels", "subtype", "rate"),
+    [(2, "PCM_16", 8000), (1, "PCM_24", 8000), (1, "FLOAT", 8000), (1, "PCM_16", 22050)],
+    ids=["stereo", "24-bit", "float", "22.05kHz"],
+)
+def test_any_format_is_converted_to_mono_float_at_the_target_rate(
+    tmp_path, channels, subtype, rate
+):
+    seconds = np.arange(rate // 2) / rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * seconds)
+    samples = np.stack([tone] * channels, axis=1) if channels > 1 else tone
+    path = write_wav(tmp_path / "a.wav", samples, rate, subtype)
+    waveform = load_audio(path, 8000)
+    assert waveform.dtype == np.float32
+    assert waveform.ndim == 1
+    assert abs(len(waveform) - 4000) <= 1
+    assert 0.45 < np.abs(waveform).max() < 0.55
+
+
+def test_evaluation_crop_is_centred_and_padding_is_even():
+    assert fix_length(np.arange(10.0), 4).tolist() == [3, 4, 5, 6]
+    assert fix_length(np.ones(2), 6).tolist() == [0, 0, 1, 1, 0, 0]
+
+
+def _bad_files(tmp_path: Path) -> dict[str, Path]:
+    files = {
+        "corrupt": tmp_path / "corrupt.wav",
+        "empty": tmp_path / "empty.wav",
+        "missing": tmp_path / "missing.wav",
+    }
+    files["corrupt"].write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 3)
+    files["empty"].write_bytes(b"")
+    files["zero-length"] = write_wav(tmp_path / "zero.wav", np.zeros(0), 8000)
+    nan = np.full(800, np.nan, dtype=np.float32)
+    files["non-finite"] = write_wav(tmp_path / "nan.wav", nan, 8000, "FLOAT")
+    return files
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "empty", "missing", "zero-length", "non-finite"])
+def test_bad_file_stops_with_its_path_in_error_mode(tmp_path, kind):
+    bad = _bad_files(tmp_path)[kind]
+    dataset = _dataset(tmp_path, [Clip(fsdd_clip(0), "0"), Clip(bad, "0")], ["0"])
+    with pytest.raises(BadAudioError, match=bad.name):
+        prepare(dataset, "error")
+
+
+def test_bad_files_are_skipped_and_counted_in_skip_mode(tmp_path, caplog):
+    bad = _bad_files(tmp_path)
+    good = [Clip(fsdd_clip(digit), "0") for digit in (0, 1)]
+    dataset = _dataset(tmp_path, good + [Clip(path, "0") for path in bad.values()], ["0"])
+    report = prepare(dataset, "skip")
+    assert len(report.bad_files) == len(bad)
+    assert dataset.clips == good
+    for path in bad.values():
+        assert caplog.text.count(str(path)) == 1
+
+
+# ---------------------------------------------------------------- items
+
+
+def test_evaluation_items_are_deterministic_with_the_clip_shape(tmp_path):
+    dataset = _dataset(tmp_path, [Clip(fsdd_clip(3), "3")], ["3"])
+    features, label = dataset[0]
+    assert features.shape == dataset.feature_shape == (1, 51, 64)
+    assert label == 0
+    torch.testing.assert_close(features, dataset[0][0])
+
+
+def test_training_items_are_random_crops_of_the_cached_clip(tmp_path):
+    long_clip = tmp_path / "long.wav"
+    write_wav(long_clip, np.random.default_rng(0).standard_normal(16000) * 0.1, 8000)
+    dataset = _dataset(tmp_path, [Clip(long_clip, "a")], ["a"], training=True)
+    crops = {dataset[0][0].sum().item() for _ in range(8)}
+    assert dataset[0][0].shape == dataset.feature_shape
+    assert len(crops) > 1
+    _, hit = dataset.cached_features(0)
+    assert hit
+
+
+def test_audio_augmentation_bypasses_the_cache(tmp_path):
+    augment = AudioAugment([{"name": "gain", "p": 1.0, "min_gain_db": -12, "max_gain_db": 12}])
+    dataset = _dataset(
+        tmp_path, [Clip(fsdd_clip(4), "4")], ["4"], training=True, audio_augment=augment
+    )
+    first, second = dataset[0][0], dataset[0][0]
+    assert first.shape == dataset.feature_shape
+    assert not torch.equal(first, second)
+    assert len(dataset.cache._cache) == 0
+
+
+def test_spec_augment_applies_in_training_only(tmp_path):
+    masks = SpecAugment(time_masks=2, time_mask_max_frames=20, freq_masks=0, mask_value=-123.0)
+    clips = [Clip(fsdd_clip(5), "5")]
+    evaluation = _dataset(tmp_path, clips, ["5"], spec_augment=masks)
+    training = _dataset(tmp_path, clips, ["5"], training=True, spec_augment=masks)
+    assert not (evaluation[0][0] == -123.0).any()
+    assert any((training[0][0] == -123.0).any() for _ in range(10))
+
+
+# ---------------------------------------------------------------- loader
+
+
+def _augmenting_dataset(tmp_path) -> SpectrogramDataset:
+    augment = AudioAugment([{"name": "gaussian_noise", "p": 1.0}])
+    clips = [Clip(fsdd_clip(d, index=i), str(d)) for d in (0, 1) for i in range(10, 14)]
+    return _dataset(
+        tmp_path,
+        clips,
+        ["0", "1"],
+        training=True,
+        audio_augment=augment,
+        spec_augment=SpecAugment(),
+    )
+
+
+def _epoch(loader) -> list[torch.Tensor]:
+    return [features for features, _ in loader]
+
+
+def test_loader_with_workers_repeats_exactly_under_the_same_seed(tmp_path):
+    dataset = _augmenting_dataset(tmp_path)
+    first = _epoch(make_loader(dataset, 4, shuffle=True, num_workers=2, seed=7))
+    again = _epoch(make_loader(dataset, 4, shuffle=True, num_workers=2, seed=7))
+    other = _epoch(make_loader(dataset, 4, shuffle=True, num_workers=2, seed=8))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_loader_workers_draw_different_randomness(tmp_path):
+    dataset = _augmenting_dataset(tmp_path)
+    dataset.clips = [dataset.clips[0]] * 4
+    batches = _epoch(make_loader(dataset, 2, shuffle=False, num_workers=2, seed=0))
+    assert not torch.equal(batches[0], batches[1])
+
+
+def test_loader_batches_have_the_model_input_shape(tmp_path):
+    dataset = _augmenting_dataset(tmp_path)
+    features, labels = next(iter(make_loader(dataset, 4, shuffle=False)))
+    assert features.shape == (4, *dataset.feature_shape)
+    assert labels.tolist() == [0, 0, 0, 0]
