@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ import diskcache
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+SHARDS = 8
 
 
 def parameters_digest(parameters: Mapping[str, Any]) -> str:
@@ -62,7 +65,7 @@ class FeatureCache:
         self.enabled = enabled
         self.hits = 0
         self.misses = 0
-        self._handle: diskcache.Cache | None = None
+        self._handle: diskcache.FanoutCache | None = None
         self._handle_pid: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -70,9 +73,12 @@ class FeatureCache:
         return {**self.__dict__, "_handle": None, "_handle_pid": None}
 
     @property
-    def _cache(self) -> diskcache.Cache:
+    def _cache(self) -> diskcache.FanoutCache:
         if self._handle is None or self._handle_pid != os.getpid():
-            self._handle = diskcache.Cache(str(self.directory), eviction_policy="none")
+            # Shards keep loader workers that write at once from queueing on one database lock.
+            self._handle = diskcache.FanoutCache(
+                str(self.directory), shards=SHARDS, timeout=1.0, eviction_policy="none"
+            )
             self._handle_pid = os.getpid()
         return self._handle
 
@@ -81,9 +87,9 @@ class FeatureCache:
         if not self.enabled:
             return None
         try:
-            value = self._cache.get(key)
+            value = self._cache.get(key, retry=True)
             return None if value is None else _decode(value)
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, sqlite3.Error, ValueError, KeyError, TypeError) as error:
             log.warning("feature cache entry %s unreadable (%s): recomputing", key, error)
             return None
 
@@ -92,8 +98,8 @@ class FeatureCache:
         if not self.enabled:
             return
         try:
-            self._cache.set(key, _encode(array))
-        except OSError as error:
+            self._cache.set(key, _encode(array), retry=True)
+        except (OSError, sqlite3.Error) as error:
             log.warning("feature cache write failed for %s (%s)", key, error)
 
     def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:

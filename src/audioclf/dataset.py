@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset
 
 from audioclf.audio import (
@@ -424,8 +425,14 @@ def prepare(
 # ---------------------------------------------------------------- loading
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed `random` and `np.random` in a loader worker from the seed torch gave it."""
+def init_worker(worker_id: int) -> None:
+    """Set up a loader worker: one BLAS thread, and seeds from the seed torch gave it.
+
+    Workers already share the cores between them; BLAS threads on top (torch limits its own
+    to one per worker, NumPy's OpenBLAS does not) oversubscribe them and slowed feature
+    computation several times over in measurements on two cores.
+    """
+    threadpool_limits(limits=1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
@@ -449,7 +456,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         generator=torch.Generator().manual_seed(seed),
         drop_last=drop_last,
     )

@@ -1,0 +1,156 @@
+"""Data pipeline throughput on the bundled FSDD: cold cache, warm cache, audio augmentation.
+
+    python benchmarks/data_pipeline.py
+
+Every pass reads all clips through the project's own DataLoader (batches of
+`training.batch_size`, `system.num_workers` workers, as training uses it). Library imports and
+numba compilation are warmed up first, so "cold" measures an empty feature cache, not start-up.
+Writes benchmarks/results/data_pipeline.json and the table in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from audioclf.cli import CONFIG_DIR, build_datasets, seed_everything
+from audioclf.dataset import SpectrogramDataset, make_loader
+from audioclf.features import log_mel
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "data_pipeline.json"
+README = REPO / "README.md"
+TABLE_START = "<!-- data_pipeline:start -->"
+TABLE_END = "<!-- data_pipeline:end -->"
+
+
+def clips_per_second(loader, epochs: int = 1) -> list[float]:
+    """Clips per second of each epoch over the loader."""
+    rates = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        clips = sum(len(labels) for _, labels in loader)
+        rates.append(clips / (time.perf_counter() - started))
+    return rates
+
+
+# The default configuration, and a heavier front end: resampling to 32 kHz and PANNs' log-mel.
+VARIANTS = {
+    "default": [],
+    "panns_32k": ["features=panns", "data.sample_rate=32000"],
+}
+
+
+def measure(overrides: list[str]) -> dict:
+    """Cold, warm and augmented throughput under one set of config overrides."""
+    with tempfile.TemporaryDirectory() as cache_dir:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            config = compose(
+                "config",
+                overrides=[f"system.cache_dir={cache_dir}", "system.output_dir=.", *overrides],
+            )
+        seed_everything(config.system.seed)
+        index, datasets = build_datasets(config)
+        train = datasets["train"]
+        # Every clip as evaluation sees it (centre crop, cached) for the cold and warm passes.
+        evaluation = SpectrogramDataset(
+            clips=[clip for split in index.splits.values() for clip in split],
+            classes=index.classes,
+            sample_rate=train.sample_rate,
+            clip_seconds=train.clip_seconds,
+            feature_params=train.feature_params,
+            cache=train.cache,
+        )
+        log_mel(np.zeros(train.clip_samples, np.float32), train.feature_params)
+        train.audio_augment(np.zeros(train.clip_samples, np.float32), train.sample_rate)
+
+        workers = config.system.num_workers
+        batch_size = config.training.batch_size
+
+        def loader(dataset, shuffle=False):
+            return make_loader(dataset, batch_size, shuffle, workers, config.system.seed)
+
+        cold = clips_per_second(loader(evaluation))[0]
+        # A new loader starts new workers, which know no file digests yet: its first epoch is
+        # what a new run sees; later epochs (persistent workers) are what training sees.
+        warm_first_epoch, *warm_later = clips_per_second(loader(evaluation), epochs=3)
+        augmented = clips_per_second(loader(train, shuffle=True))[0]
+
+    warm = float(np.mean(warm_later))
+    return {
+        "dataset": config.data.name,
+        "overrides": overrides,
+        "clips": len(evaluation),
+        "augmented_clips": len(train),
+        "sample_rate": train.sample_rate,
+        "clip_seconds": train.clip_seconds,
+        "features": config.features.preset,
+        "feature_shape": list(train.feature_shape),
+        "num_workers": workers,
+        "batch_size": batch_size,
+        "audio_transforms": [type(t).__name__ for t in train.audio_augment.transforms],
+        "cold_clips_per_s": round(cold, 1),
+        "warm_clips_per_s": round(warm, 1),
+        "warm_first_epoch_clips_per_s": round(warm_first_epoch, 1),
+        "augmented_clips_per_s": round(augmented, 1),
+        "warm_over_cold": round(warm / cold, 1),
+        "warm_first_epoch_over_cold": round(warm_first_epoch / cold, 1),
+    }
+
+
+def main() -> None:
+    results = {name: measure(overrides) for name, overrides in VARIANTS.items()}
+    result = {
+        **results["default"],
+        "target_warm_over_cold": 50,
+        "variants": results,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.machine(),
+            "python": platform.python_version(),
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    update_readme(results)
+
+
+def update_readme(results: dict[str, dict]) -> None:
+    """Replace the table between the markers in README.md with these figures."""
+    rows = [
+        ("cold (empty cache)", "cold_clips_per_s", None),
+        (
+            "warm, first epoch of a run",
+            "warm_first_epoch_clips_per_s",
+            "warm_first_epoch_over_cold",
+        ),
+        ("warm, later epochs", "warm_clips_per_s", "warm_over_cold"),
+        ("training with audio augmentation (not cached)", "augmented_clips_per_s", None),
+    ]
+    header = " | ".join(
+        f"{name}: {r['features']}, {r['sample_rate'] // 1000} kHz" for name, r in results.items()
+    )
+    lines = [TABLE_START, f"| clips/s | {header} |", "| --- |" + " ---: |" * len(results)]
+    for label, key, ratio in rows:
+        cells = []
+        for r in results.values():
+            cell = f"{r[key]:,.0f}"
+            cells.append(f"{cell} ({r[ratio]}x cold)" if ratio else cell)
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    lines.append(TABLE_END)
+    text = README.read_text()
+    if TABLE_START in text:
+        before, rest = text.split(TABLE_START, 1)
+        README.write_text(before + "\n".join(lines) + rest.split(TABLE_END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
