@@ -45,9 +45,9 @@ def test_first_access_misses_and_second_hits(tmp_path, clip_files):
 
 
 def test_a_new_process_handle_reuses_entries(tmp_path, clip_files):
-    prepare(_dataset(tmp_path, clip_files))
+    assert prepare(_dataset(tmp_path, clip_files)).computed == len(clip_files)
     report = prepare(_dataset(tmp_path, clip_files), num_workers=2)
-    assert report.cache_hits == len(clip_files)
+    assert (report.cache_hits, report.computed) == (len(clip_files), 0)
 
 
 def test_editing_the_file_recomputes(tmp_path, clip_files):

@@ -55,9 +55,10 @@ def test_second_run_reads_evaluation_features_from_the_cache(compose_config, man
     config = compose_config(*_manifest_overrides(manifest))
     first = run(config)
     second = run(config)
-    assert first["cache"]["hits"] == 0
+    assert (first["cache"]["hits"], first["cache"]["computed"]) == (0, 12)
     # Training items are augmented (never cached); validation and test are all hits.
-    assert second["cache"]["hits"] == 12
+    assert (second["cache"]["hits"], second["cache"]["computed"]) == (12, 0)
+    assert second["cache"]["not_cached"] == 12
 
 
 def test_bad_file_in_skip_mode_is_counted_in_the_summary(compose_config, manifest, tmp_path):

@@ -158,7 +158,7 @@ def prepare_data(config: DictConfig) -> dict[str, Any]:
     on_bad_file = config.data.on_bad_file
     bad_files: list[dict[str, str]] = []
     splits: dict[str, Any] = {}
-    hits = 0
+    cache_use = {"hits": 0, "computed": 0, "not_cached": 0}
     for split, dataset in datasets.items():
         report = prepare(
             dataset,
@@ -168,11 +168,12 @@ def prepare_data(config: DictConfig) -> dict[str, Any]:
                 items, desc=f"prepare {split}", leave=False, disable=None
             ),
         )
-        hits += report.cache_hits
+        cache_use["hits"] += report.cache_hits
+        cache_use["computed"] += report.computed
+        cache_use["not_cached"] += report.checked_only
         bad_files += [{"split": split, "path": p, "reason": r} for p, r in report.bad_files]
         splits[split] = {"clips": len(dataset), "per_class": class_counts(dataset)}
     train = datasets["train"]
-    items = sum(len(dataset) for dataset in datasets.values()) + len(bad_files)
     return {
         "dataset": config.data.name,
         "root": config.data.root,
@@ -193,8 +194,7 @@ def prepare_data(config: DictConfig) -> dict[str, Any]:
         "cache": {
             "enabled": bool(config.system.cache),
             "dir": str(config.system.cache_dir),
-            "hits": hits,
-            "computed": items - hits - len(bad_files),
+            **cache_use,
         },
         "bad_files": bad_files,
         "seconds": round(time.perf_counter() - started, 2),
@@ -219,7 +219,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"at {summary['sample_rate']} Hz",
         f"features     {features['preset']}: {tuple(features['shape'])} (channel, frames, mels)",
         f"cache        {'on' if cache['enabled'] else 'off'} ({cache['dir']}): "
-        f"{cache['hits']} hits, {cache['computed']} computed",
+        f"{cache['hits']} hits, {cache['computed']} computed, "
+        f"{cache['not_cached']} checked only (augmented in training, never cached)",
         f"bad files    {len(summary['bad_files'])}",
     ]
     lines += [f"  {bad['path']}: {bad['reason']}" for bad in summary["bad_files"]]

@@ -362,10 +362,15 @@ class SpectrogramDataset(Dataset):
 
 @dataclass
 class PrepareReport:
-    """What preparing a dataset found: cache use and the bad files."""
+    """What preparing a dataset found: cache use and the bad files.
+
+    `checked_only` counts clips that were decoded but not cached (augmented training items).
+    """
 
     items: int = 0
     cache_hits: int = 0
+    computed: int = 0
+    checked_only: int = 0
     bad_files: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -408,8 +413,13 @@ def prepare(
     results = progress(loader) if progress is not None else loader
     bad_indices = set()
     for index, hit, error in results:
-        report.cache_hits += bool(hit)
         if error is None:
+            if dataset.augments_audio:
+                report.checked_only += 1
+            elif hit:
+                report.cache_hits += 1
+            else:
+                report.computed += 1
             continue
         path = str(dataset.clips[index].path)
         if on_bad_file == "error":
