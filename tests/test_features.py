@@ -127,3 +127,9 @@ def test_unknown_parameter_is_named():
 def test_stereo_input_is_rejected():
     with pytest.raises(ValueError, match="mono"):
         compute_log_mel(np.zeros((2, 1000)), 16000, "librosa")
+
+
+def test_frame_longer_than_the_fft_asks_for_a_larger_n_fft():
+    with pytest.raises(ValueError, match="override n_fft"):
+        compute_log_mel(np.zeros(32000), 32000, "tf_yamnet_style")
+    assert compute_log_mel(np.zeros(32000), 32000, "tf_yamnet_style", n_fft=1024).shape[1] == 64

@@ -211,7 +211,10 @@ def _validate(params: LogMelParams) -> None:
     checks = [
         (params.frame_length > 0, "frame_length must be positive"),
         (params.hop_length > 0, "hop_length must be positive"),
-        (params.n_fft >= params.frame_length, "n_fft must be at least frame_length"),
+        (
+            params.n_fft >= params.frame_length,
+            "n_fft must be at least frame_length (override n_fft for this sample rate)",
+        ),
         (params.n_mels > 0, "n_mels must be positive"),
         (0 <= params.fmin_hz < params.fmax_hz, "need 0 <= fmin_hz < fmax_hz"),
         (params.mel_scale in MEL_SCALES, f"mel_scale must be one of {MEL_SCALES}"),
