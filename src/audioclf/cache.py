@@ -112,13 +112,3 @@ class FeatureCache:
         array = compute()
         self.put(key, array)
         return array
-
-    def clear(self) -> None:
-        """Remove every entry."""
-        self._cache.clear()
-
-    def close(self) -> None:
-        """Close this process's handle."""
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
