@@ -63,8 +63,6 @@ class FeatureCache:
     def __init__(self, directory: str | Path, enabled: bool = True) -> None:
         self.directory = Path(directory)
         self.enabled = enabled
-        self.hits = 0
-        self.misses = 0
         self._handle: diskcache.FanoutCache | None = None
         self._handle_pid: int | None = None
 
@@ -102,13 +100,13 @@ class FeatureCache:
         except (OSError, sqlite3.Error) as error:
             log.warning("feature cache write failed for %s (%s)", key, error)
 
-    def get_or_compute(self, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """The cached array for `key`, computing and storing it on a miss."""
+    def get_or_compute(
+        self, key: str, compute: Callable[[], np.ndarray]
+    ) -> tuple[np.ndarray, bool]:
+        """The array for `key` and whether it came from the cache; a miss computes and stores."""
         cached = self.get(key)
         if cached is not None:
-            self.hits += 1
-            return cached
-        self.misses += 1
+            return cached, True
         array = compute()
         self.put(key, array)
-        return array
+        return array, False

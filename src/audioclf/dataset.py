@@ -327,11 +327,7 @@ class SpectrogramDataset(Dataset):
                 waveform = fix_length(waveform, self.clip_samples)
             return log_mel(waveform, self.feature_params)
 
-        hits = self.cache.hits
-        features = self.cache.get_or_compute(
-            feature_key(digest, self._parameters_digest()), compute
-        )
-        return features, self.cache.hits > hits
+        return self.cache.get_or_compute(feature_key(digest, self._parameters_digest()), compute)
 
     def features(self, index: int) -> np.ndarray:
         """The (frames, n_mels) features of an item as training or evaluation sees them."""
@@ -367,7 +363,6 @@ class PrepareReport:
     `checked_only` counts clips that were decoded but not cached (augmented training items).
     """
 
-    items: int = 0
     cache_hits: int = 0
     computed: int = 0
     checked_only: int = 0
@@ -406,7 +401,7 @@ def prepare(
         raise ValueError(
             f"data.on_bad_file must be one of {BAD_FILE_POLICIES}, not {on_bad_file!r}"
         )
-    report = PrepareReport(items=len(dataset))
+    report = PrepareReport()
     loader = DataLoader(
         _PrepareView(dataset), batch_size=None, num_workers=num_workers, collate_fn=None
     )
