@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from audioclf.audio import BadAudioError
-from audioclf.cli import ConfigError, run
+from audioclf.cli import ConfigError, build_model, run
+from audioclf.model import create_model
 from conftest import FSDD, REPO
 
 
@@ -81,6 +82,30 @@ def test_bad_file_in_error_mode_stops_the_job(compose_config, manifest, tmp_path
 def test_missing_data_root_names_the_key(compose_config, tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         run(compose_config(f"data.root={tmp_path / 'nowhere'}"))
+
+
+def test_main_job_builds_the_configured_model_for_the_dataset(compose_config, manifest):
+    summary = run(compose_config(*_manifest_overrides(manifest, "model=panns_mobilenetv1")))
+    # Two classes, and n_mels: null takes the features' 64 mel bins.
+    expected = create_model("panns_mobilenetv1", 2, n_mels=64)
+    assert summary["model"]["parameters"] == sum(p.numel() for p in expected.parameters())
+
+
+def test_null_n_mels_follows_the_feature_mel_bins(compose_config):
+    model = build_model(compose_config("model=panns_cnn14", "features.n_mels=40"), 3, n_mels=40)
+    assert model.bn0.num_features == 40
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.params.size=xl", r"model \(efficientnet_v2\): size must be one of"),
+        ("model.params.pretrained_path=/nowhere/cnn14.pth", "/nowhere/cnn14.pth"),
+    ],
+)
+def test_bad_model_setting_stops_the_job_naming_it(compose_config, manifest, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(compose_config(*_manifest_overrides(manifest, override)))
 
 
 def test_cfg_job_prints_the_composed_config():

@@ -8,7 +8,14 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from audioclf.cli import CONFIG_DIR, ConfigError, build_datasets, feature_params, normalise_override
+from audioclf.cli import (
+    CONFIG_DIR,
+    ConfigError,
+    build_datasets,
+    build_model,
+    feature_params,
+    normalise_override,
+)
 from conftest import REPO
 
 GROUPS = ["model", "teacher_model", "data", "features"]
@@ -53,6 +60,14 @@ def test_every_group_option_composes(compose_config, group, option):
         assert feature_params(config).n_mels > 0
     else:
         assert section.format == option
+
+
+@pytest.mark.parametrize("option", MODELS)
+def test_every_model_option_builds_its_architecture(compose_config, option):
+    config = compose_config(f"model={option}")
+    model = build_model(config, num_classes=4, n_mels=64)
+    assert model.num_classes == 4
+    assert type(model).__module__.startswith("audioclf.model.")
 
 
 def test_teacher_model_matches_its_model_option(compose_config):

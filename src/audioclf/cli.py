@@ -37,6 +37,7 @@ from audioclf.dataset import (
     prepare,
 )
 from audioclf.features import LogMelParams, resolve_params
+from audioclf.model import Model, create_model
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
@@ -151,10 +152,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_data(config: DictConfig) -> dict[str, Any]:
-    """Index the dataset, check every file, fill the feature cache; return a summary."""
+def build_model(config: DictConfig, num_classes: int, n_mels: int) -> Model:
+    """The `model` section's architecture; `params.n_mels: null` takes the features' mel bins."""
+    params = OmegaConf.to_container(config.model.params, resolve=True)
+    if "n_mels" in params and params["n_mels"] is None:
+        params["n_mels"] = n_mels
+    try:
+        return create_model(config.model.name, num_classes, **params)
+    except ValueError as error:
+        raise ConfigError(f"model ({config.model.name}): {error}") from error
+
+
+def prepare_data(
+    config: DictConfig, index: DatasetIndex, datasets: dict[str, SpectrogramDataset]
+) -> dict[str, Any]:
+    """Check every file of the datasets, fill the feature cache; return a summary."""
     started = time.perf_counter()
-    index, datasets = build_datasets(config)
     on_bad_file = config.data.on_bad_file
     bad_files: list[dict[str, str]] = []
     splits: dict[str, Any] = {}
@@ -224,15 +237,30 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"bad files    {len(summary['bad_files'])}",
     ]
     lines += [f"  {bad['path']}: {bad['reason']}" for bad in summary["bad_files"]]
+    if "model" in summary:
+        model = summary["model"]
+        lines.append(
+            f"model        {model['name']}: {model['parameters']:,} parameters "
+            f"({model['trainable']:,} trainable)"
+        )
     lines.append(f"time         {summary['seconds']} s")
     return "\n".join(lines)
 
 
 def run(config: DictConfig) -> dict[str, Any]:
-    """The main job: prepare the data (and, as the project grows, train, test, export)."""
+    """The main job: prepare the data, build the model (and, as the project grows, train,
+    test, export)."""
     logging.getLogger().setLevel(config.system.log_level)
     seed_everything(config.system.seed)
-    summary = prepare_data(config)
+    index, datasets = build_datasets(config)
+    # Built before the slow data pass, so a bad model parameter or checkpoint fails at start.
+    model = build_model(config, len(index.classes), datasets["train"].feature_shape[-1])
+    summary = prepare_data(config, index, datasets)
+    summary["model"] = {
+        "name": config.model.name,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
     output_dir = Path(config.system.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "dataset_summary.json").write_text(json.dumps(summary, indent=1))
@@ -242,8 +270,8 @@ def run(config: DictConfig) -> dict[str, Any]:
     stages = [name for name in ("train", "test", "quantise", "export") if config.run[name]]
     if stages:
         log.warning(
-            "run.%s: this version has no trainer, model zoo or exporters yet; "
-            "the run prepared the data only",
+            "run.%s: this version has no trainer or exporters yet; "
+            "the run prepared the data and built the model only",
             "/".join(stages),
         )
     return summary

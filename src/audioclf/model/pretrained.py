@@ -1,0 +1,104 @@
+"""Loading weights into a model: official PANNs files, our own checkpoints, bare state_dicts."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from audioclf.model.base import Model
+
+log = logging.getLogger(__name__)
+
+#: PANNs compute log-mels inside the model; ours come from the data pipeline (features=panns).
+FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")
+_SHOWN_KEYS = 12
+# What torch.load raises on a truncated, corrupt or non-weights file.
+_UNREADABLE = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file
+    and the keys."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did besides loading matching tensors."""
+
+    loaded: int = 0
+    dropped_front_end: list[str] = field(default_factory=list)
+    replaced_classifier: list[str] = field(default_factory=list)
+    missing_batch_counters: list[str] = field(default_factory=list)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, with weights stored bare or under the key "model"."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except _UNREADABLE as error:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
+        content = content["model"]
+    if not isinstance(content, Mapping) or not content:
+        raise CheckpointError(f"{path}: holds no state_dict (tensors, bare or under 'model')")
+    not_tensors = [key for key, value in content.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path}: entries that are not tensors: {_names(not_tensors)}")
+    # DataParallel / DistributedDataParallel save every name with a "module." prefix.
+    if all(key.startswith("module.") for key in content):
+        return {key.removeprefix("module."): value for key, value in content.items()}
+    return dict(content)
+
+
+def _names(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f" ... and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
+
+
+def load_pretrained(model: Model, path: str | Path) -> LoadReport:
+    """Load a checkpoint's weights into `model`, in place.
+
+    Leaves out the PANNs waveform front end, accepts files without BatchNorm
+    `num_batches_tracked` counters, and keeps the model's own (freshly initialised) classifier
+    when the checkpoint's has another number of classes. Any other missing, unexpected or
+    differently shaped key raises CheckpointError naming it.
+    """
+    state = read_state_dict(path)
+    report = LoadReport(dropped_front_end=[k for k in state if k.startswith(FRONT_END_PREFIXES)])
+    state = {k: v for k, v in state.items() if not k.startswith(FRONT_END_PREFIXES)}
+    own = model.state_dict()
+    classifier_prefix = model.classifier_name + "."
+    reshaped = []
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            if key.startswith(classifier_prefix):
+                report.replaced_classifier.append(key)
+            else:
+                reshaped.append(f"{key} {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+    missing = [key for key in own if key not in state]
+    report.missing_batch_counters = [k for k in missing if k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    unexpected = [key for key in state if key not in own]
+    found = {"shape differs": reshaped, "missing": missing, "unexpected": unexpected}
+    problems = [f"{label}: {_names(keys)}" for label, keys in found.items() if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+    loadable = {k: v for k, v in state.items() if k not in report.replaced_classifier}
+    model.load_state_dict(loadable, strict=False)
+    report.loaded = len(loadable)
+    if report.replaced_classifier:
+        log.info(
+            "%s: classifier has another class count; kept a new one (%s)",
+            path,
+            ", ".join(report.replaced_classifier),
+        )
+    return report
