@@ -23,12 +23,10 @@ from hydra import compose, initialize_config_dir
 from audioclf.cli import CONFIG_DIR, build_datasets, seed_everything
 from audioclf.dataset import SpectrogramDataset, make_loader
 from audioclf.features import log_mel
+from readme_table import write_table
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "data_pipeline.json"
-README = REPO / "README.md"
-TABLE_START = "<!-- data_pipeline:start -->"
-TABLE_END = "<!-- data_pipeline:end -->"
 
 
 def clips_per_second(loader, epochs: int = 1) -> list[float]:
@@ -138,18 +136,14 @@ def update_readme(results: dict[str, dict]) -> None:
     header = " | ".join(
         f"{name}: {r['features']}, {r['sample_rate'] // 1000} kHz" for name, r in results.items()
     )
-    lines = [TABLE_START, f"| clips/s | {header} |", "| --- |" + " ---: |" * len(results)]
+    lines = [f"| clips/s | {header} |", "| --- |" + " ---: |" * len(results)]
     for label, key, ratio in rows:
         cells = []
         for r in results.values():
             cell = f"{r[key]:,.0f}"
             cells.append(f"{cell} ({r[ratio]}x cold)" if ratio else cell)
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    lines.append(TABLE_END)
-    text = README.read_text()
-    if TABLE_START in text:
-        before, rest = text.split(TABLE_START, 1)
-        README.write_text(before + "\n".join(lines) + rest.split(TABLE_END, 1)[1])
+    write_table("data_pipeline", lines)
 
 
 if __name__ == "__main__":

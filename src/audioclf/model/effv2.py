@@ -82,7 +82,7 @@ SIZES: dict[str, Size] = {
         head_channels=1280,
     ),
     # Ours, for phones and microcontrollers: B0's layout, narrower and shallower, with a
-    # 512-channel head (about 0.7M parameters).
+    # 512-channel head (about 1.4M parameters).
     "mobile": Size(
         stem_channels=16,
         stages=(
