@@ -241,3 +241,15 @@ def test_disabled_cache_builds_no_store(tmp_path, clip_files):
     prepare(dataset)
     assert not dataset.reads_from_store
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_batch_read_from_the_store_equals_its_items_read_one_by_one(tmp_path, clip_files):
+    dataset = _dataset(tmp_path, clip_files)
+    prepare(dataset)
+    assert dataset.store.stacked is not None
+    batch = dataset.__getitems__([2, 0])
+    for (features, label), index in zip(batch, [2, 0], strict=True):
+        expected_features, expected_label = dataset[index]
+        assert features.shape == expected_features.shape == (1, *dataset.feature_shape[1:])
+        np.testing.assert_array_equal(features.numpy(), expected_features.numpy())
+        assert label == expected_label

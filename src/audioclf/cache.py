@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -142,7 +143,10 @@ class FeatureStore:
         self._array: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
+        # The mapping belongs to the process that made it: workers map the file themselves.
+        state = {**self.__dict__, "_array": None}
+        state.pop("stacked", None)
+        return state
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -152,11 +156,22 @@ class FeatureStore:
         """All rows, (total frames, n_mels), mapped read-only."""
         if self._array is None:
             rows = self.offsets[-1]
-            self._array = np.memmap(self.array_path, np.float32, "r", shape=(rows, self.n_mels))
+            mapped = np.memmap(self.array_path, np.float32, "r", shape=(rows, self.n_mels))
+            # A plain ndarray over the mapping: slicing np.memmap runs Python code per slice.
+            self._array = mapped.view(np.ndarray)
         return self._array
 
     def __getitem__(self, index: int) -> np.ndarray:
         return self.array[self.offsets[index] : self.offsets[index + 1]]
+
+    @functools.cached_property
+    def stacked(self) -> np.ndarray | None:
+        """All items as one (items, frames, n_mels) view when they have equal frame counts
+        (evaluation items do), else None."""
+        lengths = np.diff(self.offsets)
+        if len(lengths) == 0 or (lengths != lengths[0]).any():
+            return None
+        return self.array.reshape(len(self), int(lengths[0]), self.n_mels)
 
     @classmethod
     def open(cls, directory: Path, key: str) -> FeatureStore | None:
