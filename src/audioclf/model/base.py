@@ -75,7 +75,9 @@ class Model(nn.Module):
                 f"got features with {mels}"
             )
 
-    def run_block(self, block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    def run_block(
+        self, block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         """`block(x)`, recomputed in backward instead of stored when checkpointing is on."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
