@@ -242,11 +242,12 @@ def _bn(x, state, prefix):
 
 
 def _official_head(x, state):
-    """PANNs' clipwise output from the last feature map: mean over mels, max + mean over time."""
+    """PANNs' outputs from the last feature map: mean over mels, max + mean over time, fc1."""
     x = x.mean(dim=3)
     x = x.max(dim=2).values + x.mean(dim=2)
     x = F.relu(F.linear(x, state["fc1.weight"], state["fc1.bias"]))
-    return torch.sigmoid(F.linear(x, state["fc_audioset.weight"], state["fc_audioset.bias"]))
+    scores = torch.sigmoid(F.linear(x, state["fc_audioset.weight"], state["fc_audioset.bias"]))
+    return {"clipwise_output": scores, "embedding": x}
 
 
 def official_cnn14(state, log_mel):
@@ -295,9 +296,13 @@ def test_panns_outputs_equal_the_official_forward(name, official_forward, panns_
     randomise_batch_norms(model)
     model.eval()
     with torch.no_grad():
-        ours = torch.sigmoid(model(panns_log_mel))
+        ours = model.panns_output(panns_log_mel)
         official = official_forward(model.state_dict(), panns_log_mel)
-    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.sigmoid(model(panns_log_mel)), ours["clipwise_output"])
+    torch.testing.assert_close(
+        ours["clipwise_output"], official["clipwise_output"], rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(ours["embedding"], official["embedding"], rtol=1e-5, atol=1e-6)
 
 
 # --- Pretrained checkpoints ----------------------------------------------------------------

@@ -7,8 +7,9 @@ take it from the data pipeline (`features=panns`, `data.sample_rate=32000` for t
 weights), and loading leaves those entries out. `bn0` stays: PANNs normalises every mel bin
 with it. SpecAugment and mixup live in the data pipeline, not here.
 
-Outputs are logits: `torch.sigmoid(model(log_mel))` is the official `clipwise_output` (the
-AudioSet models are multi-label), and `model.forward_features(log_mel)` its `embedding`.
+Outputs are logits, as every model in the zoo returns them: `torch.sigmoid(model(log_mel))`
+is the official `clipwise_output` (the AudioSet models are multi-label). `panns_output()`
+returns the official dictionary, `clipwise_output` and `embedding`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ class PannsModel(Model):
 
     def classify(self, embedding: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.fc_audioset(embedding)
+
+    def panns_output(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The official forward's result on log-mel features: `clipwise_output` (sigmoid
+        scores) and `embedding` (dropout applied in training, as the official code does)."""
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        self.check_input(x)
+        embedding = self.forward_features(x)
+        return {
+            "clipwise_output": torch.sigmoid(self.fc_audioset(embedding)),
+            "embedding": F.dropout(embedding, p=0.5, training=self.training),
+        }
 
 
 class ConvBlock(nn.Module):
