@@ -473,7 +473,7 @@ def prepare(
         bad_indices.add(int(index))
     if bad_indices:
         dataset.clips = [clip for i, clip in enumerate(dataset.clips) if i not in bad_indices]
-    key = dataset.store_key()
+        key = dataset.store_key()
     if key is not None:
         directory = dataset.cache.store_directory
         items = (dataset.cached_features(index)[0] for index in range(len(dataset)))
