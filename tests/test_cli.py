@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from audioclf.audio import BadAudioError
-from audioclf.cli import ConfigError, build_model, run
+from audioclf.cli import build_model, run
+from audioclf.settings import ConfigError, load_settings
 from audioclf.model import create_model
 from conftest import FSDD, REPO
 
@@ -92,14 +93,15 @@ def test_main_job_builds_the_configured_model_for_the_dataset(compose_config, ma
 
 
 def test_null_n_mels_follows_the_feature_mel_bins(compose_config):
-    model = build_model(compose_config("model=panns_cnn14", "features.n_mels=40"), 3, n_mels=40)
+    config = compose_config("model=panns_cnn14", "features.n_mels=40")
+    model = build_model(load_settings(config).model, 3, n_mels=40)
     assert model.bn0.num_features == 40
 
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.params.size=xl", r"model \(efficientnet_v2\): size must be one of"),
+        ("model.params.size=xl", r"model.params: model 'efficientnet_v2': size must be one of"),
         ("model.params.pretrained_path=/nowhere/cnn14.pth", "/nowhere/cnn14.pth"),
     ],
 )

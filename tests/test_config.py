@@ -8,14 +8,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from audioclf.cli import (
-    CONFIG_DIR,
-    ConfigError,
-    build_datasets,
-    build_model,
-    feature_params,
-    normalise_override,
-)
+from audioclf.cli import CONFIG_DIR, build_model, feature_params, normalise_override
+from audioclf.settings import ConfigError, load_settings
 from conftest import REPO
 
 GROUPS = ["model", "teacher_model", "data", "features"]
@@ -57,7 +51,7 @@ def test_every_group_option_composes(compose_config, group, option):
         assert "params" in section
     elif group == "features":
         assert section.preset == option
-        assert feature_params(config).n_mels > 0
+        assert feature_params(load_settings(config)).n_mels > 0
     else:
         assert section.format == option
 
@@ -65,7 +59,7 @@ def test_every_group_option_composes(compose_config, group, option):
 @pytest.mark.parametrize("option", MODELS)
 def test_every_model_option_builds_its_architecture(compose_config, option):
     config = compose_config(f"model={option}")
-    model = build_model(config, num_classes=4, n_mels=64)
+    model = build_model(load_settings(config).model, num_classes=4, n_mels=64)
     assert model.num_classes == 4
     assert type(model).__module__.startswith("audioclf.model.")
 
@@ -83,18 +77,18 @@ def test_unknown_override_key_stops_at_start(compose_config):
 def test_unknown_key_added_to_a_section_is_named(compose_config):
     config = compose_config("+data.sample_rte=16000")
     with pytest.raises(ConfigError, match=r"data\.sample_rte"):
-        build_datasets(config)
+        load_settings(config)
 
 
 def test_unknown_feature_parameter_is_named(compose_config):
     config = compose_config("+features.n_melz=40")
     with pytest.raises(ConfigError, match="n_melz"):
-        feature_params(config)
+        load_settings(config)
 
 
 def test_feature_override_replaces_the_preset_value(compose_config):
     config = compose_config("features=panns", "data.sample_rate=32000", "features.n_mels=128")
-    params = feature_params(config)
+    params = feature_params(load_settings(config))
     assert (params.n_mels, params.frame_length, params.hop_length) == (128, 1024, 320)
 
 

@@ -1,9 +1,8 @@
-"""Indexing (FSDD, folders, manifests), audio conversion, bad files, items and loaders."""
+"""Audio conversion, bad files, items and loaders."""
 
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,10 @@ import torch
 from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.dataset import (
-    Clip,
-    DatasetError,
-    SpectrogramDataset,
-    index_folder,
-    index_fsdd,
-    index_manifest,
-    make_loader,
-    prepare,
-)
+from audioclf.dataset import SpectrogramDataset, make_loader, prepare
 from audioclf.features import resolve_params
-from conftest import FSDD, fsdd_clip, write_wav
+from audioclf.index import Clip
+from conftest import fsdd_clip, write_wav
 
 
 def _dataset(tmp_path, clips, classes, **kwargs) -> SpectrogramDataset:
@@ -45,95 +36,6 @@ def _write_manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
-
-
-# ---------------------------------------------------------------- indexing
-
-
-def test_fsdd_uses_the_official_test_split_and_index_5_to_9_for_validation():
-    index = index_fsdd(FSDD)
-    assert index.classes == [str(digit) for digit in range(10)]
-    assert index.counts() == {"train": 2400, "val": 300, "test": 300}
-    test_indices = {int(clip.path.stem.split("_")[2]) for clip in index.splits["test"]}
-    val_indices = {int(clip.path.stem.split("_")[2]) for clip in index.splits["val"]}
-    assert (test_indices, val_indices) == ({0, 1, 2, 3, 4}, {5, 6, 7, 8, 9})
-
-
-def test_fsdd_rejects_a_foreign_file_name(tmp_path):
-    shutil.copy(fsdd_clip(1), tmp_path / "hello.wav")
-    with pytest.raises(DatasetError, match="hello.wav"):
-        index_fsdd(tmp_path)
-
-
-def test_folder_with_split_folders(folder_dataset):
-    index = index_folder(folder_dataset, 0.1, 0.1, seed=0)
-    assert index.classes == ["0", "1", "2"]
-    assert index.counts() == {"train": 12, "val": 6, "test": 6}
-
-
-def test_folder_without_split_folders_is_split_stratified_and_seeded(tmp_path, folder_dataset):
-    flat = tmp_path / "flat"
-    for source in folder_dataset.glob("*/*/*.wav"):
-        target = flat / source.parent.name / f"{source.parent.parent.name}_{source.name}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-    first = index_folder(flat, 0.25, 0.25, seed=1)
-    assert first.counts() == {"train": 12, "val": 6, "test": 6}
-    for split in ("val", "test"):
-        assert sorted(clip.label for clip in first.splits[split]) == ["0", "0", "1", "1", "2", "2"]
-    assert first.splits == index_folder(flat, 0.25, 0.25, seed=1).splits
-    assert first.splits != index_folder(flat, 0.25, 0.25, seed=2).splits
-
-
-def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
-    extra = folder_dataset / "test" / "9"
-    extra.mkdir()
-    shutil.copy(fsdd_clip(9), extra / "9.wav")
-    with pytest.raises(DatasetError, match=r"\['9'\].*test"):
-        index_folder(folder_dataset, 0.1, 0.1, seed=0)
-
-
-def test_manifest_with_split_column(tmp_path):
-    rows = [
-        (f"{d}_jackson_{i}.wav", str(d), s)
-        for d in (3, 4)
-        for i, s in [(10, "train"), (11, "train"), (12, "val"), (1, "test")]
-    ]
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
-    index = index_manifest(manifest, FSDD, 0.1, 0.1, seed=0)
-    assert index.counts() == {"train": 4, "val": 2, "test": 2}
-    assert index.splits["test"][0].path == FSDD / "3_jackson_1.wav"
-
-
-def test_manifest_with_folds(tmp_path, manifest_rows):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
-    index = index_manifest(manifest, FSDD, 0.1, 0.1, seed=0, val_fold=2, test_fold=1)
-    assert index.counts() == {"train": 12, "val": 6, "test": 6}
-    fold_of = {row[0]: row[2] for row in manifest_rows}
-    assert {fold_of[clip.path.name] for clip in index.splits["test"]} == {1}
-    assert {fold_of[clip.path.name] for clip in index.splits["val"]} == {2}
-
-
-def test_manifest_paths_are_relative_to_the_manifest_folder(tmp_path):
-    shutil.copy(fsdd_clip(5), tmp_path / "a.wav")
-    shutil.copy(fsdd_clip(6), tmp_path / "b.wav")
-    manifest = _write_manifest(
-        tmp_path / "m.csv", ["path", "label"], [("a.wav", "5"), ("b.wav", "6")]
-    )
-    index = index_manifest(manifest, None, 0.0, 0.0, seed=0)
-    assert {clip.path for clip in index.splits["train"]} == {tmp_path / "a.wav", tmp_path / "b.wav"}
-
-
-def test_manifest_test_fold_without_fold_column_is_an_error(tmp_path):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label"], [("a.wav", "5")])
-    with pytest.raises(DatasetError, match="fold"):
-        index_manifest(manifest, None, 0.1, 0.1, seed=0, test_fold=1)
-
-
-def test_manifest_without_label_column_is_an_error(tmp_path):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "class"], [("a.wav", "5")])
-    with pytest.raises(DatasetError, match="label"):
-        index_manifest(manifest, None, 0.1, 0.1, seed=0)
 
 
 # ---------------------------------------------------------------- audio conversion

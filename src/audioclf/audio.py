@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import librosa
@@ -55,21 +56,43 @@ def file_digest(path: str | Path) -> tuple[str, bytes | None]:
     return digest, data
 
 
-def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
-    """Decode audio bytes to a mono float32 waveform at `sample_rate`.
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
-    `path` only names the file in errors. Any channel count, bit depth and rate is accepted.
-    """
+
+def _decode_error(error: Exception) -> str:
+    # soundfile names the in-memory buffer ("<_io.BytesIO object at 0x...>"), which changes
+    # every run; BadAudioError names the path itself.
+    message = getattr(error, "error_string", None) or str(error) or type(error).__name__
+    return _OBJECT_REPR.sub("the file", message).strip()
+
+
+def _read_samples(data: bytes, path: str | Path) -> tuple[np.ndarray, int]:
+    """Decode audio bytes to (samples, channels) float32 at the file's own rate, checked."""
     if not data:
         raise BadAudioError(path, "empty file (0 bytes)")
     try:
         samples, native_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, EOFError) as error:
-        raise BadAudioError(path, f"cannot decode audio ({error})") from error
+        raise BadAudioError(path, f"cannot decode audio ({_decode_error(error)})") from error
     if samples.shape[0] == 0:
         raise BadAudioError(path, "no audio samples (zero-length)")
     if not np.isfinite(samples).all():
         raise BadAudioError(path, "audio contains NaN or infinite samples")
+    return samples, native_rate
+
+
+def check_audio(data: bytes, path: str | Path) -> None:
+    """Raise BadAudioError when audio bytes cannot be used (cheaper than decoding: no
+    resampling, which cannot turn a usable file unusable)."""
+    _read_samples(data, path)
+
+
+def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
+    """Decode audio bytes to a mono float32 waveform at `sample_rate`.
+
+    `path` only names the file in errors. Any channel count, bit depth and rate is accepted.
+    """
+    samples, native_rate = _read_samples(data, path)
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if native_rate != sample_rate:
         waveform = librosa.resample(

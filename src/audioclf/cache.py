@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -32,33 +34,77 @@ def feature_key(audio_digest: str, parameters_digest: str) -> str:
     return f"{audio_digest}-{parameters_digest}"
 
 
+class UnsafeEntryError(ValueError):
+    """A cache entry that is not raw bytes (a pickle): refused unread, treated as damaged."""
+
+
+class RawDisk(diskcache.Disk):
+    """diskcache's storage with unpickling refused.
+
+    diskcache unpickles any entry stored in its pickle mode, and an unpickled object can run
+    code; feature entries are raw bytes, so a pickled entry can only be tampering or damage.
+    """
+
+    def fetch(self, mode: int, filename: str | None, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise UnsafeEntryError("a pickled object, not raw bytes (refused unread)")
+        return super().fetch(mode, filename, value, read)
+
+
+_ENTRY_DTYPE = np.dtype(np.float32)
+
+
 def _encode(array: np.ndarray) -> bytes:
     # Raw bytes behind a JSON header rather than a pickle: the checksum catches a damaged
-    # entry, and reading one runs no code from the cache directory.
-    payload = np.ascontiguousarray(array).tobytes()
+    # entry, and reading one runs no code from the cache directory (RawDisk).
+    payload = np.ascontiguousarray(array, dtype=_ENTRY_DTYPE).tobytes()
     header = json.dumps(
-        {"dtype": array.dtype.str, "shape": array.shape, "crc32": zlib.crc32(payload)}
+        {"dtype": _ENTRY_DTYPE.str, "shape": array.shape, "crc32": zlib.crc32(payload)}
     ).encode()
     return len(header).to_bytes(4, "little") + header + payload
 
 
 def _decode(value: Any) -> np.ndarray:
+    """The array of an entry; ValueError for anything but an intact float32 matrix entry."""
     if not isinstance(value, bytes) or len(value) < 4:
         raise ValueError(f"not a feature entry ({type(value).__name__})")
     header_end = 4 + int.from_bytes(value[:4], "little")
     header = json.loads(value[4:header_end])
+    if not isinstance(header, dict) or header.get("dtype") != _ENTRY_DTYPE.str:
+        raise ValueError("not a feature entry header")
+    shape = header.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+    ):
+        raise ValueError(f"bad shape {shape!r}")
     payload = value[header_end:]
-    if zlib.crc32(payload) != header["crc32"]:
+    if len(payload) != shape[0] * shape[1] * _ENTRY_DTYPE.itemsize:
+        raise ValueError("payload size differs from its shape")
+    if zlib.crc32(payload) != header.get("crc32"):
         raise ValueError("checksum mismatch")
-    return np.frombuffer(payload, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    return np.frombuffer(payload, dtype=_ENTRY_DTYPE).reshape(shape)
+
+
+def _database_problem(path: Path) -> str | None:
+    """Why an SQLite file is unusable (SQLite's own integrity check), or None."""
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10.0)) as connection:
+            rows = connection.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as error:
+        return str(error)
+    return None if rows == [("ok",)] else "; ".join(str(row[0]) for row in rows[:3])
 
 
 class FeatureCache:
     """Feature arrays on disk, shared by every process that opens the same directory.
 
     Each process opens its own handle (DataLoader workers included), so it is safe with
-    `num_workers > 0`. An entry that cannot be read is logged, recomputed and rewritten.
-    With `enabled=False` nothing is read or written.
+    `num_workers > 0`. An entry that cannot be read (damaged, or not raw bytes) is logged,
+    recomputed and rewritten. With `enabled=False` nothing is read or written. Call
+    `check()` in the main process before a run: it heals damaged shards and turns the cache
+    off, once and with a warning, when the directory cannot be written.
     """
 
     def __init__(self, directory: str | Path, enabled: bool = True) -> None:
@@ -66,6 +112,7 @@ class FeatureCache:
         self.enabled = enabled
         self._handle: diskcache.FanoutCache | None = None
         self._handle_pid: int | None = None
+        self._failed = False
 
     def __getstate__(self) -> dict[str, Any]:
         # A handle belongs to the process that opened it: workers open their own.
@@ -76,7 +123,11 @@ class FeatureCache:
         if self._handle is None or self._handle_pid != os.getpid():
             # Shards keep loader workers that write at once from queueing on one database lock.
             self._handle = diskcache.FanoutCache(
-                str(self.directory), shards=SHARDS, timeout=1.0, eviction_policy="none"
+                str(self.directory),
+                shards=SHARDS,
+                timeout=1.0,
+                eviction_policy="none",
+                disk=RawDisk,
             )
             self._handle_pid = os.getpid()
         return self._handle
@@ -86,25 +137,87 @@ class FeatureCache:
         """Where FeatureStore files live (deleting it only costs a rebuild)."""
         return self.directory / "stores"
 
+    def check(self) -> None:
+        """Make the cache usable for a run: turn it off (one warning) when the directory cannot
+        be written, and rebuild any shard whose database is damaged (one warning each)."""
+        if not self.enabled:
+            return
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe = self.directory / f".write-check.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            log.warning(
+                "feature cache %s cannot be written (%s): running with the cache off",
+                self.directory,
+                error.strerror or error,
+            )
+            self.enabled = False
+            return
+        for index in range(SHARDS):
+            shard = self.directory / f"{index:03d}"
+            database = shard / "cache.db"
+            if not shard.exists() and not shard.is_symlink():
+                continue
+            problem = (
+                "not a folder"
+                if not shard.is_dir()
+                else _database_problem(database)
+                if database.exists()
+                else None
+            )
+            if problem is None:
+                continue
+            log.warning(
+                "feature cache shard %s is damaged (%s): removed, its entries are recomputed",
+                shard,
+                problem,
+            )
+            if shard.is_dir() and not shard.is_symlink():
+                shutil.rmtree(shard)
+            else:
+                shard.unlink()
+
+    def _fail(self, action: str, key: str, error: Exception) -> None:
+        # A database-level fault repeats for every entry: say it once, then stop using the
+        # cache in this process (the next run's check() heals the shard).
+        if isinstance(error, sqlite3.DatabaseError) and not isinstance(
+            error, sqlite3.OperationalError
+        ):
+            if not self._failed:
+                log.warning(
+                    "feature cache %s failed to %s (%s): the cache is off for the rest of "
+                    "this process",
+                    self.directory,
+                    action,
+                    error,
+                )
+            self._failed = True
+            return
+        log.warning(
+            "feature cache entry %s unreadable or unwritable (%s failed: %s)", key, action, error
+        )
+
     def get(self, key: str) -> np.ndarray | None:
         """The cached array, or None when absent or unreadable."""
-        if not self.enabled:
+        if not self.enabled or self._failed:
             return None
         try:
             value = self._cache.get(key, retry=True)
             return None if value is None else _decode(value)
         except (OSError, sqlite3.Error, ValueError, KeyError, TypeError) as error:
-            log.warning("feature cache entry %s unreadable (%s): recomputing", key, error)
+            self._fail("read", key, error)
             return None
 
     def put(self, key: str, array: np.ndarray) -> None:
         """Store an array; a failed write is logged and the run goes on without it."""
-        if not self.enabled:
+        if not self.enabled or self._failed:
             return
         try:
             self._cache.set(key, _encode(array), retry=True)
         except (OSError, sqlite3.Error) as error:
-            log.warning("feature cache write failed for %s (%s)", key, error)
+            self._fail("write", key, error)
 
     def get_or_compute(
         self, key: str, compute: Callable[[], np.ndarray]
@@ -180,8 +293,18 @@ class FeatureStore:
         if not meta_path.exists():
             return None
         try:
-            meta = json.loads(meta_path.read_text())
-            store = cls(directory / f"{key}.f32", meta["offsets"], meta["n_mels"])
+            meta = json.loads(meta_path.read_bytes())
+            offsets, n_mels = meta["offsets"], meta["n_mels"]
+            if not (
+                isinstance(offsets, list)
+                and offsets
+                and all(isinstance(n, int) for n in offsets)
+                and isinstance(n_mels, int)
+                and n_mels > 0
+                and (np.diff(offsets) >= 0).all()
+            ):
+                raise ValueError("malformed index")
+            store = cls(directory / f"{key}.f32", offsets, n_mels)
             expected_bytes = store.offsets[-1] * store.n_mels * 4
             if store.array_path.stat().st_size != expected_bytes:
                 raise ValueError(f"array size differs from the {expected_bytes} bytes expected")
@@ -196,9 +319,14 @@ class FeatureStore:
     def build(
         cls, directory: Path, key: str, items: Iterable[np.ndarray], n_mels: int
     ) -> FeatureStore:
-        """Write the items' features as the store `key` (atomically) and return it."""
+        """Write the items' features as the store `key` (atomically) and return it.
+
+        Whatever stands at the store's paths (a stale file, a folder) is replaced.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         array_path = directory / f"{key}.f32"
+        for path in (array_path, directory / f"{key}.json"):
+            _clear(path)
         partial = directory / f"{key}.{os.getpid()}.partial"
         offsets, crc = [0], 0
         with partial.open("wb") as handle:
@@ -219,3 +347,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     partial.write_bytes(data)
     os.replace(partial, path)
+
+
+def _clear(path: Path) -> None:
+    """Remove what stands at `path` unless it is a regular file (which a rename replaces)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or (path.exists() and not path.is_file()):
+        path.unlink()

@@ -12,7 +12,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,109 +24,99 @@ from tqdm import tqdm
 from audioclf.audio import BadAudioError
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.dataset import (
-    BAD_FILE_POLICIES,
+from audioclf.dataset import SpectrogramDataset, check_clips, class_counts, prepare
+from audioclf.features import LogMelParams, num_frames, resolve_params
+from audioclf.index import (
     DatasetError,
     DatasetIndex,
-    SpectrogramDataset,
-    class_counts,
+    Listing,
+    drop_duplicates,
     index_folder,
     index_fsdd,
     index_manifest,
-    prepare,
+    split_listing,
 )
-from audioclf.features import LogMelParams, resolve_params
-from audioclf.model import Model, create_model
+from audioclf.model import CheckpointError, Model, ModelError, create_model
+from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings, load_settings
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
 
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot work; the message names the key."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The `data` section."""
-
-    format: str
-    name: str
-    root: str | None
-    manifest: str | None
-    sample_rate: int
-    clip_seconds: float
-    val_fraction: float
-    test_fraction: float
-    split_seed: int
-    val_fold: Any
-    test_fold: Any
-    on_bad_file: str
+#: Errors that are the user's input, reported in one line (traceback at DEBUG) with exit 2.
+USER_ERRORS = (ConfigError, DatasetError, BadAudioError, CheckpointError, ModelError)
 
 
-def _section(config: DictConfig, key: str, cls: type) -> Any:
-    """Build a dataclass from a config section; an unknown or missing key names itself."""
-    values = OmegaConf.to_container(OmegaConf.select(config, key), resolve=True)
-    names = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {[f'{key}.{name}' for name in unknown]}")
-    missing = sorted(names - set(values))
-    if missing:
-        raise ConfigError(f"missing key(s) {[f'{key}.{name}' for name in missing]}")
-    return cls(**values)
-
-
-def feature_params(config: DictConfig) -> LogMelParams:
-    """The resolved log-mel parameters of `features` at `data.sample_rate`."""
-    section = OmegaConf.to_container(config.features, resolve=True)
-    preset = section.pop("preset")
-    # null in the config means "the preset's value"; the Python API takes None literally.
-    overrides = {name: value for name, value in section.items() if value is not None}
+def feature_params(settings: Settings) -> LogMelParams:
+    """The resolved log-mel parameters of `features` at `data.sample_rate`, long enough for
+    one frame of a `data.clip_seconds` clip."""
+    data = settings.data
     try:
-        return resolve_params(preset, config.data.sample_rate, **overrides)
+        params = resolve_params(
+            settings.features.preset, data.sample_rate, **settings.features.overrides()
+        )
     except ValueError as error:
         raise ConfigError(f"features: {error}") from error
+    clip_samples = round(data.clip_seconds * data.sample_rate)
+    try:
+        num_frames(clip_samples, params)
+    except ValueError as error:
+        raise ConfigError(
+            f"data.clip_seconds={data.clip_seconds} is too short for the features: {error}"
+        ) from error
+    return params
 
 
-def build_index(data: DataConfig) -> DatasetIndex:
-    """Index the configured dataset into splits."""
-    if data.on_bad_file not in BAD_FILE_POLICIES:
-        raise ConfigError(f"data.on_bad_file must be one of {BAD_FILE_POLICIES}")
+def list_dataset(data: DataConfig) -> Listing:
+    """List the configured dataset's clips, duplicates dropped (not yet split)."""
     if data.format == "manifest":
         if not data.manifest or not Path(data.manifest).is_file():
             raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
-        return index_manifest(
+        listing = index_manifest(
             Path(data.manifest),
             Path(data.root) if data.root else None,
             data.val_fraction,
             data.test_fraction,
-            data.split_seed,
             data.val_fold,
             data.test_fold,
         )
-    if not data.root or not Path(data.root).is_dir():
+    elif not data.root or not Path(data.root).is_dir():
         raise ConfigError(
             f"data.root: no such folder {data.root!r} (relative paths start at "
             f"{Path.cwd()}; set data.root=/path/to/clips)"
         )
-    if data.format == "fsdd":
-        return index_fsdd(Path(data.root))
-    if data.format == "folder":
-        return index_folder(Path(data.root), data.val_fraction, data.test_fraction, data.split_seed)
-    raise ConfigError(f"data.format must be fsdd, folder or manifest, not {data.format!r}")
+    elif data.format == "fsdd":
+        listing = index_fsdd(Path(data.root))
+    else:
+        listing = index_folder(Path(data.root), data.val_fraction, data.test_fraction)
+    return drop_duplicates(listing)
 
 
-def build_datasets(config: DictConfig) -> tuple[DatasetIndex, dict[str, SpectrogramDataset]]:
-    """The train / val / test datasets the config describes."""
-    data = _section(config, "data", DataConfig)
-    params = feature_params(config)
-    spec_augment = _section(config, "augmentations.spec_augment", SpecAugment)
-    audio_augment = AudioAugment(
-        OmegaConf.to_container(config.augmentations.audio.transforms, resolve=True)
+def build_datasets(
+    settings: Settings,
+) -> tuple[DatasetIndex, dict[str, SpectrogramDataset], list[dict[str, str]]]:
+    """Check the configured files, split the usable ones, and build train / val / test.
+
+    Returns the index, the datasets and the bad files dropped (with `on_bad_file=skip`).
+    """
+    data = settings.data
+    params = feature_params(settings)
+    augmentations = settings.augmentations
+    spec_augment = SpecAugment(**dataclasses.asdict(augmentations.spec_augment))
+    try:
+        audio_augment = AudioAugment(augmentations.audio.transforms)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    cache = FeatureCache(settings.system.cache_dir, enabled=settings.system.cache)
+    cache.check()
+    listing = list_dataset(data)
+    good, bad = check_clips(
+        listing.clips,
+        data.on_bad_file,
+        num_workers=settings.system.num_workers,
+        progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
-    cache = FeatureCache(config.system.cache_dir, enabled=config.system.cache)
-    index = build_index(data)
+    listing.clips = good
+    index = split_listing(listing, data.split_seed)
     datasets = {
         split: SpectrogramDataset(
             clips=clips,
@@ -142,7 +131,8 @@ def build_datasets(config: DictConfig) -> tuple[DatasetIndex, dict[str, Spectrog
         )
         for split, clips in index.splits.items()
     }
-    return index, datasets
+    bad_files = [{"split": clip.split, "path": str(clip.path), "reason": r} for clip, r in bad]
+    return index, datasets, bad_files
 
 
 def seed_everything(seed: int) -> None:
@@ -152,31 +142,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: DictConfig, num_classes: int, n_mels: int) -> Model:
+def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
     """The `model` section's architecture; `params.n_mels: null` takes the features' mel bins."""
-    params = OmegaConf.to_container(config.model.params, resolve=True)
+    params = dict(model.params)
     if "n_mels" in params and params["n_mels"] is None:
         params["n_mels"] = n_mels
     try:
-        return create_model(config.model.name, num_classes, **params)
-    except ValueError as error:
-        raise ConfigError(f"model ({config.model.name}): {error}") from error
+        return create_model(model.name, num_classes, **params)
+    except (ModelError, CheckpointError) as error:
+        raise ConfigError(f"model.params: {error}") from error
 
 
 def prepare_data(
-    config: DictConfig, index: DatasetIndex, datasets: dict[str, SpectrogramDataset]
+    settings: Settings,
+    index: DatasetIndex,
+    datasets: dict[str, SpectrogramDataset],
+    bad_files: list[dict[str, str]],
 ) -> dict[str, Any]:
-    """Check every file of the datasets, fill the feature cache; return a summary."""
+    """Fill the feature cache for every split; return a summary of the data."""
     started = time.perf_counter()
-    on_bad_file = config.data.on_bad_file
-    bad_files: list[dict[str, str]] = []
+    bad_files = list(bad_files)
     splits: dict[str, Any] = {}
     cache_use = {"hits": 0, "computed": 0, "not_cached": 0}
     for split, dataset in datasets.items():
         report = prepare(
             dataset,
-            on_bad_file,
-            num_workers=config.system.num_workers,
+            settings.data.on_bad_file,
+            num_workers=settings.system.num_workers,
             progress=lambda items, split=split: tqdm(
                 items, desc=f"prepare {split}", leave=False, disable=None
             ),
@@ -188,15 +180,15 @@ def prepare_data(
         splits[split] = {"clips": len(dataset), "per_class": class_counts(dataset)}
     train = datasets["train"]
     return {
-        "dataset": config.data.name,
-        "root": config.data.root,
+        "dataset": settings.data.name,
+        "root": settings.data.root,
         "classes": index.classes,
         "splits": splits,
         "sample_rate": train.sample_rate,
         "clip_seconds": train.clip_seconds,
         "clip_samples": train.clip_samples,
         "features": {
-            "preset": config.features.preset,
+            "preset": settings.features.preset,
             "shape": list(train.feature_shape),
             "params": train.feature_params.as_dict(),
         },
@@ -205,8 +197,8 @@ def prepare_data(
             "spec_augment": train.spec_augment.active,
         },
         "cache": {
-            "enabled": bool(config.system.cache),
-            "dir": str(config.system.cache_dir),
+            "enabled": train.cache.enabled,
+            "dir": settings.system.cache_dir,
             **cache_use,
         },
         "bad_files": bad_files,
@@ -248,26 +240,29 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(config: DictConfig) -> dict[str, Any]:
-    """The main job: prepare the data, build the model (and, as the project grows, train,
-    test, export)."""
-    logging.getLogger().setLevel(config.system.log_level)
-    seed_everything(config.system.seed)
-    index, datasets = build_datasets(config)
+    """The main job: check the config, prepare the data, build the model (and, as the project
+    grows, train, test, export)."""
+    settings = load_settings(config)
+    logging.getLogger().setLevel(settings.system.log_level)
+    seed_everything(settings.system.seed)
+    index, datasets, bad_files = build_datasets(settings)
     # Built before the slow data pass, so a bad model parameter or checkpoint fails at start.
-    model = build_model(config, len(index.classes), datasets["train"].feature_shape[-1])
-    summary = prepare_data(config, index, datasets)
+    model = build_model(settings.model, len(index.classes), datasets["train"].feature_shape[-1])
+    summary = prepare_data(settings, index, datasets, bad_files)
     summary["model"] = {
-        "name": config.model.name,
+        "name": settings.model.name,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    output_dir = Path(config.system.output_dir)
+    output_dir = Path(settings.system.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "dataset_summary.json").write_text(json.dumps(summary, indent=1))
     log.info(
         "dataset summary (%s):\n%s", output_dir / "dataset_summary.json", format_summary(summary)
     )
-    stages = [name for name in ("train", "test", "quantise", "export") if config.run[name]]
+    stages = [
+        name for name in ("train", "test", "quantise", "export") if getattr(settings.run, name)
+    ]
     if stages:
         log.warning(
             "run.%s: this version has no trainer or exporters yet; "
@@ -279,9 +274,15 @@ def run(config: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(config: DictConfig) -> None:
+    # Set before the settings are checked, so that DEBUG shows a bad setting's traceback too.
+    level = OmegaConf.select(config, "system.log_level", default="INFO")
+    if level in logging.getLevelNamesMapping():
+        logging.getLogger().setLevel(level)
     try:
         run(config)
-    except (ConfigError, DatasetError, BadAudioError) as error:
+    except USER_ERRORS as error:
+        # One line for the user; the traceback only where it was asked for.
+        log.debug("traceback", exc_info=True)
         log.error("%s", error)
         raise SystemExit(2) from error
 

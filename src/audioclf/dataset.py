@@ -1,17 +1,21 @@
-"""Datasets: index files into train/val/test, load clips as log-mel tensors, batch them."""
+"""Datasets: check the listed files, load clips as log-mel tensors, cache them, batch them.
+
+Indexing (listing files, splitting, leakage checks) is `audioclf.index`.
+"""
 
 from __future__ import annotations
 
-import csv
+import ctypes
 import functools
 import logging
+import multiprocessing
 import os
 import random
-import re
+import signal
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from audioclf.audio import (
     RESAMPLER,
     BadAudioError,
+    check_audio,
     decode_audio,
     file_digest,
     fix_length,
@@ -30,192 +35,11 @@ from audioclf.audio import (
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache, FeatureStore, feature_key, parameters_digest, store_key
 from audioclf.features import FEATURE_CODE_VERSION, LogMelParams, log_mel, num_frames
+from audioclf.index import Clip, DatasetError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
 BAD_FILE_POLICIES = ("error", "skip")
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be indexed as configured (missing folder, bad manifest, labels)."""
-
-
-@dataclass(frozen=True)
-class Clip:
-    """One labelled audio file."""
-
-    path: Path
-    label: str
-
-
-@dataclass
-class DatasetIndex:
-    """The clips of each split and the class order (sorted training labels)."""
-
-    classes: list[str]
-    splits: dict[str, list[Clip]]
-
-    def counts(self) -> dict[str, int]:
-        """Clips per split."""
-        return {split: len(clips) for split, clips in self.splits.items()}
-
-
-# ---------------------------------------------------------------- indexing
-
-
-def _audio_files(folder: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
-    )
-
-
-def stratified_split(
-    clips: Sequence[Clip], fractions: dict[str, float], seed: int
-) -> dict[str, list[Clip]]:
-    """Split clips per class by seeded shuffling; `fractions` maps split names to shares.
-
-    What the fractions leave goes to "train". Each class gives round(n * fraction) clips to a
-    split, so small classes keep their proportions; the result depends only on the clips and
-    the seed.
-    """
-    rng = random.Random(seed)
-    result: dict[str, list[Clip]] = {"train": [], **{name: [] for name in fractions}}
-    by_label: dict[str, list[Clip]] = {}
-    for clip in sorted(clips, key=lambda clip: (clip.label, str(clip.path))):
-        by_label.setdefault(clip.label, []).append(clip)
-    for members in by_label.values():
-        rng.shuffle(members)
-        start = 0
-        for name, fraction in fractions.items():
-            take = round(len(members) * fraction)
-            result[name].extend(members[start : start + take])
-            start += take
-        result["train"].extend(members[start:])
-    return {name: sorted(split, key=lambda clip: str(clip.path)) for name, split in result.items()}
-
-
-def _finish_index(splits: dict[str, list[Clip]], source: str) -> DatasetIndex:
-    """Check labels across splits and fix the class order."""
-    if not splits.get("train"):
-        raise DatasetError(f"{source}: no training clips found")
-    classes = sorted({clip.label for clip in splits["train"]})
-    for split in ("val", "test"):
-        unknown = sorted({clip.label for clip in splits.get(split, [])} - set(classes))
-        if unknown:
-            raise DatasetError(
-                f"{source}: labels {unknown} appear in the {split} split but not in training"
-            )
-    return DatasetIndex(classes, {split: splits.get(split, []) for split in SPLITS})
-
-
-_FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<index>\d+)$")
-
-
-def index_fsdd(root: Path) -> DatasetIndex:
-    """The Free Spoken Digit Dataset: `{digit}_{speaker}_{index}.wav`.
-
-    Test: index 0-4 (the official split). Validation: index 5-9, carved from the official
-    training part (every digit and speaker, 10% of it). Training: index 10-49.
-    """
-    splits: dict[str, list[Clip]] = {split: [] for split in SPLITS}
-    for path in _audio_files(root):
-        match = _FSDD_NAME.match(path.stem)
-        if match is None:
-            raise DatasetError(f"{path}: not an FSDD file name ({{digit}}_{{speaker}}_{{index}})")
-        index = int(match["index"])
-        split = "test" if index < 5 else "val" if index < 10 else "train"
-        splits[split].append(Clip(path, match["digit"]))
-    return _finish_index(splits, str(root))
-
-
-def index_folder(root: Path, val_fraction: float, test_fraction: float, seed: int) -> DatasetIndex:
-    """A folder per class, under top-level train/ val/ test/ folders or split by ratio.
-
-    With `root/train/` present, its sibling `val/` and `test/` give those splits; a missing
-    `val/` is carved from training by `val_fraction`. Without it, `root/CLASS/` folders are
-    split by `val_fraction` and `test_fraction`, stratified and seeded.
-    """
-
-    def clips_under(folder: Path) -> list[Clip]:
-        return [
-            Clip(path, class_dir.name)
-            for class_dir in sorted(folder.iterdir())
-            if class_dir.is_dir()
-            for path in _audio_files(class_dir)
-        ]
-
-    if (root / "train").is_dir():
-        splits = {split: clips_under(root / split) for split in SPLITS if (root / split).is_dir()}
-        if "val" not in splits:
-            carved = stratified_split(splits["train"], {"val": val_fraction}, seed)
-            splits.update(train=carved["train"], val=carved["val"])
-        if "test" not in splits:
-            log.warning("%s has no test/ folder: the test split is empty", root)
-    else:
-        fractions = {"val": val_fraction, "test": test_fraction}
-        splits = stratified_split(clips_under(root), fractions, seed)
-    return _finish_index(splits, str(root))
-
-
-def index_manifest(
-    manifest: Path,
-    root: Path | None,
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    val_fold: str | int | None = None,
-    test_fold: str | int | None = None,
-) -> DatasetIndex:
-    """A CSV manifest with columns `path,label[,split][,fold]`.
-
-    Paths are relative to `root`, or to the manifest's folder when `root` is None. With
-    `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
-    validation split; otherwise a `split` column decides; otherwise a stratified ratio split.
-    """
-    base = root if root is not None else manifest.parent
-    try:
-        with manifest.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
-    except OSError as error:
-        raise DatasetError(f"{manifest}: cannot read manifest ({error})") from error
-    missing = {"path", "label"} - columns
-    if missing:
-        raise DatasetError(f"{manifest}: missing column(s) {sorted(missing)} (need path,label)")
-
-    def clip(row: dict[str, str]) -> Clip:
-        return Clip(base / row["path"], row["label"])
-
-    if test_fold is not None:
-        if "fold" not in columns:
-            raise DatasetError(f"{manifest}: data.test_fold is set but there is no 'fold' column")
-        folds = {str(test_fold): "test"}
-        if val_fold is not None:
-            folds[str(val_fold)] = "val"
-        splits = {split: [] for split in SPLITS}
-        for row in rows:
-            splits[folds.get(row["fold"].strip(), "train")].append(clip(row))
-        if val_fold is None:
-            carved = stratified_split(splits["train"], {"val": val_fraction}, seed)
-            splits.update(train=carved["train"], val=carved["val"])
-    elif "split" in columns:
-        splits = {split: [] for split in SPLITS}
-        for line, row in enumerate(rows, start=2):
-            split = row["split"].strip().lower()
-            if split not in splits:
-                raise DatasetError(
-                    f"{manifest}, line {line}: split {row['split']!r} is not one of {SPLITS}"
-                )
-            splits[split].append(clip(row))
-    else:
-        fractions = {"val": val_fraction, "test": test_fraction}
-        splits = stratified_split([clip(row) for row in rows], fractions, seed)
-    return _finish_index(splits, str(manifest))
 
 
 # ---------------------------------------------------------------- clips to tensors
@@ -421,6 +245,59 @@ class _PrepareView(Dataset):
         return index, hit, None
 
 
+class _CheckView(Dataset):
+    """Each item: (index, error message or None) for one clip's file; runs in loader workers."""
+
+    def __init__(self, clips: Sequence[Clip]) -> None:
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> tuple[int, str | None]:
+        path = self.clips[index].path
+        try:
+            check_audio(read_bytes(path), path)
+        except BadAudioError as error:
+            return index, error.reason
+        return index, None
+
+
+def check_clips(
+    clips: Sequence[Clip],
+    on_bad_file: str = "error",
+    num_workers: int = 0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[list[Clip], list[tuple[Clip, str]]]:
+    """Decode every clip's file once; return the usable clips and the bad ones with reasons.
+
+    `on_bad_file="error"` raises BadAudioError naming the first bad file; "skip" logs each
+    once. The main job runs this before splitting, so splits are made of usable files only.
+    """
+    _check_policy(on_bad_file)
+    loader = DataLoader(
+        _CheckView(clips), batch_size=None, num_workers=num_workers, worker_init_fn=init_worker
+    )
+    bad: dict[int, str] = {}
+    for index, error in progress(loader) if progress is not None else loader:
+        if error is None:
+            continue
+        clip = clips[index]
+        if on_bad_file == "error":
+            raise BadAudioError(clip.path, error)
+        log.warning("skipping bad audio file %s: %s", clip.where, error)
+        bad[int(index)] = error
+    good = [clip for index, clip in enumerate(clips) if index not in bad]
+    return good, [(clips[index], reason) for index, reason in sorted(bad.items())]
+
+
+def _check_policy(on_bad_file: str) -> None:
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(
+            f"data.on_bad_file must be one of {BAD_FILE_POLICIES}, not {on_bad_file!r}"
+        )
+
+
 def prepare(
     dataset: SpectrogramDataset,
     on_bad_file: str = "error",
@@ -435,10 +312,7 @@ def prepare(
     `on_bad_file="error"` raises BadAudioError naming the first bad file; "skip" logs each bad
     file once, drops it from `dataset.clips` and counts it in the report.
     """
-    if on_bad_file not in BAD_FILE_POLICIES:
-        raise ValueError(
-            f"data.on_bad_file must be one of {BAD_FILE_POLICIES}, not {on_bad_file!r}"
-        )
+    _check_policy(on_bad_file)
     report = PrepareReport()
     dataset.store = None
     key = dataset.store_key()
@@ -477,22 +351,53 @@ def prepare(
     if key is not None:
         directory = dataset.cache.store_directory
         items = (dataset.cached_features(index)[0] for index in range(len(dataset)))
-        dataset.store = FeatureStore.open(directory, key) or FeatureStore.build(
-            directory, key, items, dataset.feature_params.n_mels
-        )
+        dataset.store = FeatureStore.open(directory, key)
+        if dataset.store is None:
+            try:
+                dataset.store = FeatureStore.build(
+                    directory, key, items, dataset.feature_params.n_mels
+                )
+            except OSError as error:
+                log.warning(
+                    "feature store %s cannot be written (%s): items are read from the cache "
+                    "one by one",
+                    directory / key,
+                    error.strerror or error,
+                )
     return report
 
 
 # ---------------------------------------------------------------- loading
 
 
+def _die_with_parent() -> None:
+    """Have Linux kill this worker when the process that started it dies.
+
+    Without it, a main process killed while its workers start can leave a worker orphaned,
+    holding the cache and the log, indefinitely.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = multiprocessing.parent_process()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    # The parent may have died before prctl: then this process was already reparented.
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def init_worker(worker_id: int) -> None:
-    """Set up a loader worker: one BLAS thread, and seeds from the seed torch gave it.
+    """Set up a loader worker: dies with its parent, one BLAS thread, and seeds from the seed
+    torch gave it.
 
     Workers already share the cores between them; BLAS threads on top (torch limits its own
     to one per worker, NumPy's OpenBLAS does not) oversubscribe them and slowed feature
     computation several times over in measurements on two cores.
     """
+    _die_with_parent()
     threadpool_limits(limits=1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)

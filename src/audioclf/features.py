@@ -152,6 +152,7 @@ def resolve_params(
     preset: str | Mapping[str, Any], sample_rate: int, **overrides: Any
 ) -> LogMelParams:
     """Turn a preset name or dict, plus overrides, into concrete parameters at `sample_rate`."""
+    sample_rate = _check_sample_rate(sample_rate)
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown feature preset {preset!r}; known: {sorted(PRESETS)}")
@@ -207,6 +208,14 @@ def resolve_params(
     return params
 
 
+def _check_sample_rate(sample_rate: Any) -> int:
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float | np.number):
+        raise ValueError(f"sample_rate must be a positive number of Hz, not {sample_rate!r}")
+    if not (sample_rate > 0 and float(sample_rate).is_integer()):
+        raise ValueError(f"sample_rate must be a positive whole number of Hz, not {sample_rate}")
+    return int(sample_rate)
+
+
 def _validate(params: LogMelParams) -> None:
     checks = [
         (params.frame_length > 0, "frame_length must be positive"),
@@ -221,6 +230,12 @@ def _validate(params: LogMelParams) -> None:
         (params.log in LOG_KINDS, f"log must be one of {LOG_KINDS}"),
         (params.pad_mode in PAD_MODES, f"pad_mode must be one of {PAD_MODES}"),
         (params.power > 0, "power must be positive"),
+        (params.log != "db" or params.amin > 0, "amin must be positive (log of 0 is -inf)"),
+        (
+            params.log != "log_offset" or params.log_offset > 0,
+            "log_offset must be positive (log of 0 is -inf)",
+        ),
+        (params.top_db is None or params.top_db >= 0, "top_db must be >= 0 or None"),
     ]
     for ok, message in checks:
         if not ok:
@@ -228,10 +243,19 @@ def _validate(params: LogMelParams) -> None:
 
 
 def num_frames(num_samples: int, params: LogMelParams) -> int:
-    """How many frames `compute_log_mel` returns for `num_samples` samples."""
+    """How many frames `compute_log_mel` returns for `num_samples` samples.
+
+    Every preset needs at least one frame of input (`frame_length` samples); fewer is a
+    ValueError naming both lengths.
+    """
+    if num_samples < params.frame_length:
+        raise ValueError(
+            f"{num_samples} samples are shorter than one frame ({params.frame_length} samples, "
+            f"{params.frame_length / params.sample_rate * 1000:g} ms at {params.sample_rate} Hz)"
+        )
     if params.center:
         return 1 + num_samples // params.hop_length
-    return max(0, 1 + (num_samples - params.frame_length) // params.hop_length)
+    return 1 + (num_samples - params.frame_length) // params.hop_length
 
 
 def tf_mel_matrix(
@@ -302,8 +326,6 @@ def _spectrogram(waveform: np.ndarray, params: LogMelParams) -> np.ndarray:
         )
     else:
         frames = num_frames(len(waveform), params)
-        if frames == 0:
-            return np.zeros((params.n_fft // 2 + 1, 0))
         padded = np.pad(waveform, (0, params.n_fft - params.frame_length))
         stft = librosa.stft(
             padded,
@@ -324,11 +346,40 @@ def _log(mel: np.ndarray, params: LogMelParams) -> np.ndarray:
     return mel
 
 
+def as_signal(waveform: np.ndarray) -> np.ndarray:
+    """A mono waveform as float64 in [-1, 1] units, checked.
+
+    Floats are taken as they are. Integer PCM is scaled as audio files store it: signed
+    integers by 2 ** (bits - 1), 8-bit unsigned around 128. Other types, more than one
+    dimension, and NaN or infinite samples are a ValueError.
+    """
+    array = np.asarray(waveform)
+    if array.ndim != 1:
+        raise ValueError(f"expected a mono waveform (1-D), got shape {array.shape}")
+    kind = array.dtype.kind
+    if kind == "f":
+        signal = array.astype(np.float64)
+    elif kind == "i":
+        signal = array.astype(np.float64) / -float(np.iinfo(array.dtype).min)
+    elif array.dtype == np.uint8:
+        signal = (array.astype(np.float64) - 128.0) / 128.0
+    else:
+        raise ValueError(
+            f"waveform samples must be float or integer PCM (int8/16/32/64, uint8), "
+            f"not {array.dtype}"
+        )
+    if not np.isfinite(signal).all():
+        raise ValueError("waveform contains NaN or infinite samples")
+    return signal
+
+
 def log_mel(waveform: np.ndarray, params: LogMelParams) -> np.ndarray:
-    """Log-mel of a mono waveform with resolved parameters, shape (frames, n_mels), float32."""
-    signal = np.asarray(waveform, dtype=np.float64)
-    if signal.ndim != 1:
-        raise ValueError(f"expected a mono waveform (1-D), got shape {signal.shape}")
+    """Log-mel of a mono waveform with resolved parameters, shape (frames, n_mels), float32.
+
+    See `as_signal` for the sample types taken; input shorter than one frame is a ValueError.
+    """
+    signal = as_signal(waveform)
+    num_frames(len(signal), params)
     spectrogram = _spectrogram(signal, params)
     matrix = _mel_matrix(
         params.sample_rate,
@@ -346,6 +397,9 @@ def compute_log_mel(
     waveform: np.ndarray, sample_rate: int, preset: str | Mapping[str, Any], **overrides: Any
 ) -> np.ndarray:
     """Log-mel features of a mono waveform, shape (frames, n_mels), float32.
+
+    The waveform is float (taken as is) or integer PCM (scaled to [-1, 1]); it must hold at
+    least one frame (`frame_length` samples), else ValueError, for every preset alike.
 
     Args:
         preset: a name from `PRESETS` ("librosa", "tf_yamnet_style", "tf_power_db", "panns")

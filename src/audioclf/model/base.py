@@ -32,8 +32,8 @@ class Model(nn.Module):
 
     def __init__(self, num_classes: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, not {num_classes}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a whole number >= 1, not {num_classes!r}")
         self.num_classes = num_classes
         self.gradient_checkpointing = gradient_checkpointing
         self.backbone_frozen = False
@@ -111,3 +111,10 @@ class Model(nn.Module):
                 ):
                     module.eval()
         return self
+
+
+def check_parameter(name: str, value: float, low: float, high: float | None = None) -> None:
+    """Raise ValueError naming `name` unless low <= value (< high, when given)."""
+    if value < low or (high is not None and value >= high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name} must be {allowed}, not {value}")

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from audioclf.model.base import Model
+from audioclf.model.base import Model, check_parameter
 from audioclf.model.heads import ArcFaceHead, LinearHead
 from audioclf.model.layers import (
     ActLayer,
@@ -198,6 +198,13 @@ class EfficientNetV2(Model):
         super().__init__(num_classes, gradient_checkpointing)
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, not {size!r}")
+        for name, value in (("width_mult", width_mult), ("depth_mult", depth_mult)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, not {value}")
+        check_parameter("dropout", dropout, 0.0, 1.0)
+        check_parameter("drop_path_rate", drop_path_rate, 0.0, 1.0)
+        if not arcface_scale > 0:
+            raise ValueError(f"arcface_scale must be > 0, not {arcface_scale}")
         spec = SIZES[size]
         act_layer = nn.SiLU
         channels = make_divisible(spec.stem_channels * width_mult)

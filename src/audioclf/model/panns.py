@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audioclf.model.base import Model
+from audioclf.model.base import Model, check_parameter
 from audioclf.model.registry import register_model
 
 
@@ -52,6 +52,8 @@ class PannsModel(Model):
         gradient_checkpointing: bool,
     ) -> None:
         super().__init__(num_classes, gradient_checkpointing)
+        check_parameter("n_mels", n_mels, 1)
+        check_parameter("dropout", dropout, 0.0, 1.0)
         self.n_mels = n_mels
         self.dropout = dropout
         self.embedding_size = embedding_size
@@ -127,6 +129,7 @@ class Cnn14(PannsModel):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__(num_classes, n_mels, 2048, 2048, dropout, gradient_checkpointing)
+        check_parameter("block_dropout", block_dropout, 0.0, 1.0)
         self.block_dropout = block_dropout
         in_channels = 1
         for number, channels in enumerate(self.CHANNELS, start=1):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +16,6 @@ log = logging.getLogger(__name__)
 #: PANNs compute log-mels inside the model; ours come from the data pipeline (features=panns).
 FRONT_END_PREFIXES = ("spectrogram_extractor.", "logmel_extractor.")
 _SHOWN_KEYS = 12
-# What torch.load raises on a truncated, corrupt or non-weights file.
-_UNREADABLE = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError)
 
 
 class CheckpointError(ValueError):
@@ -44,8 +40,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except _UNREADABLE as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except Exception as error:
+        # The unpickler raises almost anything on a file that is not a checkpoint (KeyError,
+        # IndexError, UnpicklingError, ...): each is this file being unreadable.
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not content:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,12 +59,25 @@ def create_model(
     """
     if name not in _BUILDERS:
         raise ModelError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    builder = _BUILDERS[name]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(
+            f"model {name!r}: num_classes must be a whole number >= 1, not {num_classes!r}"
+        )
+    hints = _parameter_types(builder)
+    for key, value in params.items():
+        if key in hints and not _has_type(value, hints[key]):
+            raise ModelError(
+                f"model {name!r}: parameter {key} must be {_type_name(hints[key])}, not {value!r}"
+            )
     try:
-        model = _BUILDERS[name](num_classes=num_classes, **params)
+        model = builder(num_classes=num_classes, **params)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
             raise ModelError(f"model {name!r}: {error}") from error
         raise
+    except ValueError as error:
+        raise ModelError(f"model {name!r}: {error}") from error
     if pretrained_path:
         load_pretrained(model, pretrained_path)
     if freeze_backbone:
@@ -69,3 +86,47 @@ def create_model(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model %s: %s parameters (%s trainable)", name, f"{total:,}", f"{trainable:,}")
     return model
+
+
+def _parameter_types(builder: Builder) -> dict[str, Any]:
+    """The annotated types of a builder's parameters, through partials and base classes."""
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    functions = (
+        [cls.__init__ for cls in reversed(target.__mro__) if "__init__" in vars(cls)]
+        if isinstance(target, type)
+        else [target]
+    )
+    hints: dict[str, Any] = {}
+    for function in functions:
+        try:
+            hints.update(typing.get_type_hints(function))
+        except (NameError, TypeError):
+            continue
+    hints.pop("return", None)
+    return hints
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a simple annotation (int, float, bool, str, X | None);
+    other annotations are not checked here."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        return type(None) in options
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return math.isfinite(value)
+        if option is str and isinstance(value, str):
+            return True
+        if option not in (bool, int, float, str, type(None)):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    names = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+    return " or ".join(names.get(option, "null") for option in options)

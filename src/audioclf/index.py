@@ -1,0 +1,356 @@
+"""Indexing: list a dataset's labelled files, check them for duplicates and leakage, split them.
+
+A dataset is first listed (`index_fsdd`, `index_folder`, `index_manifest`): every clip with the
+split its layout fixes, or none when a seeded ratio split assigns it. The main job then drops
+bad files, and only then splits (`split_listing`), so a dropped file never leaves a split short
+of a class unnoticed. No file, by resolved path or by content, may sit in two splits.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from audioclf.audio import file_digest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
+MANIFEST_COLUMNS = ("path", "label", "split", "fold")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be indexed as configured (missing folder, bad manifest, labels)."""
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One labelled audio file.
+
+    `split` is the split the dataset's layout puts it in (None: the ratio split decides);
+    `origin` says where it was listed (a manifest line), for messages.
+    """
+
+    path: Path
+    label: str
+    split: str | None = None
+    origin: str = field(default="", compare=False)
+
+    @property
+    def where(self) -> str:
+        """The clip's origin and path, as messages name it."""
+        return f"{self.origin} ({self.path})" if self.origin else str(self.path)
+
+
+@dataclass
+class Listing:
+    """A dataset's clips before splitting.
+
+    `fractions` are the val/test shares of the clips whose split is None; the rest train.
+    """
+
+    source: str
+    clips: list[Clip]
+    fractions: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetIndex:
+    """The clips of each split and the class order (sorted training labels)."""
+
+    classes: list[str]
+    splits: dict[str, list[Clip]]
+
+    def counts(self) -> dict[str, int]:
+        """Clips per split."""
+        return {split: len(clips) for split, clips in self.splits.items()}
+
+
+# ---------------------------------------------------------------- listing
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
+    )
+
+
+_FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<index>\d+)$")
+
+
+def index_fsdd(root: Path) -> Listing:
+    """The Free Spoken Digit Dataset: `{digit}_{speaker}_{index}.wav`.
+
+    Test: index 0-4 (the official split). Validation: index 5-9, carved from the official
+    training part (every digit and speaker, 10% of it). Training: index 10-49.
+    """
+    clips = []
+    for path in _audio_files(root):
+        match = _FSDD_NAME.match(path.stem)
+        if match is None:
+            raise DatasetError(f"{path}: not an FSDD file name ({{digit}}_{{speaker}}_{{index}})")
+        index = int(match["index"])
+        split = "test" if index < 5 else "val" if index < 10 else "train"
+        clips.append(Clip(path, match["digit"], split))
+    return Listing(str(root), clips)
+
+
+def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listing:
+    """A folder per class, under top-level train/ val/ test/ folders or split by ratio.
+
+    With `root/train/` present, its sibling `val/` and `test/` give those splits; a missing
+    `val/` is carved from training by `val_fraction`. Without it, `root/CLASS/` folders are
+    split by `val_fraction` and `test_fraction`.
+    """
+
+    def clips_under(folder: Path, split: str | None) -> list[Clip]:
+        return [
+            Clip(path, class_dir.name, split)
+            for class_dir in sorted(folder.iterdir())
+            if class_dir.is_dir()
+            for path in _audio_files(class_dir)
+        ]
+
+    if not (root / "train").is_dir():
+        return Listing(
+            str(root), clips_under(root, None), {"val": val_fraction, "test": test_fraction}
+        )
+    has_val = (root / "val").is_dir()
+    clips = clips_under(root / "train", "train" if has_val else None)
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            clips += clips_under(root / split, split)
+    if not (root / "test").is_dir():
+        log.warning("%s has no test/ folder: the test split is empty", root)
+    return Listing(str(root), clips, {} if has_val else {"val": val_fraction})
+
+
+def _read_manifest(manifest: Path) -> list[list[str]]:
+    """The CSV rows of a manifest; a BOM is dropped, text that is not UTF-8 names its line."""
+    try:
+        data = manifest.read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{manifest}: cannot read manifest ({error})") from error
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DatasetError(
+            f"{manifest}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
+            "save the manifest as UTF-8"
+        ) from error
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def index_manifest(
+    manifest: Path,
+    root: Path | None,
+    val_fraction: float,
+    test_fraction: float,
+    val_fold: str | int | None = None,
+    test_fold: str | int | None = None,
+) -> Listing:
+    """A CSV manifest with a header naming columns `path,label[,split][,fold]`.
+
+    Paths are relative to `root`, or to the manifest's folder when `root` is None. With
+    `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
+    validation split; otherwise a `split` column decides; otherwise a ratio split. A short or
+    long row, an empty path or label, or an unknown split names the manifest and the line.
+    """
+    base = root if root is not None else manifest.parent
+    rows = _read_manifest(manifest)
+    if not rows:
+        raise DatasetError(f"{manifest}: empty manifest (need a header: path,label)")
+    header = [name.strip() for name in rows[0]]
+    missing = [name for name in ("path", "label") if name not in header]
+    if missing:
+        raise DatasetError(
+            f"{manifest}, line 1: header {header} lacks column(s) {missing} (need path,label)"
+        )
+    unknown = [name for name in header if name not in MANIFEST_COLUMNS]
+    if unknown:
+        raise DatasetError(
+            f"{manifest}, line 1: unknown column(s) {unknown}; known: {list(MANIFEST_COLUMNS)}"
+        )
+    if test_fold is not None and "fold" not in header:
+        raise DatasetError(f"{manifest}: data.test_fold is set but there is no 'fold' column")
+    folds = {} if test_fold is None else {str(test_fold): "test"}
+    if test_fold is not None and val_fold is not None:
+        folds[str(val_fold)] = "val"
+    clips = []
+    for line, values in enumerate(rows[1:], start=2):
+        if not values:
+            continue
+        where = f"{manifest}, line {line}"
+        if len(values) != len(header):
+            raise DatasetError(
+                f"{where}: {len(values)} field(s), the header has {len(header)} "
+                f"({','.join(header)})"
+            )
+        row = {name: value.strip() for name, value in zip(header, values, strict=True)}
+        for name in ("path", "label"):
+            if not row[name]:
+                raise DatasetError(f"{where}: empty {name}")
+        if test_fold is not None:
+            split = folds.get(row["fold"], "train" if val_fold is not None else None)
+        elif "split" in row:
+            split = row["split"].lower()
+            if split not in SPLITS:
+                raise DatasetError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
+        else:
+            split = None
+        clips.append(Clip(base / row["path"], row["label"], split, where))
+    if test_fold is not None:
+        fractions = {} if val_fold is not None else {"val": val_fraction}
+    else:
+        fractions = {"val": val_fraction, "test": test_fraction}
+    return Listing(str(manifest), clips, fractions)
+
+
+# ---------------------------------------------------------------- duplicates and leakage
+
+
+def drop_duplicates(listing: Listing) -> Listing:
+    """The listing without exact duplicates (same file, label and split), each dropped with a
+    warning naming it; the same file in two splits or under two labels is a DatasetError
+    naming both places. Files are compared by resolved path."""
+    first_seen: dict[Path, Clip] = {}
+    kept = []
+    for clip in listing.clips:
+        resolved = clip.path.resolve()
+        earlier = first_seen.setdefault(resolved, clip)
+        if earlier is clip:
+            kept.append(clip)
+            continue
+        if earlier.split != clip.split:
+            raise DatasetError(
+                f"{listing.source}: {resolved} is listed in two splits: "
+                f"{_split_name(earlier)} at {earlier.where} and {_split_name(clip)} at "
+                f"{clip.where}"
+            )
+        if earlier.label != clip.label:
+            raise DatasetError(
+                f"{listing.source}: {resolved} is listed with two labels: {earlier.label!r} at "
+                f"{earlier.where} and {clip.label!r} at {clip.where}"
+            )
+        log.warning("dropping duplicate of %s: %s", earlier.where, clip.where)
+    return replace(listing, clips=kept)
+
+
+def _split_name(clip: Clip) -> str:
+    return clip.split or "the ratio split"
+
+
+def check_leakage(splits: dict[str, list[Clip]], digest: Callable[[Path], str]) -> None:
+    """Raise DatasetError naming both files when identical audio content sits in two splits."""
+    owner: dict[str, tuple[str, Clip]] = {}
+    for split, clips in splits.items():
+        for clip in clips:
+            first = owner.setdefault(digest(clip.path), (split, clip))
+            if first[0] != split:
+                raise DatasetError(
+                    f"identical audio in {first[0]} and {split}: {first[1].where} and "
+                    f"{clip.where} have the same content (a test clip must not train)"
+                )
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def stratified_split(
+    clips: Sequence[Clip],
+    fractions: dict[str, float],
+    seed: int,
+    group: Callable[[Clip], str] | None = None,
+) -> dict[str, list[Clip]]:
+    """Split clips per class by seeded shuffling; `fractions` maps split names to shares.
+
+    What the fractions leave goes to "train". Each class gives about round(n * fraction)
+    clips to a split, so small classes keep their proportions; the result depends only on the
+    clips and the seed. Clips with the same `group` key (identical content) stay together.
+    """
+    rng = random.Random(seed)
+    result: dict[str, list[Clip]] = {"train": [], **{name: [] for name in fractions}}
+    by_label: dict[str, dict[str, list[Clip]]] = {}
+    for clip in sorted(clips, key=lambda clip: (clip.label, str(clip.path))):
+        key = group(clip) if group is not None else str(clip.path)
+        by_label.setdefault(clip.label, {}).setdefault(key, []).append(clip)
+    for groups in by_label.values():
+        members = list(groups.values())
+        rng.shuffle(members)
+        total = sum(len(members_) for members_ in members)
+        for name, fraction in fractions.items():
+            take, taken = round(total * fraction), 0
+            while members and taken < take:
+                chosen = members.pop(0)
+                result[name].extend(chosen)
+                taken += len(chosen)
+        result["train"].extend(clip for chosen in members for clip in chosen)
+    return {name: sorted(split, key=lambda clip: str(clip.path)) for name, split in result.items()}
+
+
+def split_listing(
+    listing: Listing,
+    seed: int,
+    digest: Callable[[Path], str] | None = None,
+) -> DatasetIndex:
+    """Split a (checked) listing into train / val / test and fix the class order.
+
+    Clips with a fixed split keep it; the others are split by `listing.fractions`, stratified
+    by class and seeded, with files of identical content kept together. Then: identical
+    content in two splits, a validation or test label that training lacks, and a non-empty
+    validation or test split that lacks a class are each a DatasetError naming them.
+    `digest` maps a file to a content digest (default: a BLAKE2 digest of its bytes).
+    """
+    digest = digest or (lambda path: file_digest(path)[0])
+    listing = drop_duplicates(listing)
+    splits: dict[str, list[Clip]] = {split: [] for split in SPLITS}
+    unassigned = []
+    for clip in listing.clips:
+        if clip.split is None:
+            unassigned.append(clip)
+        else:
+            splits[clip.split].append(clip)
+    if unassigned:
+        carved = stratified_split(
+            unassigned, listing.fractions, seed, lambda clip: digest(clip.path)
+        )
+        for split, clips in carved.items():
+            splits[split] += [replace(clip, split=split) for clip in clips]
+    check_leakage(splits, digest)
+    return _finish_index(splits, listing.source)
+
+
+def _finish_index(splits: dict[str, list[Clip]], source: str) -> DatasetIndex:
+    if not splits["train"]:
+        raise DatasetError(f"{source}: no training clips found")
+    classes = sorted({clip.label for clip in splits["train"]})
+    for split in ("val", "test"):
+        labels = {clip.label for clip in splits[split]}
+        unknown = sorted(labels - set(classes))
+        if unknown:
+            raise DatasetError(
+                f"{source}: labels {unknown} appear in the {split} split but not in training"
+            )
+        absent = sorted(set(classes) - labels)
+        if labels and absent:
+            raise DatasetError(
+                f"{source}: the {split} split has no clip of class(es) {absent} "
+                f"({len(splits[split])} clips; add clips, or raise data.{split}_fraction for "
+                "a ratio split)"
+            )
+    return DatasetIndex(classes, splits)
+
+
+def labels_of(clips: Iterable[Clip]) -> list[str]:
+    """The distinct labels of some clips, sorted."""
+    return sorted({clip.label for clip in clips})

@@ -1,0 +1,342 @@
+"""The run's settings: every config section checked at start, as frozen dataclasses.
+
+Each section is a dataclass whose annotations give the types and whose field metadata gives
+the ranges and choices. `load_settings` turns a composed Hydra config into them, and any value
+that cannot work is a ConfigError naming the key and what it allows, before anything runs.
+The library below the CLI takes these dataclasses or plain values, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; the message names the key."""
+
+
+def bounded(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with a numeric range, checked by `load_settings`."""
+    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
+    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """The `system` section."""
+
+    seed: int = bounded(ge=0)
+    device: str
+    num_workers: int = bounded(ge=0)
+    pin_memory: bool | Literal["auto"]
+    persistent_workers: bool
+    cache: bool
+    cache_dir: str
+    output_dir: str
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section."""
+
+    format: Literal["fsdd", "folder", "manifest"]
+    name: str
+    root: str | None
+    manifest: str | None
+    sample_rate: int = bounded(gt=0)
+    clip_seconds: float = bounded(gt=0)
+    val_fraction: float = bounded(ge=0, lt=1)
+    test_fraction: float = bounded(ge=0, lt=1)
+    split_seed: int = bounded(ge=0)
+    val_fold: int | str | None
+    test_fold: int | str | None
+    on_bad_file: Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """The `features` section: a preset and overrides (None keeps the preset's value)."""
+
+    preset: str
+    frame_seconds: float | None = bounded(gt=0)
+    frame_length: int | None = bounded(gt=0)
+    hop_seconds: float | None = bounded(gt=0)
+    hop_length: int | None = bounded(gt=0)
+    n_fft: int | None = bounded(gt=0)
+    n_mels: int | None = bounded(gt=0)
+    fmin_hz: float | None = bounded(ge=0)
+    fmax_hz: float | None = bounded(gt=0)
+    center: bool | None
+    pad_mode: Literal["constant", "reflect"] | None
+    power: float | None = bounded(gt=0)
+    mel_scale: Literal["slaney", "htk", "tf"] | None
+    log: Literal["db", "log_offset", "none"] | None
+    amin: float | None = bounded(gt=0)
+    top_db: float | None = bounded(ge=0)
+    log_offset: float | None = bounded(gt=0)
+
+    def overrides(self) -> dict[str, Any]:
+        """The parameters set here (not None), as `resolve_params` takes them."""
+        values = dataclasses.asdict(self)
+        values.pop("preset")
+        return {name: value for name, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """`training.distillation`."""
+
+    alpha: float = bounded(ge=0, le=1)
+    temperature: float = bounded(gt=0)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The `training` section."""
+
+    batch_size: int = bounded(ge=1)
+    epochs: int = bounded(ge=0)
+    optimizer: Literal["adamw", "sgd"]
+    lr: float = bounded(gt=0)
+    weight_decay: float = bounded(ge=0)
+    lr_schedule: Literal["constant", "cosine", "step", "onecycle"]
+    warmup_epochs: float = bounded(ge=0)
+    amp: bool
+    grad_clip_norm: float | None = bounded(gt=0)
+    label_smoothing: float = bounded(ge=0, lt=1)
+    early_stopping_patience: int | None = bounded(ge=0)
+    monitor: str
+    distillation: DistillationConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The `run` section: the stages of the main job."""
+
+    train: bool
+    test: bool
+    quantise: bool
+    export: bool
+    export_formats: list[Literal["onnx", "torchscript", "tflite"]]
+    checkpoint_path: str | None
+    resume: bool
+
+
+@dataclass(frozen=True)
+class SpecAugmentConfig:
+    """`augmentations.spec_augment`."""
+
+    time_masks: int = bounded(ge=0)
+    time_mask_max_frames: int = bounded(ge=0)
+    freq_masks: int = bounded(ge=0)
+    freq_mask_max_bins: int = bounded(ge=0)
+    mask_value: float | Literal["mean"]
+
+
+@dataclass(frozen=True)
+class AudioAugmentConfig:
+    """`augmentations.audio`: transforms, checked in detail when they are built."""
+
+    transforms: list[dict]
+
+
+@dataclass(frozen=True)
+class AugmentationsConfig:
+    """The `augmentations` section."""
+
+    audio: AudioAugmentConfig
+    spec_augment: SpecAugmentConfig
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """`model.quantization`."""
+
+    qat: bool
+    backend: Literal["x86", "qnnpack", "xnnpack"] = "xnnpack"
+    qat_start_epoch: int = bounded(0, ge=0)
+    freeze_bn_epoch: int = bounded(0, ge=0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The `model` (or `teacher_model`) section; `params` are checked by `create_model`."""
+
+    name: str
+    params: dict
+    quantization: QuantizationConfig
+    checkpoint_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every section of a run's config, checked."""
+
+    system: SystemConfig
+    data: DataConfig
+    features: FeaturesConfig
+    model: ModelConfig
+    training: TrainingConfig
+    run: RunConfig
+    augmentations: AugmentationsConfig
+    teacher_model: ModelConfig | None = None
+
+
+# ---------------------------------------------------------------- checking
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def load_settings(config: DictConfig) -> Settings:
+    """Check every section of a composed config; the first bad value is a ConfigError."""
+    try:
+        values = OmegaConf.to_container(config, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"{error.full_key} must be set (it is ??? in the config)") from error
+    values.pop("hydra", None)
+    settings = _build(Settings, values, "")
+    if not _DEVICE.match(settings.system.device):
+        raise ConfigError(
+            f"system.device must be auto, cpu, cuda, cuda:N or mps, not {settings.system.device!r}"
+        )
+    data = settings.data
+    if data.val_fraction + data.test_fraction >= 1:
+        raise ConfigError(
+            "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
+            f"{data.val_fraction} + {data.test_fraction}"
+        )
+    if settings.teacher_model is not None and not settings.teacher_model.checkpoint_path:
+        raise ConfigError("teacher_model.checkpoint_path must be set to the teacher's weights")
+    return settings
+
+
+def _build(cls: type, values: Any, key: str) -> Any:
+    """The dataclass `cls` from a mapping at config key `key`, every field checked."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key} must be a section (key: value), not {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {[_join(key, name) for name in unknown]}")
+    hints = typing.get_type_hints(cls)
+    arguments = {}
+    for name, spec in fields.items():
+        full_key = _join(key, name)
+        if name not in values:
+            if spec.default is dataclasses.MISSING:
+                raise ConfigError(f"missing key {full_key}")
+            continue
+        arguments[name] = _check(values[name], hints[name], full_key, spec.metadata)
+    return cls(**arguments)
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _check(value: Any, hint: Any, key: str, bounds: typing.Mapping[str, float]) -> Any:
+    """`value` if it fits `hint` and `bounds`; else a ConfigError naming `key`."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} must be set ({_describe(hint, bounds)}), not null")
+    for option in options:
+        if option is type(None):
+            continue
+        if dataclasses.is_dataclass(option):
+            if isinstance(value, dict):
+                return _build(option, value, key)
+            continue
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option) and isinstance(value, str):
+                return value
+            continue
+        if typing.get_origin(option) is list:
+            if isinstance(value, list):
+                (item,) = typing.get_args(option)
+                return [_check(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
+            continue
+        if option is dict and isinstance(value, dict):
+            return value
+        converted = _scalar(value, option)
+        if converted is not None:
+            if not _in_bounds(converted, bounds):
+                raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
+            return converted
+    raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
+
+
+def _is_union(hint: Any) -> bool:
+    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+
+
+def _scalar(value: Any, option: Any) -> Any:
+    """`value` as the scalar type `option`, or None when it is not one."""
+    if option is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if option is int:
+        return value if isinstance(value, int) else None
+    if option is float:
+        if isinstance(value, int | float) and not math.isnan(value):
+            return float(value)
+        return None
+    if option is str:
+        return value if isinstance(value, str) else None
+    return None
+
+
+def _in_bounds(value: Any, bounds: typing.Mapping[str, float]) -> bool:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return True
+    tests = {
+        "ge": lambda limit: value >= limit,
+        "gt": lambda limit: value > limit,
+        "le": lambda limit: value <= limit,
+        "lt": lambda limit: value < limit,
+    }
+    return all(tests[name](limit) for name, limit in bounds.items())
+
+
+def _describe(hint: Any, bounds: typing.Mapping[str, float]) -> str:
+    """What a key allows, in words: 'a whole number >= 1', 'one of ...', 'null or ...'."""
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
+    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    limits = " and ".join(f"{symbols[name]} {limit:g}" for name, limit in bounds.items())
+    words = []
+    for option in options:
+        if option is type(None):
+            words.append("null")
+        elif typing.get_origin(option) is Literal:
+            words.append("one of " + ", ".join(map(str, typing.get_args(option))))
+        elif typing.get_origin(option) is list:
+            words.append("a list")
+        elif option in (int, float):
+            noun = "a whole number" if option is int else "a number"
+            words.append(f"{noun} {limits}".strip())
+        else:
+            names = {bool: "true or false", str: "text", dict: "a section"}
+            words.append(names.get(option, getattr(option, "__name__", str(option))))
+    return " or ".join(words)
