@@ -12,8 +12,8 @@ import pytest
 
 from audioclf.audio import BadAudioError
 from audioclf.cli import build_model, run
-from audioclf.settings import ConfigError, load_settings
 from audioclf.model import create_model
+from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, REPO
 
 
