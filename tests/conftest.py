@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,15 @@ def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
 def fsdd_clip(digit: int, speaker: str = "jackson", index: int = 10) -> Path:
     """The path of one bundled FSDD recording."""
     return FSDD / f"{digit}_{speaker}_{index}.wav"
+
+
+def write_manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
+    """Write a CSV manifest with a header row and return the path."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,6 @@ def _dataset(tmp_path, clips, classes, **kwargs) -> SpectrogramDataset:
         cache=FeatureCache(tmp_path / "cache"),
         **kwargs,
     )
-
-
-def _write_manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 # ---------------------------------------------------------------- audio conversion

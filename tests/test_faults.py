@@ -6,7 +6,6 @@ Each test asserts the exact error class and that the message names the key, file
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import shutil
@@ -29,7 +28,7 @@ from audioclf.features import PRESETS, compute_log_mel, resolve_params
 from audioclf.index import Clip, DatasetError, index_manifest, split_listing
 from audioclf.model import CheckpointError, ModelError, create_model, read_state_dict
 from audioclf.settings import ConfigError, load_settings
-from conftest import FSDD, REPO, fsdd_clip
+from conftest import FSDD, REPO, fsdd_clip, write_manifest
 
 # ---------------------------------------------------------------- 1. nothing read runs code
 
@@ -110,14 +109,6 @@ def test_any_unreadable_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_pat
 # ---------------------------------------------------------------- 2. data correctness
 
 
-def _manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
-
 def _split_rows(digits=(3, 4)) -> list[tuple]:
     return [
         (f"{d}_jackson_{i}.wav", str(d), split)
@@ -128,7 +119,7 @@ def _split_rows(digits=(3, 4)) -> list[tuple]:
 
 def test_exact_duplicate_row_is_dropped_with_a_warning_naming_it(tmp_path, caplog):
     rows = _split_rows()
-    path = _manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, rows[0]])
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, rows[0]])
     index = split_listing(index_manifest(path, FSDD, 0.1, 0.1), seed=0)
     assert index.counts() == {"train": 4, "val": 2, "test": 2}
     assert "m.csv, line 10" in caplog.text
@@ -138,7 +129,7 @@ def test_exact_duplicate_row_is_dropped_with_a_warning_naming_it(tmp_path, caplo
 def test_file_listed_in_two_splits_is_an_error_naming_both_rows(tmp_path):
     rows = _split_rows()
     leaked = (rows[0][0], rows[0][1], "test")
-    path = _manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, leaked])
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, leaked])
     with pytest.raises(DatasetError, match=r"two splits: train at .*line 2.* test at .*line 10"):
         split_listing(index_manifest(path, FSDD, 0.1, 0.1), seed=0)
 
@@ -146,7 +137,7 @@ def test_file_listed_in_two_splits_is_an_error_naming_both_rows(tmp_path):
 def test_same_file_reached_by_another_path_counts_as_the_same_file(tmp_path):
     rows = _split_rows()
     leaked = (f"../recordings/{rows[0][0]}", rows[0][1], "test")
-    path = _manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, leaked])
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, leaked])
     with pytest.raises(DatasetError, match="two splits"):
         split_listing(index_manifest(path, FSDD, 0.1, 0.1), seed=0)
 
@@ -154,7 +145,7 @@ def test_same_file_reached_by_another_path_counts_as_the_same_file(tmp_path):
 def test_file_listed_with_two_labels_is_an_error(tmp_path):
     rows = _split_rows()
     relabelled = (rows[0][0], "4", "train")
-    path = _manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, relabelled])
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], [*rows, relabelled])
     with pytest.raises(DatasetError, match=r"two labels: '3' at .*line 2.* '4' at .*line 10"):
         split_listing(index_manifest(path, FSDD, 0.1, 0.1), seed=0)
 
@@ -166,7 +157,7 @@ def test_identical_content_in_train_and_test_is_an_error_naming_both_files(tmp_p
     shutil.copy(fsdd_clip(3, index=10), tmp_path / "copy_of_3_10.wav")
     rows = [(f"{d}_{i}.wav", str(d), s) for d in (3, 4) for i, s in _split_indices()]
     rows.append(("copy_of_3_10.wav", "3", "test"))
-    path = _manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
     with pytest.raises(DatasetError, match=r"identical audio in train and test: .*3_10\.wav.*copy"):
         split_listing(index_manifest(path, None, 0.1, 0.1), seed=0)
 
@@ -185,7 +176,7 @@ def test_ratio_split_keeps_identical_content_in_one_split(tmp_path):
     for copy in range(3):
         shutil.copy(fsdd_clip(3, index=10), tmp_path / f"copy{copy}.wav")
         rows.append((f"copy{copy}.wav", "3"))
-    path = _manifest(tmp_path / "m.csv", ["path", "label"], rows)
+    path = write_manifest(tmp_path / "m.csv", ["path", "label"], rows)
     for seed in range(6):
         index = split_listing(index_manifest(path, None, 0.2, 0.2), seed=seed)
         homes = {
@@ -198,7 +189,7 @@ def test_ratio_split_keeps_identical_content_in_one_split(tmp_path):
 
 
 def _job_manifest(tmp_path: Path, rows: list[tuple], header=("path", "label", "split")) -> list:
-    path = _manifest(tmp_path / "job.csv", list(header), rows)
+    path = write_manifest(tmp_path / "job.csv", list(header), rows)
     return [
         "data=manifest",
         f"data.manifest={path}",
@@ -305,6 +296,18 @@ def test_manifest_with_a_utf8_bom_reads_its_header(tmp_path):
 def test_bad_config_value_names_the_key_and_what_it_allows(compose_config, override, key, allowed):
     with pytest.raises(ConfigError, match=rf"{key} must be .*{allowed}"):
         load_settings(compose_config(override))
+
+
+def test_mandatory_value_left_unset_is_named(compose_config):
+    with pytest.raises(ConfigError, match=r"data.root must be set"):
+        load_settings(compose_config("data=folder"))
+
+
+def test_output_folder_that_cannot_be_written_is_named_at_start(compose_config, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    config = compose_config(f"system.output_dir={tmp_path / 'taken' / 'run'}")
+    with pytest.raises(ConfigError, match="system.output_dir: cannot write"):
+        run(config)
 
 
 def test_fractions_that_leave_no_training_clips_are_an_error(compose_config):

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
-from pathlib import Path
 
 import pytest
 
 from audioclf.index import DatasetError, index_folder, index_fsdd, index_manifest, split_listing
-from conftest import FSDD, fsdd_clip
-
-
-def _write_manifest(path: Path, header: list[str], rows: list[tuple]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
-
+from conftest import FSDD, fsdd_clip, write_manifest
 
 # ---------------------------------------------------------------- indexing
 
@@ -72,14 +61,14 @@ def test_manifest_with_split_column(tmp_path):
         for d in (3, 4)
         for i, s in [(10, "train"), (11, "train"), (12, "val"), (1, "test")]
     ]
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
     index = split_listing(index_manifest(manifest, FSDD, 0.1, 0.1), seed=0)
     assert index.counts() == {"train": 4, "val": 2, "test": 2}
     assert index.splits["test"][0].path == FSDD / "3_jackson_1.wav"
 
 
 def test_manifest_with_folds(tmp_path, manifest_rows):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
     index = split_listing(index_manifest(manifest, FSDD, 0.1, 0.1, val_fold=2, test_fold=1), seed=0)
     assert index.counts() == {"train": 12, "val": 6, "test": 6}
     fold_of = {row[0]: row[2] for row in manifest_rows}
@@ -90,7 +79,7 @@ def test_manifest_with_folds(tmp_path, manifest_rows):
 def test_manifest_paths_are_relative_to_the_manifest_folder(tmp_path):
     shutil.copy(fsdd_clip(5), tmp_path / "a.wav")
     shutil.copy(fsdd_clip(6), tmp_path / "b.wav")
-    manifest = _write_manifest(
+    manifest = write_manifest(
         tmp_path / "m.csv", ["path", "label"], [("a.wav", "5"), ("b.wav", "6")]
     )
     index = split_listing(index_manifest(manifest, None, 0.0, 0.0), seed=0)
@@ -98,12 +87,12 @@ def test_manifest_paths_are_relative_to_the_manifest_folder(tmp_path):
 
 
 def test_manifest_test_fold_without_fold_column_is_an_error(tmp_path):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "label"], [("a.wav", "5")])
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label"], [("a.wav", "5")])
     with pytest.raises(DatasetError, match="fold"):
         index_manifest(manifest, None, 0.1, 0.1, test_fold=1)
 
 
 def test_manifest_without_label_column_is_an_error(tmp_path):
-    manifest = _write_manifest(tmp_path / "m.csv", ["path", "class"], [("a.wav", "5")])
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "class"], [("a.wav", "5")])
     with pytest.raises(DatasetError, match="label"):
         split_listing(index_manifest(manifest, None, 0.1, 0.1), seed=0)

@@ -135,6 +135,21 @@ def build_datasets(
     return index, datasets, bad_files
 
 
+def make_output_dir(path: str) -> Path:
+    """Create the run's output folder, or stop at start naming `system.output_dir`."""
+    output_dir = Path(path)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"system.output_dir: cannot write to {output_dir} ({error.strerror or error})"
+        ) from error
+    return output_dir
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch in this process."""
     random.seed(seed)
@@ -245,6 +260,7 @@ def run(config: DictConfig) -> dict[str, Any]:
     settings = load_settings(config)
     logging.getLogger().setLevel(settings.system.log_level)
     seed_everything(settings.system.seed)
+    output_dir = make_output_dir(settings.system.output_dir)
     index, datasets, bad_files = build_datasets(settings)
     # Built before the slow data pass, so a bad model parameter or checkpoint fails at start.
     model = build_model(settings.model, len(index.classes), datasets["train"].feature_shape[-1])
@@ -254,8 +270,6 @@ def run(config: DictConfig) -> dict[str, Any]:
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    output_dir = Path(settings.system.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "dataset_summary.json").write_text(json.dumps(summary, indent=1))
     log.info(
         "dataset summary (%s):\n%s", output_dir / "dataset_summary.json", format_summary(summary)
