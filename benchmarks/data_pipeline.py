@@ -32,8 +32,9 @@ from hydra import compose, initialize_config_dir
 
 from audioclf import audio
 from audioclf.cli import CONFIG_DIR, build_datasets, seed_everything
-from audioclf.dataset import SpectrogramDataset, make_loader, prepare
+from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import log_mel
+from audioclf.loading import make_loader
 from readme_table import write_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from audioclf.cache import FeatureCache
-from audioclf.dataset import Clip, SpectrogramDataset, make_loader, prepare
+from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import resolve_params
+from audioclf.index import Clip
+from audioclf.loading import make_loader
 from conftest import fsdd_clip
 
 

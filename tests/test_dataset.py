@@ -11,9 +11,10 @@ import torch
 from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.dataset import SpectrogramDataset, make_loader, prepare
+from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import resolve_params
 from audioclf.index import Clip
+from audioclf.loading import make_loader
 from conftest import fsdd_clip, write_wav
 
 

@@ -538,7 +538,7 @@ _ORPHAN_SCRIPT = textwrap.dedent(
     import os, sys, time
     import torch
     from torch.utils.data import DataLoader, Dataset
-    from audioclf.dataset import init_worker
+    from audioclf.loading import init_worker
 
     pids = sys.argv[1]
 

@@ -1,25 +1,21 @@
-"""Datasets: check the listed files, load clips as log-mel tensors, cache them, batch them.
+"""Datasets: check the listed files, load clips as log-mel tensors, cache them.
 
-Indexing (listing files, splitting, leakage checks) is `audioclf.index`.
+Indexing (listing files, splitting, leakage checks) is `audioclf.index`; loaders, workers and
+the epoch sampler are `audioclf.loading`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
-import multiprocessing
 import os
 import random
-import signal
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 from torch.utils.data import DataLoader, Dataset
 
 from audioclf.audio import (
@@ -34,8 +30,15 @@ from audioclf.audio import (
 )
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache, FeatureStore, feature_key, parameters_digest, store_key
-from audioclf.features import FEATURE_CODE_VERSION, LogMelParams, log_mel, num_frames
+from audioclf.features import (
+    FEATURE_CODE_VERSION,
+    FeatureNormalization,
+    LogMelParams,
+    log_mel,
+    num_frames,
+)
 from audioclf.index import Clip, DatasetError
+from audioclf.loading import init_worker
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ class SpectrogramDataset(Dataset):
     audio_augment: AudioAugment | None = None
     spec_augment: SpecAugment | None = None
     store: FeatureStore | None = field(default=None, repr=False)
+    normalization: FeatureNormalization | None = None
     _label_index: dict[str, int] = field(init=False, repr=False)
     _rng_owner: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
@@ -175,41 +179,74 @@ class SpectrogramDataset(Dataset):
 
         return self.cache.get_or_compute(feature_key(digest, self._parameters_digest()), compute)
 
-    def features(self, index: int) -> np.ndarray:
-        """The (frames, n_mels) features of an item as training or evaluation sees them."""
+    def features(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The (frames, n_mels) features of an item as training or evaluation sees them:
+        cached or augmented, then normalised, then SpecAugment (training).
+
+        `rng` drives the random crop and SpecAugment (default: this process's generator).
+        """
+        rng = rng if rng is not None else self._generator()
         if self.augments_audio:
             clip = self.clips[index]
             waveform = decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
-            waveform = fix_length(waveform, self.clip_samples, self._generator())
+            waveform = fix_length(waveform, self.clip_samples, rng)
             waveform = self.audio_augment(waveform, self.sample_rate)
             features = log_mel(waveform, self.feature_params)
         else:
             features, _ = self.cached_features(index)
             if self.training:
                 frames = self.feature_shape[1]
-                start = int(self._generator().integers(0, len(features) - frames + 1))
+                start = int(rng.integers(0, len(features) - frames + 1))
                 features = features[start : start + frames]
+        if self.normalization is not None:
+            features = self.normalization(features)
         if self.training and self.spec_augment is not None and self.spec_augment.active:
-            features = self.spec_augment(features, self._generator())
+            features = self.spec_augment(features, rng)
         return features
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
         """The items of one batch (the DataLoader asks for them together).
 
         Evaluation items of a store come from one indexed read of the mapped array, which
         saves most of the per-item cost of a warm epoch.
         """
         stacked = self.store.stacked if self.reads_from_store and not self.training else None
-        if stacked is None:
-            return [self[index] for index in indices]
-        batch = torch.from_numpy(stacked[np.asarray(indices)][:, np.newaxis])
-        labels = [self.label_index(self.clips[index]) for index in indices]
-        return list(zip(batch, labels, strict=True))
+        if stacked is None or not all(isinstance(key, int | np.integer) for key in keys):
+            return [self[key] for key in keys]
+        batch = stacked[np.asarray(keys)]
+        if self.normalization is not None:
+            batch = self.normalization(batch)
+        tensors = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)[:, np.newaxis])
+        labels = [self.label_index(self.clips[index]) for index in keys]
+        return list(zip(tensors, labels, strict=True))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Item `key`: an index, or (index, seed) from an EpochSampler, which makes the item's
+        randomness (crop, augmentation, SpecAugment) a function of that seed alone."""
+        if isinstance(key, tuple):
+            index, seed = key
+            # audiomentations draws from the global generators: seed them for this item too.
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            features = self.features(index, np.random.default_rng(seed))
+        else:
+            index = key
+            features = self.features(index)
         # np.array copies: cached and stored arrays are read-only views.
-        features = torch.from_numpy(np.array(self.features(index))[np.newaxis])
-        return features, self.label_index(self.clips[index])
+        tensor = torch.from_numpy(np.array(features, dtype=np.float32)[np.newaxis])
+        return tensor, self.label_index(self.clips[index])
+
+
+def feature_statistics(dataset: SpectrogramDataset) -> FeatureNormalization:
+    """Per-mel-bin mean and standard deviation of a dataset's un-augmented features (call it
+    on an evaluation view of the training split, after `prepare`)."""
+    stacked = dataset.store.stacked if dataset.store is not None else None
+    if stacked is not None:
+        rows = stacked.reshape(-1, stacked.shape[-1])
+        return FeatureNormalization.fit([rows])
+    return FeatureNormalization.fit(
+        dataset.cached_features(index)[0] for index in range(len(dataset))
+    )
 
 
 # ---------------------------------------------------------------- checking and caching
@@ -365,74 +402,6 @@ def prepare(
                     error.strerror or error,
                 )
     return report
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _die_with_parent() -> None:
-    """Have Linux kill this worker when the process that started it dies.
-
-    Without it, a main process killed while its workers start can leave a worker orphaned,
-    holding the cache and the log, indefinitely.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    parent = multiprocessing.parent_process()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    # The parent may have died before prctl: then this process was already reparented.
-    if parent is not None and os.getppid() != parent.pid:
-        os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def init_worker(worker_id: int) -> None:
-    """Set up a loader worker: dies with its parent, one BLAS thread, and seeds from the seed
-    torch gave it.
-
-    Workers already share the cores between them; BLAS threads on top (torch limits its own
-    to one per worker, NumPy's OpenBLAS does not) oversubscribe them and slowed feature
-    computation several times over in measurements on two cores.
-    """
-    _die_with_parent()
-    threadpool_limits(limits=1)
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int = 0,
-    seed: int = 0,
-    pin_memory: bool = False,
-    persistent_workers: bool = True,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader whose shuffling and per-worker randomness follow `seed`.
-
-    A dataset that reads from a FeatureStore loads in this process: its items are slices of a
-    mapped file, and worker processes would only add copies between processes (they halved
-    the throughput in measurements).
-    """
-    if getattr(dataset, "reads_from_store", False):
-        num_workers = 0
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=init_worker,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=drop_last,
-    )
 
 
 def class_counts(dataset: SpectrogramDataset) -> dict[str, int]:

@@ -1,0 +1,104 @@
+"""Trainer checkpoints: written atomically, read with `weights_only=True`.
+
+A checkpoint is a plain dict: `model` (the state_dict, as PANNs users expect it), `optimizer`,
+`scheduler`, `scaler`, `epoch`, `rng` (every generator's state), `metrics`, `classes`,
+`normalization`, `config` (the resolved run config) and `features` (the log-mel parameters):
+test, predict and export need nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from audioclf.model import CheckpointError
+
+#: Bumped when the layout changes in a way older readers would misread.
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:
+    """Write `content` to `path` so that a crash at any moment leaves either the previous
+    file or the new one, never a broken one: temporary file, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with partial.open("wb") as handle:
+            torch.save({"version": CHECKPOINT_VERSION, **content}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint the trainer wrote; anything else is a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        # The unpickler raises almost anything on a file that is not a checkpoint.
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: not a trainer checkpoint (no dict inside)")
+    missing = [key for key in ("model", "classes", "config", "features") if key not in content]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a trainer checkpoint (no {', '.join(missing)}); a bare state_dict "
+            "loads through model.params.pretrained_path instead"
+        )
+    return content
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every generator a run draws from (Python, NumPy, torch, CUDA), in types
+    that `weights_only` loading accepts."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,77 @@
+"""Training losses: classification (multi-class or multi-label), mixup, distillation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    multi_label: bool = False,
+    label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy on class indices or class probabilities (B, C), or for multi-label
+    targets (multi-hot, B x C) binary cross-entropy on the logits.
+
+    `label_smoothing` moves that much of each target's mass to a uniform spread (multi-label:
+    towards 0.5); `class_weights` (C,) weighs each class's term.
+    """
+    logits = logits.float()
+    if multi_label:
+        targets = targets.float()
+        if label_smoothing > 0:
+            targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=class_weights)
+    return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing)
+
+
+def mixup(
+    features: torch.Tensor, targets: torch.Tensor, alpha: float, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al., 2018): each example blended with another of the batch.
+
+    Returns the mixed features, the mixed targets as class probabilities (B, C), and the hard
+    label of the larger share of each example (for margin heads such as ArcFace). Draws from
+    torch's global generator, which the trainer seeds per epoch.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(features.shape[0], device=features.device)
+    mixed = lam * features + (1 - lam) * features[partner]
+    soft = targets.float() if targets.dim() == 2 else F.one_hot(targets, num_classes).float()
+    mixed_targets = lam * soft + (1 - lam) * soft[partner]
+    dominant = targets if lam >= 0.5 else targets[partner]
+    return mixed, mixed_targets, dominant
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    multi_label: bool = False,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """alpha * CE(student, y) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    Multi-label: the same with BCE on the targets and BCE between the teacher's and the
+    student's sigmoid outputs at temperature T.
+    """
+    student_logits = student_logits.float()
+    teacher_logits = teacher_logits.float().detach()
+    hard = classification_loss(student_logits, targets, multi_label, label_smoothing)
+    scaled_student = student_logits / temperature
+    scaled_teacher = teacher_logits / temperature
+    if multi_label:
+        soft = F.binary_cross_entropy_with_logits(scaled_student, torch.sigmoid(scaled_teacher))
+    else:
+        soft = F.kl_div(
+            F.log_softmax(scaled_student, dim=1),
+            F.log_softmax(scaled_teacher, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+    return alpha * hard + (1 - alpha) * temperature**2 * soft

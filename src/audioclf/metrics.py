@@ -1,0 +1,166 @@
+"""Evaluation metrics (torchmetrics) and the files an evaluation writes.
+
+Multi-class: accuracy, macro precision / recall / F1, per-class figures and the confusion
+matrix. Multi-label: mAP and macro ROC-AUC on the scores, and macro precision / recall / F1 and
+per-label accuracy at a threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display here, nor on a training server
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torchmetrics.functional import classification as tmf  # noqa: E402
+
+
+def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, macro precision / recall / F1, per-class figures and the confusion matrix
+    (rows: true class, columns: predicted) of logits (N, C) against class indices (N,)."""
+    num_classes = logits.shape[1]
+    predictions = logits.float().argmax(dim=1)
+    targets = targets.long()
+
+    def score(function: Any, average: str | None) -> Any:
+        value = function(predictions, targets, num_classes=num_classes, average=average)
+        return value.tolist() if average is None else float(value)
+
+    return {
+        "accuracy": score(tmf.multiclass_accuracy, "micro"),
+        "precision": score(tmf.multiclass_precision, "macro"),
+        "recall": score(tmf.multiclass_recall, "macro"),
+        "f1": score(tmf.multiclass_f1_score, "macro"),
+        "per_class": {
+            "precision": score(tmf.multiclass_precision, None),
+            "recall": score(tmf.multiclass_recall, None),
+            "f1": score(tmf.multiclass_f1_score, None),
+            "support": torch.bincount(targets, minlength=num_classes).tolist(),
+        },
+        "confusion_matrix": tmf.multiclass_confusion_matrix(
+            predictions, targets, num_classes=num_classes
+        ).tolist(),
+    }
+
+
+def multilabel_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5
+) -> dict[str, Any]:
+    """mAP and macro ROC-AUC of the sigmoid scores; per-label accuracy and macro precision /
+    recall / F1 at `threshold`; per-label figures. Targets are multi-hot (N, C)."""
+    num_labels = logits.shape[1]
+    scores = torch.sigmoid(logits.float())
+    targets = targets.long()
+
+    def score(function: Any, average: str | None, **kwargs: Any) -> Any:
+        value = function(scores, targets, num_labels=num_labels, average=average, **kwargs)
+        return value.tolist() if average is None else float(value)
+
+    at = {"threshold": threshold}
+    return {
+        "accuracy": score(tmf.multilabel_accuracy, "macro", **at),
+        "precision": score(tmf.multilabel_precision, "macro", **at),
+        "recall": score(tmf.multilabel_recall, "macro", **at),
+        "f1": score(tmf.multilabel_f1_score, "macro", **at),
+        "mAP": score(tmf.multilabel_average_precision, "macro"),
+        "roc_auc": score(tmf.multilabel_auroc, "macro"),
+        "per_class": {
+            "precision": score(tmf.multilabel_precision, None, **at),
+            "recall": score(tmf.multilabel_recall, None, **at),
+            "f1": score(tmf.multilabel_f1_score, None, **at),
+            "average_precision": score(tmf.multilabel_average_precision, None),
+            "support": targets.sum(dim=0).tolist(),
+        },
+    }
+
+
+def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
+    """The confusion matrix as a labelled heat map (rows: true class, columns: predicted)."""
+    counts = np.asarray(matrix)
+    size = max(4.0, 0.45 * len(classes) + 2)
+    figure, axes = plt.subplots(figsize=(size, size), dpi=100)
+    axes.imshow(counts, cmap="Blues")
+    axes.set(
+        xticks=range(len(classes)),
+        yticks=range(len(classes)),
+        xlabel="predicted",
+        ylabel="true",
+        title="confusion matrix",
+    )
+    axes.set_xticklabels(classes, rotation=90)
+    axes.set_yticklabels(classes)
+    if len(classes) <= 30:
+        threshold = counts.max() / 2 if counts.size else 0
+        for (row, column), count in np.ndenumerate(counts):
+            color = "white" if count > threshold else "black"
+            axes.text(column, row, str(count), ha="center", va="center", color=color, fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def write_evaluation(
+    metrics: dict[str, Any], classes: Sequence[str], directory: Path, name: str = "test"
+) -> dict[str, Path]:
+    """Add `metrics` under `name` to `metrics.json` in `directory` and write a per-class CSV
+    report and, for multi-class, the confusion matrix as CSV and PNG (`{name}_*`); return the
+    paths. Several evaluations of one run (float and int8, say) share `metrics.json`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"metrics": directory / "metrics.json"}
+    try:
+        everything = json.loads(paths["metrics"].read_text())
+    except (OSError, ValueError):
+        everything = {}
+    everything[name] = {"classes": list(classes), **metrics}
+    paths["metrics"].write_text(json.dumps(everything, indent=1))
+    prefix = name
+    per_class = metrics["per_class"]
+    paths["per_class"] = directory / f"{prefix}_per_class.csv"
+    with paths["per_class"].open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", *per_class])
+        for index, name in enumerate(classes):
+            writer.writerow([name, *(_cell(values[index]) for values in per_class.values())])
+    if "confusion_matrix" in metrics:
+        paths["confusion_csv"] = directory / f"{prefix}_confusion_matrix.csv"
+        with paths["confusion_csv"].open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["true \\ predicted", *classes])
+            for name, row in zip(classes, metrics["confusion_matrix"], strict=True):
+                writer.writerow([name, *row])
+        paths["confusion_png"] = directory / f"{prefix}_confusion_matrix.png"
+        figure = confusion_matrix_figure(metrics["confusion_matrix"], classes)
+        figure.savefig(paths["confusion_png"])
+        plt.close(figure)
+    return paths
+
+
+def _cell(value: float | int) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_report(metrics: dict[str, Any], classes: Sequence[str]) -> str:
+    """Per-class precision, recall, F1 and support as a text table, then the macro figures."""
+    per_class = metrics["per_class"]
+    width = max(8, *(len(name) for name in classes))
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    for index, name in enumerate(classes):
+        lines.append(
+            f"{name:<{width}}  {per_class['precision'][index]:9.4f}  "
+            f"{per_class['recall'][index]:6.4f}  {per_class['f1'][index]:6.4f}  "
+            f"{int(per_class['support'][index]):7d}"
+        )
+    summary = "  ".join(
+        f"{name} {metrics[name]:.4f}"
+        for name in ("accuracy", "precision", "recall", "f1", "mAP", "roc_auc")
+        if name in metrics
+    )
+    lines.append(f"macro: {summary}")
+    return "\n".join(lines)

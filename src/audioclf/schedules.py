@@ -1,0 +1,138 @@
+"""Learning-rate schedules as pure functions of the step, and the optimizers they drive.
+
+Every schedule but `plateau` is a multiplier of the base learning rate computed from the
+optimizer step alone, so it is stepped per batch (a step schedule's multiplier changes only at
+epoch boundaries) and resumes exactly from a step count. `plateau` reacts to the monitored
+validation metric, so it is stepped once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+SCHEDULES = ("constant", "cosine", "step", "plateau", "onecycle")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a schedule needs to know; steps are optimizer steps (batches)."""
+
+    name: str
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: the floor, as a fraction of the base rate
+    step_epochs: int = 10  # step: multiply by `gamma` every `step_epochs` epochs
+    gamma: float = 0.1
+    onecycle_pct_start: float = 0.3
+    onecycle_div_factor: float = 25.0
+    onecycle_final_div_factor: float = 1e4
+
+
+def _cosine(start: float, end: float, progress: float) -> float:
+    """From `start` at progress 0 to `end` at 1, along half a cosine."""
+    return end + (start - end) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0))) / 2
+
+
+def lr_factor(spec: ScheduleSpec, step: int) -> float:
+    """The multiplier of the base learning rate at optimizer step `step` (0-based).
+
+    constant: 1 (after warmup). cosine: linear warmup from 0 over `warmup_steps`, then half a
+    cosine from 1 down to `min_lr_ratio` at the last step. step: `gamma ** (epoch //
+    step_epochs)` (after warmup). onecycle: PyTorch's OneCycleLR with cosine annealing, from
+    1/div_factor up to 1 over `onecycle_pct_start` of the steps, then down to
+    1/(div_factor * final_div_factor). plateau: 1 here (the plateau scheduler scales it).
+    """
+    if spec.name == "onecycle":
+        peak = spec.onecycle_pct_start * spec.total_steps - 1
+        initial = 1.0 / spec.onecycle_div_factor
+        final = initial / spec.onecycle_final_div_factor
+        if step <= peak:
+            return _cosine(initial, 1.0, step / peak if peak > 0 else 1.0)
+        return _cosine(1.0, final, (step - peak) / max(spec.total_steps - 1 - peak, 1))
+    if step < spec.warmup_steps:
+        return (step + 1) / spec.warmup_steps
+    if spec.name == "cosine":
+        decay_steps = max(spec.total_steps - spec.warmup_steps - 1, 1)
+        return _cosine(1.0, spec.min_lr_ratio, (step - spec.warmup_steps) / decay_steps)
+    if spec.name == "step":
+        return spec.gamma ** ((step // spec.steps_per_epoch) // spec.step_epochs)
+    if spec.name in ("constant", "plateau"):
+        return 1.0
+    raise ValueError(f"lr_schedule must be one of {SCHEDULES}, not {spec.name!r}")
+
+
+def make_optimizer(
+    parameters: Iterable[torch.nn.Parameter],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum (and Nesterov momentum when `nesterov`)."""
+    trainable = [parameter for parameter in parameters if parameter.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(
+            trainable,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov and momentum > 0,
+            weight_decay=weight_decay,
+        )
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {name!r}")
+
+
+class Schedule:
+    """The per-batch multiplier of `spec`, and for `plateau` a ReduceLROnPlateau on top.
+
+    `state_dict` / `load_state_dict` carry the step count and the plateau state, so a resumed
+    run continues the same curve.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        spec: ScheduleSpec,
+        mode: str = "max",
+        plateau_patience: int = 3,
+        plateau_factor: float = 0.5,
+    ) -> None:
+        self.spec = spec
+        factor: Callable[[int], float] = lambda step: lr_factor(spec, step)  # noqa: E731
+        self.per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.plateau = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode=mode, factor=plateau_factor, patience=plateau_patience
+            )
+            if spec.name == "plateau"
+            else None
+        )
+
+    def step_batch(self) -> None:
+        """After each optimizer step."""
+        if self.plateau is None:
+            self.per_batch.step()
+
+    def step_epoch(self, monitored: float) -> None:
+        """After each validation, with the monitored metric."""
+        if self.plateau is not None:
+            self.plateau.step(monitored)
+
+    def state_dict(self) -> dict:
+        return {
+            "per_batch": self.per_batch.state_dict(),
+            "plateau": None if self.plateau is None else self.plateau.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_batch.load_state_dict(state["per_batch"])
+        if self.plateau is not None and state.get("plateau") is not None:
+            self.plateau.load_state_dict(state["plateau"])
