@@ -24,17 +24,20 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """Compose the real config tree with overrides; cache and outputs go to tmp_path."""
 
+    defaults = {
+        "system.cache_dir": str(tmp_path / "cache"),
+        "system.output_dir": str(tmp_path / "outputs"),
+        "system.num_workers": "0",
+        # The main job's data pass only, unless a test asks for training or testing.
+        "run.train": "false",
+        "run.test": "false",
+    }
+
     def _compose(*overrides: str) -> DictConfig:
+        given = {override.split("=", 1)[0].lstrip("+") for override in overrides}
+        chosen = [f"{key}={value}" for key, value in defaults.items() if key not in given]
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            return compose(
-                "config",
-                overrides=[
-                    f"system.cache_dir={tmp_path / 'cache'}",
-                    f"system.output_dir={tmp_path / 'outputs'}",
-                    "system.num_workers=0",
-                    *overrides,
-                ],
-            )
+            return compose("config", overrides=[*chosen, *overrides])
 
     return _compose
 

@@ -131,6 +131,7 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
             str(script),
             *_manifest_overrides(manifest),
             "system.num_workers=0",
+            "training.epochs=2",
             f"system.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
@@ -141,4 +142,8 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "run" / "dataset_summary.json").exists()
-    assert "classes      2: 3, 4" in result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    assert "classes      2: 3, 4" in output
+    assert "epoch 2/2" in output
+    assert "test: accuracy" in output
+    assert (tmp_path / "run" / "checkpoints" / "best.pth").exists()

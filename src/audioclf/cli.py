@@ -19,13 +19,21 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from audioclf.audio import BadAudioError
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.dataset import SpectrogramDataset, check_clips, class_counts, prepare
-from audioclf.features import LogMelParams, num_frames, resolve_params
+from audioclf.checkpoint import load_checkpoint
+from audioclf.dataset import (
+    SpectrogramDataset,
+    check_clips,
+    class_counts,
+    feature_statistics,
+    prepare,
+)
+from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
 from audioclf.index import (
     DatasetError,
     DatasetIndex,
@@ -36,8 +44,10 @@ from audioclf.index import (
     index_manifest,
     split_listing,
 )
-from audioclf.model import CheckpointError, Model, ModelError, create_model
+from audioclf.loading import EpochSampler, balanced_weights, make_loader
+from audioclf.model import CheckpointError, Model, ModelError, create_model, load_state
 from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings, load_settings
+from audioclf.train import Trainer, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
@@ -254,17 +264,112 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def from_checkpoint(settings: Settings, path: str) -> tuple[Settings, dict[str, Any]]:
+    """The run's settings with the checkpoint's model, features, sample rate and clip length
+    (its own config), and the checkpoint."""
+    checkpoint = load_checkpoint(path)
+    try:
+        trained = load_settings(OmegaConf.create(checkpoint["config"]))
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
+    data = dataclasses.replace(
+        settings.data,
+        sample_rate=trained.data.sample_rate,
+        clip_seconds=trained.data.clip_seconds,
+    )
+    adopted = dataclasses.replace(
+        settings, data=data, features=trained.features, model=trained.model
+    )
+    return adopted, checkpoint
+
+
+def normalization_for(
+    settings: Settings,
+    datasets: dict[str, SpectrogramDataset],
+    model: Model,
+    checkpoint: dict[str, Any] | None,
+) -> FeatureNormalization | None:
+    """The checkpoint's statistics, or new ones from the training split's un-augmented
+    features; None when `features.normalize` is off or the model normalises itself."""
+    if checkpoint is not None:
+        stored = checkpoint.get("normalization")
+        return None if stored is None else FeatureNormalization.from_lists(stored)
+    if not settings.features.normalize or model.normalizes_input:
+        return None
+    train = datasets["train"]
+    view = dataclasses.replace(
+        train, training=False, audio_augment=None, spec_augment=None, store=None
+    )
+    prepare(view, num_workers=settings.system.num_workers)
+    return feature_statistics(view)
+
+
+def build_loaders(
+    settings: Settings, datasets: dict[str, SpectrogramDataset], device: torch.device
+) -> dict[str, DataLoader]:
+    """Training loader (seeded EpochSampler, balanced when asked) and evaluation loaders."""
+    system = settings.system
+    pin_memory = device.type == "cuda" if system.pin_memory == "auto" else system.pin_memory
+    train = datasets["train"]
+    weights = (
+        balanced_weights(train.clips) if settings.training.class_balance == "sampler" else None
+    )
+    common = {
+        "batch_size": settings.training.batch_size,
+        "num_workers": system.num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": system.persistent_workers,
+    }
+    loaders = {
+        "train": make_loader(
+            train,
+            shuffle=False,
+            sampler=EpochSampler(len(train), seed=system.seed, weights=weights),
+            **common,
+        )
+    }
+    for split in ("val", "test"):
+        loaders[split] = make_loader(datasets[split], shuffle=False, **common)
+    return loaders
+
+
+def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
+    """Loss weights N / (C * n_c): every class weighs the same in total."""
+    counts = torch.tensor(list(class_counts(dataset).values()), dtype=torch.float32)
+    return counts.sum() / (len(counts) * counts.clamp_min(1))
+
+
 def run(config: DictConfig) -> dict[str, Any]:
-    """The main job: check the config, prepare the data, build the model (and, as the project
-    grows, train, test, export)."""
+    """The main job: check the config, prepare the data, build the model, train, test.
+
+    With `run.checkpoint_path`, the model, features and normalisation come from that
+    checkpoint (trained further when `run.train`). Returns the data summary with the
+    training result and test metrics added.
+    """
     settings = load_settings(config)
     logging.getLogger().setLevel(settings.system.log_level)
     seed_everything(settings.system.seed)
+    if settings.system.deterministic:
+        torch.use_deterministic_algorithms(True)
     output_dir = make_output_dir(settings.system.output_dir)
+    checkpoint = None
+    if settings.run.checkpoint_path:
+        settings, checkpoint = from_checkpoint(settings, settings.run.checkpoint_path)
     index, datasets, bad_files = build_datasets(settings)
+    if checkpoint is not None and checkpoint["classes"] != index.classes:
+        raise DatasetError(
+            f"{settings.run.checkpoint_path} was trained for classes {checkpoint['classes']}; "
+            f"this dataset has {index.classes}"
+        )
     # Built before the slow data pass, so a bad model parameter or checkpoint fails at start.
     model = build_model(settings.model, len(index.classes), datasets["train"].feature_shape[-1])
+    if checkpoint is not None:
+        load_state(model, checkpoint["model"], settings.run.checkpoint_path)
     summary = prepare_data(settings, index, datasets, bad_files)
+    normalization = normalization_for(settings, datasets, model, checkpoint)
+    for dataset in datasets.values():
+        dataset.normalization = normalization
+    summary["normalization"] = normalization is not None
     summary["model"] = {
         "name": settings.model.name,
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
@@ -274,31 +379,86 @@ def run(config: DictConfig) -> dict[str, Any]:
     log.info(
         "dataset summary (%s):\n%s", output_dir / "dataset_summary.json", format_summary(summary)
     )
-    stages = [
-        name for name in ("train", "test", "quantise", "export") if getattr(settings.run, name)
-    ]
+    device = resolve_device(settings.system.device)
+    loaders = build_loaders(settings, datasets, device)
+    trainer = Trainer(
+        model,
+        settings.training,
+        index.classes,
+        output_dir,
+        device=device,
+        class_weights=(
+            class_weights(datasets["train"])
+            if settings.training.class_balance == "weights"
+            else None
+        ),
+        checkpoint_extra={
+            "config": OmegaConf.to_container(config, resolve=True),
+            "features": datasets["train"].feature_params.as_dict(),
+            "normalization": None if normalization is None else normalization.as_lists(),
+        },
+        seed=settings.system.seed,
+    )
+    if settings.run.train and settings.training.epochs > 0:
+        resume = resume_path(settings.run.resume, output_dir)
+        summary["training"] = trainer.fit(loaders["train"], loaders["val"], resume)
+    if settings.run.test:
+        if not datasets["test"].clips:
+            log.warning("run.test: the test split is empty; nothing to test")
+        else:
+            accuracy, precision, recall, f1 = trainer.test(loaders["test"])
+            summary["test"] = trainer.test_metrics
+            log.info(
+                "test: accuracy %.4f, macro precision %.4f, recall %.4f, F1 %.4f",
+                accuracy,
+                precision,
+                recall,
+                f1,
+            )
+    stages = [name for name in ("quantise", "export") if getattr(settings.run, name)]
     if stages:
-        log.warning(
-            "run.%s: this version has no trainer or exporters yet; "
-            "the run prepared the data and built the model only",
-            "/".join(stages),
-        )
+        log.warning("run.%s: this version has no quantisation or exporters yet", "/".join(stages))
     return summary
 
 
+def resume_path(resume: bool | str, output_dir: Path) -> Path | None:
+    """`run.resume`: a path, or for true the newest `checkpoints/last.pth` of this run's
+    folder or of the other runs under the same outputs/ root; None for false."""
+    if resume is False:
+        return None
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
+        return path
+    own = output_dir / "checkpoints" / "last.pth"
+    if own.is_file():
+        return own
+    # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
+    candidates = list(output_dir.parent.parent.glob("*/*/checkpoints/last.pth"))
+    if not candidates:
+        raise ConfigError(
+            f"run.resume=true: no checkpoints/last.pth under {output_dir.parent.parent}; "
+            "give the file with run.resume=PATH"
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _hydra_main(config: DictConfig) -> None:
+def _hydra_main(config: DictConfig) -> float | None:
     # Set before the settings are checked, so that DEBUG shows a bad setting's traceback too.
     level = OmegaConf.select(config, "system.log_level", default="INFO")
     if level in logging.getLevelNamesMapping():
         logging.getLogger().setLevel(level)
     try:
-        run(config)
+        summary = run(config)
     except USER_ERRORS as error:
         # One line for the user; the traceback only where it was asked for.
         log.debug("traceback", exc_info=True)
         log.error("%s", error)
         raise SystemExit(2) from error
+    # A sweeper (`-m`, Optuna) optimises what the app returns: the best monitored value.
+    return summary.get("training", {}).get("best")
 
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")

@@ -118,12 +118,14 @@ def make_loader(
     pin_memory: bool = False,
     persistent_workers: bool = True,
     drop_last: bool = False,
+    sampler: Sampler | None = None,
 ) -> DataLoader:
     """A DataLoader whose shuffling and per-worker randomness follow `seed`.
 
-    A dataset that reads from a FeatureStore loads in this process: its items are slices of a
-    mapped file, and worker processes would only add copies between processes (they halved
-    the throughput in measurements).
+    With a `sampler` (an EpochSampler for training), it decides the order and `shuffle` must
+    be False. A dataset that reads from a FeatureStore loads in this process: its items are
+    slices of a mapped file, and worker processes would only add copies between processes
+    (they halved the throughput in measurements).
     """
     if getattr(dataset, "reads_from_store", False):
         num_workers = 0
@@ -131,6 +133,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,

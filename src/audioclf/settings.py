@@ -53,6 +53,7 @@ class SystemConfig:
     cache_dir: str
     output_dir: str
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    deterministic: bool
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,13 @@ class FeaturesConfig:
     amin: float | None = bounded(gt=0)
     top_db: float | None = bounded(ge=0)
     log_offset: float | None = bounded(gt=0)
+    normalize: bool
 
     def overrides(self) -> dict[str, Any]:
         """The parameters set here (not None), as `resolve_params` takes them."""
         values = dataclasses.asdict(self)
         values.pop("preset")
+        values.pop("normalize")
         return {name: value for name, value in values.items() if value is not None}
 
 
@@ -106,27 +109,54 @@ class FeaturesConfig:
 class DistillationConfig:
     """`training.distillation`."""
 
-    alpha: float = bounded(ge=0, le=1)
-    temperature: float = bounded(gt=0)
+    alpha: float = bounded(0.5, ge=0, le=1)
+    temperature: float = bounded(4.0, gt=0)
+
+
+MONITORS = Literal[
+    "val_loss",
+    "val_accuracy",
+    "val_precision",
+    "val_recall",
+    "val_f1",
+    "val_mAP",
+    "val_roc_auc",
+    "train_loss",
+    "train_accuracy",
+]
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """The `training` section."""
+    """The `training` section; the defaults are config.yaml's, for use from Python."""
 
-    batch_size: int = bounded(ge=1)
-    epochs: int = bounded(ge=0)
-    optimizer: Literal["adamw", "sgd"]
-    lr: float = bounded(gt=0)
-    weight_decay: float = bounded(ge=0)
-    lr_schedule: Literal["constant", "cosine", "step", "onecycle"]
-    warmup_epochs: float = bounded(ge=0)
-    amp: bool
-    grad_clip_norm: float | None = bounded(gt=0)
-    label_smoothing: float = bounded(ge=0, lt=1)
-    early_stopping_patience: int | None = bounded(ge=0)
-    monitor: str
-    distillation: DistillationConfig
+    batch_size: int = bounded(64, ge=1)
+    epochs: int = bounded(30, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(1e-2, ge=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    lr_schedule: Literal["constant", "cosine", "step", "plateau", "onecycle"] = "cosine"
+    warmup_epochs: float = bounded(1.0, ge=0)
+    lr_step_epochs: int = bounded(10, ge=1)
+    lr_gamma: float = bounded(0.1, gt=0, le=1)
+    plateau_patience: int = bounded(3, ge=0)
+    plateau_factor: float = bounded(0.5, gt=0, lt=1)
+    amp: bool | Literal["auto"] = "auto"
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip_norm: float | None = bounded(5.0, gt=0)
+    grad_clip_value: float | None = bounded(None, gt=0)
+    label_smoothing: float = bounded(0.0, ge=0, lt=1)
+    mixup_alpha: float = bounded(0.0, ge=0)
+    class_balance: Literal["none", "weights", "sampler"] = "none"
+    early_stopping_patience: int | None = bounded(10, ge=0)
+    monitor: MONITORS = "val_accuracy"
+    monitor_mode: Literal["auto", "max", "min"] = "auto"
+    min_delta: float = bounded(0.0, ge=0)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
 @dataclass(frozen=True)
@@ -139,7 +169,7 @@ class RunConfig:
     export: bool
     export_formats: list[Literal["onnx", "torchscript", "tflite"]]
     checkpoint_path: str | None
-    resume: bool
+    resume: bool | str
 
 
 @dataclass(frozen=True)

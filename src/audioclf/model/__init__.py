@@ -10,7 +10,12 @@ import importlib
 import pkgutil
 
 from audioclf.model.base import Model
-from audioclf.model.pretrained import CheckpointError, load_pretrained, read_state_dict
+from audioclf.model.pretrained import (
+    CheckpointError,
+    load_pretrained,
+    load_state,
+    read_state_dict,
+)
 from audioclf.model.registry import ModelError, create_model, list_models, register_model
 
 for _module in pkgutil.iter_modules(__path__):
@@ -23,6 +28,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_pretrained",
+    "load_state",
     "read_state_dict",
     "register_model",
 ]

@@ -29,6 +29,9 @@ class Model(nn.Module):
     classifier_name = "classifier"
     #: Smallest (frames, mel bins) the architecture's downsampling accepts.
     min_input_size = (1, 1)
+    #: Whether the model normalises its input itself (PANNs' bn0): the data pipeline's
+    #: per-mel-bin normalisation (`features.normalize`) is then left off.
+    normalizes_input = False
 
     def __init__(self, num_classes: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()

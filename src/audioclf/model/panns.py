@@ -39,6 +39,8 @@ class PannsModel(Model):
     Subclasses set `self.features_out` channels and implement `backbone`.
     """
 
+    normalizes_input = True
+
     classifier_name = "fc_audioset"
     min_input_size = (32, 32)  # five 2x2 average pools
 

@@ -72,7 +72,11 @@ def load_pretrained(model: Model, path: str | Path) -> LoadReport:
     when the checkpoint's has another number of classes. Any other missing, unexpected or
     differently shaped key raises CheckpointError naming it.
     """
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: Model, state: Mapping[str, torch.Tensor], source: str | Path) -> LoadReport:
+    """`load_pretrained` for a state_dict already in memory; `source` names it in errors."""
     report = LoadReport(dropped_front_end=[k for k in state if k.startswith(FRONT_END_PREFIXES)])
     state = {k: v for k, v in state.items() if not k.startswith(FRONT_END_PREFIXES)}
     own = model.state_dict()
@@ -91,14 +95,16 @@ def load_pretrained(model: Model, path: str | Path) -> LoadReport:
     found = {"shape differs": reshaped, "missing": missing, "unexpected": unexpected}
     problems = [f"{label}: {_names(keys)}" for label, keys in found.items() if keys]
     if problems:
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}: " + "; ".join(problems)
+        )
     loadable = {k: v for k, v in state.items() if k not in report.replaced_classifier}
     model.load_state_dict(loadable, strict=False)
     report.loaded = len(loadable)
     if report.replaced_classifier:
         log.info(
             "%s: classifier has another class count; kept a new one (%s)",
-            path,
+            source,
             ", ".join(report.replaced_classifier),
         )
     return report
