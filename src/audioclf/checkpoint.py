@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from error
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: not a trainer checkpoint (no dict inside)")
-    missing = [key for key in ("model", "classes", "config", "features") if key not in content]
+    missing = [key for key in ("model", "classes") if key not in content]
     if missing:
         raise CheckpointError(
             f"{path}: not a trainer checkpoint (no {', '.join(missing)}); a bare state_dict "

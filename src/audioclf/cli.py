@@ -268,6 +268,8 @@ def from_checkpoint(settings: Settings, path: str) -> tuple[Settings, dict[str, 
     """The run's settings with the checkpoint's model, features, sample rate and clip length
     (its own config), and the checkpoint."""
     checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint.get("config"), dict):
+        raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
     try:
         trained = load_settings(OmegaConf.create(checkpoint["config"]))
     except ConfigError as error:
@@ -364,7 +366,7 @@ def run(config: DictConfig) -> dict[str, Any]:
     # Built before the slow data pass, so a bad model parameter or checkpoint fails at start.
     model = build_model(settings.model, len(index.classes), datasets["train"].feature_shape[-1])
     if checkpoint is not None:
-        load_state(model, checkpoint["model"], settings.run.checkpoint_path)
+        load_state(model, checkpoint["model"], settings.run.checkpoint_path, strict=True)
     summary = prepare_data(settings, index, datasets, bad_files)
     normalization = normalization_for(settings, datasets, model, checkpoint)
     for dataset in datasets.values():

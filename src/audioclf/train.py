@@ -35,7 +35,7 @@ from audioclf.metrics import (
     multilabel_metrics,
     write_evaluation,
 )
-from audioclf.model import CheckpointError, Model
+from audioclf.model import CheckpointError, Model, load_state
 from audioclf.schedules import Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
 
@@ -452,10 +452,7 @@ class Trainer:
         missing = [key for key in ("optimizer", "scheduler", "epoch") if key not in state]
         if missing:
             raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)})")
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as error:
-            raise CheckpointError(f"{path} does not fit this model: {error}") from error
+        load_state(self.model, state["model"], path, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -75,8 +75,13 @@ def load_pretrained(model: Model, path: str | Path) -> LoadReport:
     return load_state(model, read_state_dict(path), path)
 
 
-def load_state(model: Model, state: Mapping[str, torch.Tensor], source: str | Path) -> LoadReport:
-    """`load_pretrained` for a state_dict already in memory; `source` names it in errors."""
+def load_state(
+    model: Model, state: Mapping[str, torch.Tensor], source: str | Path, strict: bool = False
+) -> LoadReport:
+    """`load_pretrained` for a state_dict already in memory; `source` names it in errors.
+
+    `strict`: a classifier of another shape is an error too (resuming, testing).
+    """
     report = LoadReport(dropped_front_end=[k for k in state if k.startswith(FRONT_END_PREFIXES)])
     state = {k: v for k, v in state.items() if not k.startswith(FRONT_END_PREFIXES)}
     own = model.state_dict()
@@ -84,7 +89,7 @@ def load_state(model: Model, state: Mapping[str, torch.Tensor], source: str | Pa
     reshaped = []
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
-            if key.startswith(classifier_prefix):
+            if key.startswith(classifier_prefix) and not strict:
                 report.replaced_classifier.append(key)
             else:
                 reshaped.append(f"{key} {tuple(value.shape)} vs model {tuple(own[key].shape)}")

@@ -1,0 +1,497 @@
+"""The trainer: fitting, clipping, early stopping, schedules, checkpoints, resume, metrics,
+losses, TensorBoard events, and the main job's train / test / test-from-checkpoint paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from audioclf.augment import AudioAugment, SpecAugment
+from audioclf.cache import FeatureCache
+from audioclf.checkpoint import load_checkpoint, save_checkpoint
+from audioclf.cli import run
+from audioclf.dataset import SpectrogramDataset
+from audioclf.features import resolve_params
+from audioclf.index import Clip, DatasetError
+from audioclf.loading import EpochSampler, make_loader
+from audioclf.losses import classification_loss, distillation_loss, mixup
+from audioclf.metrics import multiclass_metrics, multilabel_metrics
+from audioclf.model import CheckpointError, Model
+from audioclf.model.heads import LinearHead
+from audioclf.schedules import Schedule, ScheduleSpec, lr_factor
+from audioclf.settings import TrainingConfig
+from audioclf.train import EarlyStopping, Trainer
+from conftest import FSDD, fsdd_clip, write_manifest
+
+
+class TinyNet(Model):
+    """Conv-BN-ReLU, mean pool, dropout, linear: a few hundred parameters."""
+
+    def __init__(self, num_classes: int, channels: int = 8) -> None:
+        super().__init__(num_classes)
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
+        self.classifier = LinearHead(channels, num_classes, dropout=0.2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean((2, 3))
+
+
+def _options(**changes) -> TrainingConfig:
+    base = {
+        "epochs": 3,
+        "lr": 3e-2,
+        "warmup_epochs": 0.0,
+        "channels_last": False,
+        "early_stopping_patience": None,
+    }
+    return TrainingConfig(**{**base, **changes})
+
+
+def _separable(n: int = 48, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """Features whose mean level gives the class away."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    features = torch.randn(n, 1, 16, 8, generator=generator) + labels.view(-1, 1, 1, 1) * 3.0
+    return TensorDataset(features, labels)
+
+
+def _loaders(n: int = 48) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(_separable(n), batch_size=16, shuffle=True)
+    val = DataLoader(_separable(24, seed=1), batch_size=16)
+    return train, val
+
+
+def _trainer(tmp_path, options=None, classes=("a", "b", "c"), **kwargs) -> Trainer:
+    torch.manual_seed(0)
+    model = TinyNet(len(classes))
+    return Trainer(model, options or _options(), list(classes), tmp_path / "run", **kwargs)
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def test_a_short_fit_lowers_the_loss_and_learns(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=8))
+    train, val = _loaders(96)
+    result = trainer.fit(train, val)
+    losses = [record["train_loss"] for record in result["history"]]
+    assert losses[-1] < losses[0] * 0.7
+    assert result["history"][-1]["val_accuracy"] > 0.8
+
+
+def test_bf16_autocast_runs_on_the_cpu(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=1, amp=True))
+    seen = []
+    trainer.model.classifier.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    trainer.fit(*_loaders())
+    assert (trainer.amp, trainer.amp_dtype) == (True, torch.bfloat16)
+    assert torch.bfloat16 in seen
+    assert math.isfinite(trainer.history[-1]["train_loss"])
+
+
+def test_amp_auto_is_off_on_the_cpu(tmp_path):
+    assert _trainer(tmp_path, _options(amp="auto")).amp is False
+
+
+def test_clipping_by_norm_bounds_the_gradient_norm(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=1, grad_clip_norm=1e-3, lr=1e-9))
+    train, val = _loaders(16)
+    trainer.fit(train, val)
+    norm = torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for p in trainer.model.parameters() if p.grad is not None])
+    )
+    assert norm <= 1e-3 * (1 + 1e-5)
+    # The logged norm is the one before clipping.
+    assert trainer.history[-1]["grad_norm"] > 1e-3
+
+
+def test_clipping_by_value_bounds_every_gradient(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=1, grad_clip_norm=None, grad_clip_value=1e-4))
+    trainer.fit(*_loaders(16))
+    largest = max(p.grad.abs().max() for p in trainer.model.parameters() if p.grad is not None)
+    assert largest <= 1e-4
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
+    # No improvement can exceed a min_delta of 1 (accuracy): epoch 1 is the best, then 2 more.
+    options = _options(epochs=10, early_stopping_patience=1, min_delta=1.0)
+    result = _trainer(tmp_path, options).fit(*_loaders())
+    assert len(result["history"]) == 3
+
+
+def test_early_stopping_counts_min_delta_and_mode():
+    stopper = EarlyStopping("min", patience=2, min_delta=0.1)
+    assert [stopper.update(v) for v in (1.0, 0.95, 0.85, 0.9, 0.8)] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert not stopper.should_stop
+    stopper.update(0.9)
+    assert stopper.should_stop
+
+
+def test_fit_ends_with_the_best_weights(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=4))
+    trainer.fit(*_loaders())
+    best = load_checkpoint(trainer.best_path)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, best["model"][name]), name
+
+
+def test_unknown_monitor_is_named(tmp_path):
+    trainer = _trainer(tmp_path, dataclasses.replace(_options(), monitor="val_mAP"))
+    with pytest.raises(ValueError, match="val_mAP"):
+        trainer.fit(*_loaders(16))
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _lrs(name: str, steps: int = 20, steps_per_epoch: int = 5, **spec) -> list[float]:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = Schedule(
+        optimizer, ScheduleSpec(name, steps, steps_per_epoch, **spec), "max", plateau_patience=1
+    )
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step_batch()
+    return lrs
+
+
+def test_cosine_with_warmup_follows_its_formula():
+    lrs = _lrs("cosine", warmup_steps=5)
+    expected = [0.1 * (s + 1) / 5 for s in range(5)] + [
+        0.1 * (1 + math.cos(math.pi * (s - 5) / 14)) / 2 for s in range(5, 20)
+    ]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_epochs():
+    lrs = _lrs("step", step_epochs=2, gamma=0.5)
+    expected = [0.1 * 0.5 ** ((s // 5) // 2) for s in range(20)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+
+
+def test_constant_schedule_is_constant_after_warmup():
+    assert _lrs("constant", warmup_steps=2)[:4] == pytest.approx([0.05, 0.1, 0.1, 0.1])
+
+
+def test_onecycle_matches_pytorchs_one_cycle_lr():
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
+    expected = []
+    for _ in range(20):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    np.testing.assert_allclose(_lrs("onecycle"), expected, rtol=1e-6)
+
+
+def test_plateau_cuts_the_rate_after_patience_epochs():
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    schedule = Schedule(optimizer, ScheduleSpec("plateau", 10, 1), "max", plateau_patience=1)
+    for metric in (0.5, 0.5, 0.5):
+        schedule.step_epoch(metric)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert lr_factor(ScheduleSpec("plateau", 10, 1), 7) == 1.0
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_checkpoint_holds_what_test_predict_and_export_need(tmp_path):
+    extra = {"config": {"a": 1}, "features": {"n_mels": 8}, "normalization": None}
+    trainer = _trainer(tmp_path, _options(epochs=1), checkpoint_extra=extra)
+    trainer.fit(*_loaders(16))
+    content = load_checkpoint(trainer.last_path)
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "rng", "metrics"):
+        assert key in content
+    assert content["classes"] == ["a", "b", "c"]
+    assert (content["config"], content["features"]) == ({"a": 1}, {"n_mels": 8})
+    fresh = TinyNet(3)
+    fresh.load_state_dict(content["model"])
+
+
+def test_a_checkpoint_for_another_architecture_names_the_differing_keys(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=1))
+    trainer.fit(*_loaders(16))
+    other = Trainer(TinyNet(3, channels=4), _options(), ["a", "b", "c"], tmp_path / "other")
+    with pytest.raises(CheckpointError, match=r"last.pth does not fit .*conv\.0\.weight"):
+        other.fit(*_loaders(16), resume_from=trainer.last_path)
+
+
+def test_resume_for_other_classes_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=1))
+    trainer.fit(*_loaders(16))
+    other = _trainer(tmp_path / "b", classes=("x", "y", "z"))
+    with pytest.raises(CheckpointError, match=r"classes \['a', 'b', 'c'\]"):
+        other.fit(*_loaders(16), resume_from=trainer.last_path)
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("the process died here")
+
+
+def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    big = {"model": {f"w{i}": torch.randn(1000) for i in range(50)}, "later": _Unpicklable()}
+    with pytest.raises(RuntimeError, match="died"):
+        save_checkpoint(path, big)
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1
+    assert torch.equal(kept["model"]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+def _fsdd_training(tmp_path) -> tuple[DataLoader, DataLoader]:
+    """Real clips with every random part on: audio augmentation, crops, SpecAugment."""
+    params = resolve_params("librosa", 8000)
+    cache = FeatureCache(tmp_path / "cache")
+    clips = [Clip(fsdd_clip(d, index=i), str(d)) for d in (0, 1) for i in range(10, 16)]
+    train = SpectrogramDataset(
+        clips,
+        ["0", "1"],
+        8000,
+        0.5,
+        params,
+        cache,
+        training=True,
+        audio_augment=AudioAugment(
+            [{"name": "gain", "p": 0.5}, {"name": "gaussian_snr", "p": 0.5}]
+        ),
+        spec_augment=SpecAugment(),
+    )
+    val = SpectrogramDataset(clips[:4], ["0", "1"], 8000, 0.5, params, cache)
+    sampler = EpochSampler(len(train), seed=7)
+    return (
+        make_loader(train, 4, shuffle=False, sampler=sampler),
+        make_loader(val, 4, shuffle=False),
+    )
+
+
+class _KilledAt(Exception):
+    pass
+
+
+class _DyingLoader:
+    """A loader that dies partway into epoch `epoch` (0-based), as a killed process would."""
+
+    def __init__(self, loader: DataLoader, epoch: int, after_batches: int) -> None:
+        self.loader, self.epoch, self.after = loader, epoch, after_batches
+        self.sampler, self.dataset = loader.sampler, loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for count, batch in enumerate(self.loader):
+            if self.sampler.epoch == self.epoch and count == self.after:
+                raise _KilledAt
+            yield batch
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    options = _options(epochs=3, lr=1e-2, mixup_alpha=0.4, warmup_epochs=1.0)
+    train, val = _fsdd_training(tmp_path)
+    whole = _trainer(tmp_path / "whole", options, classes=("0", "1"), seed=3)
+    whole.fit(train, val)
+
+    interrupted = _trainer(tmp_path / "cut", options, classes=("0", "1"), seed=3)
+    with pytest.raises(_KilledAt):
+        interrupted.fit(_DyingLoader(train, epoch=2, after_batches=1), val)
+    assert load_checkpoint(interrupted.last_path)["epoch"] == 2
+    resumed = _trainer(tmp_path / "cut", options, classes=("0", "1"), seed=3)
+    torch.manual_seed(12345)  # whatever the new process drew before does not matter
+    resumed.fit(train, val, resume_from=interrupted.last_path)
+
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_multiclass_metrics_against_hand_computed_values():
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 1, 2, 0])
+    metrics = multiclass_metrics(F.one_hot(predicted, 3).float(), targets)
+    # precision: 0 -> 1/2, 1 -> 2/3, 2 -> 1; recall: 1/2, 1, 1/2
+    precision, recall = [0.5, 2 / 3, 1.0], [0.5, 1.0, 0.5]
+    f1 = [2 * p * r / (p + r) for p, r in zip(precision, recall, strict=True)]
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["precision"] == pytest.approx(np.mean(precision))
+    assert metrics["recall"] == pytest.approx(np.mean(recall))
+    assert metrics["f1"] == pytest.approx(np.mean(f1))
+    assert metrics["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_multilabel_metrics_against_hand_computed_values():
+    targets = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
+    scores = torch.tensor([[0.9, 0.2], [0.6, 0.4], [0.3, 0.8], [0.7, 0.1]])
+    metrics = multilabel_metrics(torch.logit(scores), targets)
+    # label 0: ranked 0.9(+), 0.7(-), 0.6(+), 0.3(-): AP = (1/1 + 2/3) / 2; AUC = 3/4
+    # label 1: ranked 0.8(+), 0.4(+), 0.2(-), 0.1(-): AP = 1; AUC = 1
+    assert metrics["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert metrics["roc_auc"] == pytest.approx((0.75 + 1) / 2)
+    # at 0.5: label 0 predicted [1,1,0,1]: P 2/3, R 1; label 1 predicted [0,0,1,0]: P 1, R 1/2
+    assert metrics["precision"] == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics["recall"] == pytest.approx((1 + 0.5) / 2)
+    assert metrics["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_test_returns_the_four_figures_and_writes_its_files(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=2))
+    trainer.fit(*_loaders())
+    figures = trainer.test(DataLoader(_separable(30, seed=2), batch_size=8))
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]
+    assert figures == (
+        written["accuracy"],
+        written["precision"],
+        written["recall"],
+        written["f1"],
+    )
+    for name in ("test_per_class.csv", "test_confusion_matrix.csv", "test_confusion_matrix.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert sum(map(sum, written["confusion_matrix"])) == 30
+
+
+def test_tensorboard_reader_finds_the_runs_events(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=2))
+    trainer.fit(*_loaders())
+    accumulator = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    for scalar in ("train/loss", "train/lr", "train/grad_norm", "val/accuracy", "val/loss"):
+        assert scalar in tags["scalars"]
+        assert len(accumulator.Scalars(scalar)) == 2
+    assert {"val/confusion_matrix", "train/spectrograms"} <= set(tags["images"])
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_distillation_loss_against_a_hand_computation():
+    student = torch.tensor([[2.0, 0.5, -1.0]])
+    teacher = torch.tensor([[1.0, 3.0, 0.0]])
+    target = torch.tensor([1])
+    alpha, temperature = 0.3, 2.0
+
+    def softmax(values):
+        exp = np.exp(values - values.max())
+        return exp / exp.sum()
+
+    s, t = student.numpy()[0], teacher.numpy()[0]
+    hard = -np.log(softmax(s)[1])
+    p_t, p_s = softmax(t / temperature), softmax(s / temperature)
+    soft = float(np.sum(p_t * np.log(p_t / p_s)))
+    expected = alpha * hard + (1 - alpha) * temperature**2 * soft
+    loss = distillation_loss(student, teacher, target, alpha, temperature)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mixup_blends_features_and_targets_with_one_weight():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 3])
+    # Each example's feature is its label, so a mixed feature is the soft target's mean label.
+    mixed, soft, dominant = mixup(labels.float().view(4, 1, 1, 1), labels, 0.4, 4)
+    assert torch.allclose(soft.sum(dim=1), torch.ones(4))
+    assert torch.allclose(mixed.flatten(), soft @ torch.arange(4.0), atol=1e-6)
+    assert torch.equal(dominant, soft.argmax(dim=1))
+
+
+def test_class_weights_weigh_each_class_term():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    targets = torch.tensor([0, 1])
+    weighted = classification_loss(logits, targets, class_weights=torch.tensor([1.0, 0.0]))
+    assert float(weighted) == pytest.approx(float(F.cross_entropy(logits[:1], targets[:1])))
+
+
+# ---------------------------------------------------------------- the main job
+
+
+def _manifest(tmp_path) -> list[str]:
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), split)
+        for d in (1, 2)
+        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
+        + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
+    ]
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
+
+
+def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
+    summary = run(
+        compose_config(*_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=2")
+    )
+    assert len(summary["training"]["history"]) == 2
+    assert summary["normalization"] is True
+    assert set(summary["test"]) >= {"accuracy", "precision", "recall", "f1", "confusion_matrix"}
+    assert (tmp_path / "outputs" / "checkpoints" / "best.pth").exists()
+    assert (tmp_path / "outputs" / "metrics.json").exists()
+
+
+def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path):
+    trained = run(
+        compose_config(*_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=1")
+    )
+    best = tmp_path / "best.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
+    # Another model, other features and sample rate in this config: the checkpoint's win.
+    tested = run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.test=true",
+            f"run.checkpoint_path={best}",
+            "model=panns_mobilenetv1",
+            "features.n_mels=40",
+            "data.sample_rate=16000",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert tested["features"]["shape"] == trained["features"]["shape"]
+    assert tested["test"]["accuracy"] == trained["test"]["accuracy"]
+    assert tested["test"]["confusion_matrix"] == trained["test"]["confusion_matrix"]
+
+
+def test_a_dataset_with_other_classes_than_the_checkpoint_is_named(compose_config, tmp_path):
+    run(compose_config(*_manifest(tmp_path), "run.train=true", "training.epochs=1"))
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    rows = [(f"{d}_jackson_{i}.wav", str(d)) for d in (1, 3) for i in range(10, 16)]
+    other = write_manifest(tmp_path / "other.csv", ["path", "label"], rows)
+    with pytest.raises(DatasetError, match=r"trained for classes \['1', '2'\].*\['1', '3'\]"):
+        run(
+            compose_config(
+                "data=manifest",
+                f"data.manifest={other}",
+                f"data.root={FSDD}",
+                "data.val_fraction=0.2",
+                "data.test_fraction=0.2",
+                "run.test=true",
+                f"run.checkpoint_path={best}",
+            )
+        )
