@@ -29,7 +29,7 @@ from audioclf.metrics import multiclass_metrics, multilabel_metrics
 from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
 from audioclf.schedules import Schedule, ScheduleSpec, lr_factor
-from audioclf.settings import TrainingConfig
+from audioclf.settings import DistillationConfig, TrainingConfig
 from audioclf.train import EarlyStopping, Trainer
 from conftest import FSDD, fsdd_clip, write_manifest
 
@@ -417,7 +417,7 @@ def test_mixup_blends_features_and_targets_with_one_weight():
     torch.manual_seed(0)
     labels = torch.tensor([0, 1, 2, 3])
     # Each example's feature is its label, so a mixed feature is the soft target's mean label.
-    mixed, soft, dominant = mixup(labels.float().view(4, 1, 1, 1), labels, 0.4, 4)
+    mixed, soft, dominant, _ = mixup(labels.float().view(4, 1, 1, 1), labels, 0.4, 4)
     assert torch.allclose(soft.sum(dim=1), torch.ones(4))
     assert torch.allclose(mixed.flatten(), soft @ torch.arange(4.0), atol=1e-6)
     assert torch.equal(dominant, soft.argmax(dim=1))
@@ -493,5 +493,109 @@ def test_a_dataset_with_other_classes_than_the_checkpoint_is_named(compose_confi
                 "data.test_fraction=0.2",
                 "run.test=true",
                 f"run.checkpoint_path={best}",
+            )
+        )
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def test_teacher_stays_frozen_and_gets_no_gradients(tmp_path):
+    torch.manual_seed(1)
+    teacher = TinyNet(3)
+    before = {name: value.clone() for name, value in teacher.state_dict().items()}
+    trainer = _trainer(tmp_path, _options(epochs=2), teacher=teacher)
+    trainer.fit(*_loaders())
+    assert not teacher.training
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_distillation_uses_the_teachers_soft_targets(tmp_path):
+    # alpha = 0: the loss is the soft term alone, so a student matching a constant teacher
+    # learns the teacher's (uniform) output, not the labels.
+    class Uniform(nn.Module):
+        def forward(self, x, labels=None):
+            return torch.zeros(x.shape[0], 3)
+
+    options = _options(epochs=4, distillation=DistillationConfig(alpha=0.0, temperature=1.0))
+    trainer = _trainer(tmp_path, options, teacher=Uniform())
+    trainer.fit(*_loaders())
+    probabilities = torch.softmax(trainer.model.eval()(_separable(12).tensors[0]), dim=1)
+    assert torch.allclose(probabilities, torch.full_like(probabilities, 1 / 3), atol=0.15)
+
+
+def test_arcface_student_distils(tmp_path):
+    from audioclf.model import create_model
+
+    torch.manual_seed(0)
+    student = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25, arcface=True)
+    trainer = Trainer(student, _options(epochs=1), ["a", "b", "c"], tmp_path, teacher=TinyNet(3))
+    result = trainer.fit(*_loaders(16))
+    assert math.isfinite(result["history"][0]["train_loss"])
+
+
+def _teacher_run(compose_config, tmp_path, *overrides) -> str:
+    run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.train=true",
+            "training.epochs=1",
+            f"system.output_dir={tmp_path / 'teacher'}",
+            *overrides,
+        )
+    )
+    return str(tmp_path / "teacher" / "checkpoints" / "best.pth")
+
+
+def test_teacher_on_the_students_features_runs_on_every_batch(compose_config, tmp_path):
+    teacher = _teacher_run(compose_config, tmp_path, "model.params.width_mult=0.5")
+    summary = run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.train=true",
+            "training.epochs=1",
+            "teacher_model=efficientnet_v2",
+            f"teacher_model.checkpoint_path={teacher}",
+        )
+    )
+    assert summary["distillation"]["how"] == "online, on the student's features"
+
+
+def test_teacher_with_its_own_features_gives_cached_logits(compose_config, tmp_path):
+    teacher = _teacher_run(
+        compose_config, tmp_path, "data.sample_rate=16000", "features=tf_power_db"
+    )
+    summary = run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.train=true",
+            "training.epochs=1",
+            "teacher_model=efficientnet_v2",
+            f"teacher_model.checkpoint_path={teacher}",
+        )
+    )
+    assert summary["distillation"]["how"].startswith("logits of 8 clean clips at 16000 Hz")
+    assert summary["training"]["history"][0]["train_loss"] > 0
+
+
+def test_teacher_for_other_classes_is_refused_naming_them(compose_config, tmp_path):
+    rows = [(f"{d}_jackson_{i}.wav", str(d)) for d in (4, 5) for i in range(10, 20)]
+    other = write_manifest(tmp_path / "other.csv", ["path", "label"], rows)
+    teacher = _teacher_run(
+        compose_config,
+        tmp_path,
+        f"data.manifest={other}",
+        "data.val_fraction=0.2",
+        "data.test_fraction=0.2",
+    )
+    with pytest.raises(CheckpointError, match=r"classes \['4', '5'\], the student learns"):
+        run(
+            compose_config(
+                *_manifest(tmp_path),
+                "run.train=true",
+                "teacher_model=efficientnet_v2",
+                f"teacher_model.checkpoint_path={teacher}",
             )
         )

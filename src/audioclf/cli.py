@@ -11,7 +11,6 @@ import logging
 import random
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from audioclf.dataset import (
     feature_statistics,
     prepare,
 )
+from audioclf.distill import WithTeacherLogits, compute_teacher_logits
 from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
 from audioclf.index import (
     DatasetError,
@@ -45,8 +45,16 @@ from audioclf.index import (
     split_listing,
 )
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
-from audioclf.model import CheckpointError, Model, ModelError, create_model, load_state
+from audioclf.model import (
+    CheckpointError,
+    Model,
+    ModelError,
+    create_model,
+    load_state,
+    read_state_dict,
+)
 from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings, load_settings
+from audioclf.summary import format_summary, prepare_splits
 from audioclf.train import Trainer, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
@@ -178,96 +186,12 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
         raise ConfigError(f"model.params: {error}") from error
 
 
-def prepare_data(
-    settings: Settings,
-    index: DatasetIndex,
-    datasets: dict[str, SpectrogramDataset],
-    bad_files: list[dict[str, str]],
-) -> dict[str, Any]:
-    """Fill the feature cache for every split; return a summary of the data."""
-    started = time.perf_counter()
-    bad_files = list(bad_files)
-    splits: dict[str, Any] = {}
-    cache_use = {"hits": 0, "computed": 0, "not_cached": 0}
-    for split, dataset in datasets.items():
-        report = prepare(
-            dataset,
-            settings.data.on_bad_file,
-            num_workers=settings.system.num_workers,
-            progress=lambda items, split=split: tqdm(
-                items, desc=f"prepare {split}", leave=False, disable=None
-            ),
-        )
-        cache_use["hits"] += report.cache_hits
-        cache_use["computed"] += report.computed
-        cache_use["not_cached"] += report.checked_only
-        bad_files += [{"split": split, "path": p, "reason": r} for p, r in report.bad_files]
-        splits[split] = {"clips": len(dataset), "per_class": class_counts(dataset)}
-    train = datasets["train"]
-    return {
-        "dataset": settings.data.name,
-        "root": settings.data.root,
-        "classes": index.classes,
-        "splits": splits,
-        "sample_rate": train.sample_rate,
-        "clip_seconds": train.clip_seconds,
-        "clip_samples": train.clip_samples,
-        "features": {
-            "preset": settings.features.preset,
-            "shape": list(train.feature_shape),
-            "params": train.feature_params.as_dict(),
-        },
-        "training_augmentation": {
-            "audio": [type(t).__name__ for t in train.audio_augment.transforms],
-            "spec_augment": train.spec_augment.active,
-        },
-        "cache": {
-            "enabled": train.cache.enabled,
-            "dir": settings.system.cache_dir,
-            **cache_use,
-        },
-        "bad_files": bad_files,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The dataset summary as a few readable lines."""
-    classes = summary["classes"]
-    lines = [
-        f"dataset      {summary['dataset']} ({summary['root']})",
-        f"classes      {len(classes)}: {', '.join(classes)}",
-    ]
-    for split, info in summary["splits"].items():
-        per_class = info["per_class"].values()
-        spread = f"{min(per_class)}-{max(per_class)} per class" if per_class else "empty"
-        lines.append(f"{split:<12} {info['clips']} clips ({spread})")
-    features = summary["features"]
-    cache = summary["cache"]
-    lines += [
-        f"clip         {summary['clip_seconds']} s = {summary['clip_samples']} samples "
-        f"at {summary['sample_rate']} Hz",
-        f"features     {features['preset']}: {tuple(features['shape'])} (channel, frames, mels)",
-        f"cache        {'on' if cache['enabled'] else 'off'} ({cache['dir']}): "
-        f"{cache['hits']} hits, {cache['computed']} computed, "
-        f"{cache['not_cached']} checked only (augmented in training, never cached)",
-        f"bad files    {len(summary['bad_files'])}",
-    ]
-    lines += [f"  {bad['path']}: {bad['reason']}" for bad in summary["bad_files"]]
-    if "model" in summary:
-        model = summary["model"]
-        lines.append(
-            f"model        {model['name']}: {model['parameters']:,} parameters "
-            f"({model['trainable']:,} trainable)"
-        )
-    lines.append(f"time         {summary['seconds']} s")
-    return "\n".join(lines)
-
-
-def from_checkpoint(settings: Settings, path: str) -> tuple[Settings, dict[str, Any]]:
+def from_checkpoint(
+    settings: Settings, path: str, checkpoint: dict[str, Any] | None = None
+) -> tuple[Settings, dict[str, Any]]:
     """The run's settings with the checkpoint's model, features, sample rate and clip length
-    (its own config), and the checkpoint."""
-    checkpoint = load_checkpoint(path)
+    (its own config), and the checkpoint (read from `path` unless given)."""
+    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
     try:
@@ -335,6 +259,68 @@ def build_loaders(
     return loaders
 
 
+def build_teacher(
+    settings: Settings,
+    train: SpectrogramDataset,
+    normalization: FeatureNormalization | None,
+    device: torch.device,
+) -> tuple[Model | None, torch.Tensor | None, str]:
+    """The `teacher_model`: (teacher for every batch, None, how) when it takes the student's
+    features, else (None, its logits for each training clip, how).
+
+    A trainer checkpoint brings its own features, clip length and normalisation and must know
+    the student's classes; any other state_dict (official PANNs weights fine-tuned elsewhere,
+    say) shares the student's features and must have the student's class count.
+    """
+    teacher_config = settings.teacher_model
+    path = teacher_config.checkpoint_path
+    try:
+        content = load_checkpoint(path)
+    except CheckpointError:
+        content = None  # not one of ours: read below as a bare state_dict, or named there
+    if content is None:
+        model = build_model(teacher_config, len(train.classes), train.feature_params.n_mels)
+        load_state(model, read_state_dict(path), path, strict=True)
+        return model, None, "online, on the student's features"
+    if content["classes"] != train.classes:
+        raise CheckpointError(
+            f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
+            f"the student learns {train.classes}"
+        )
+    taught, _ = from_checkpoint(settings, path, content)
+    model = build_model(taught.model, len(train.classes), train.feature_params.n_mels)
+    load_state(model, content["model"], path, strict=True)
+    stored = content.get("normalization")
+    own_normalization = None if stored is None else FeatureNormalization.from_lists(stored)
+    params = feature_params(taught)
+    if (
+        params == train.feature_params
+        and taught.data.clip_seconds == train.clip_seconds
+        and _same_normalization(own_normalization, normalization)
+    ):
+        return model, None, "online, on the student's features"
+    view = SpectrogramDataset(
+        clips=train.clips,
+        classes=train.classes,
+        sample_rate=taught.data.sample_rate,
+        clip_seconds=taught.data.clip_seconds,
+        feature_params=params,
+        cache=train.cache,
+        normalization=own_normalization,
+    )
+    prepare(view, num_workers=settings.system.num_workers)
+    logits = compute_teacher_logits(model, view, settings.training.batch_size, device)
+    return None, logits, f"logits of {len(logits)} clean clips at {params.sample_rate} Hz, cached"
+
+
+def _same_normalization(
+    first: FeatureNormalization | None, second: FeatureNormalization | None
+) -> bool:
+    if first is None or second is None:
+        return first is second
+    return np.array_equal(first.mean, second.mean) and np.array_equal(first.std, second.std)
+
+
 def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
     """Loss weights N / (C * n_c): every class weighs the same in total."""
     counts = torch.tensor(list(class_counts(dataset).values()), dtype=torch.float32)
@@ -367,7 +353,14 @@ def run(config: DictConfig) -> dict[str, Any]:
     model = build_model(settings.model, len(index.classes), datasets["train"].feature_shape[-1])
     if checkpoint is not None:
         load_state(model, checkpoint["model"], settings.run.checkpoint_path, strict=True)
-    summary = prepare_data(settings, index, datasets, bad_files)
+    summary = prepare_splits(
+        datasets,
+        bad_files,
+        settings.data.on_bad_file,
+        settings.system.num_workers,
+        {"dataset": settings.data.name, "root": settings.data.root},
+    )
+    summary["features"]["preset"] = settings.features.preset
     normalization = normalization_for(settings, datasets, model, checkpoint)
     for dataset in datasets.values():
         dataset.normalization = normalization
@@ -382,6 +375,13 @@ def run(config: DictConfig) -> dict[str, Any]:
         "dataset summary (%s):\n%s", output_dir / "dataset_summary.json", format_summary(summary)
     )
     device = resolve_device(settings.system.device)
+    teacher = None
+    if settings.teacher_model is not None and settings.run.train:
+        teacher, logits, how = build_teacher(settings, datasets["train"], normalization, device)
+        summary["distillation"] = {"teacher": settings.teacher_model.name, "how": how}
+        log.info("distilling from %s (%s)", settings.teacher_model.name, how)
+        if logits is not None:
+            datasets["train"] = WithTeacherLogits(datasets["train"], logits)
     loaders = build_loaders(settings, datasets, device)
     trainer = Trainer(
         model,
@@ -400,6 +400,7 @@ def run(config: DictConfig) -> dict[str, Any]:
             "normalization": None if normalization is None else normalization.as_lists(),
         },
         seed=settings.system.seed,
+        teacher=teacher,
     )
     if settings.run.train and settings.training.epochs > 0:
         resume = resume_path(settings.run.resume, output_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,20 +32,23 @@ def classification_loss(
 
 def mixup(
     features: torch.Tensor, targets: torch.Tensor, alpha: float, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """Mixup (Zhang et al., 2018): each example blended with another of the batch.
 
-    Returns the mixed features, the mixed targets as class probabilities (B, C), and the hard
-    label of the larger share of each example (for margin heads such as ArcFace). Draws from
-    torch's global generator, which the trainer seeds per epoch.
+    Returns the mixed features, the mixed targets as class probabilities (B, C), the hard
+    label of the larger share of each example (for margin heads such as ArcFace), and the
+    blend itself, to mix anything else per example the same way (precomputed teacher
+    logits). Draws from torch's global generator, which the trainer seeds per epoch.
     """
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
     partner = torch.randperm(features.shape[0], device=features.device)
-    mixed = lam * features + (1 - lam) * features[partner]
+
+    def blend(values: torch.Tensor) -> torch.Tensor:
+        return lam * values + (1 - lam) * values[partner]
+
     soft = targets.float() if targets.dim() == 2 else F.one_hot(targets, num_classes).float()
-    mixed_targets = lam * soft + (1 - lam) * soft[partner]
     dominant = targets if lam >= 0.5 else targets[partner]
-    return mixed, mixed_targets, dominant
+    return blend(features), blend(soft), dominant, blend
 
 
 def distillation_loss(

@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from audioclf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from audioclf.losses import classification_loss, mixup
+from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import (
     confusion_matrix_figure,
     format_report,
@@ -116,6 +116,11 @@ class Trainer:
             config, the feature parameters, the normalisation statistics), so that test,
             predict and export need only the checkpoint.
         seed: the run's seed; each epoch reseeds every generator from (seed, epoch).
+        teacher: a model that takes the same features, for distillation on each batch as
+            the student sees it (frozen, eval mode). A loader may instead yield
+            `(features, targets, teacher_logits)` with logits computed beforehand
+            (`audioclf.distill`); either way the loss is `distillation_loss` with
+            `options.distillation`'s alpha and temperature.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class Trainer:
         class_weights: torch.Tensor | None = None,
         checkpoint_extra: dict[str, Any] | None = None,
         seed: int = 0,
+        teacher: nn.Module | None = None,
     ) -> None:
         self.options = options
         self.classes = list(classes)
@@ -142,6 +148,11 @@ class Trainer:
         self.seed = seed
         self.model = model.to(self.device)
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
+        self.teacher = None
+        if teacher is not None:
+            self.teacher = teacher.to(self.device).eval()
+            for parameter in self.teacher.parameters():
+                parameter.requires_grad_(False)
         self.monitor = options.monitor
         self.mode = options.monitor_mode
         if self.mode == "auto":
@@ -249,27 +260,44 @@ class Trainer:
             leave=False,
             disable=None if is_main_process() else True,
         )
-        for step, (features, targets) in enumerate(bar):
+        for step, (features, targets, *given) in enumerate(bar):
             features, targets = self._to_device(features, targets)
+            teacher_logits = given[0].to(self.device) if given else None
             if epoch == 0 and step == 0:
                 self._log_spectrograms(features)
             head_labels = targets if not self.multi_label else None
             loss_targets = targets
             if options.mixup_alpha > 0:
-                features, loss_targets, head_labels = mixup(
+                features, loss_targets, head_labels, blend = mixup(
                     features, targets, options.mixup_alpha, len(self.classes)
                 )
+                if teacher_logits is not None:
+                    teacher_logits = blend(teacher_logits)
                 if self.multi_label:
                     head_labels = None
+            if self.teacher is not None:
+                with torch.no_grad(), self._autocast():
+                    teacher_logits = self.teacher(features)
             with self._autocast():
-                logits = self.step_model(features, head_labels)
-                loss = classification_loss(
-                    logits,
-                    loss_targets,
-                    self.multi_label,
-                    options.label_smoothing,
-                    self.class_weights,
-                )
+                logits = self._forward(features, head_labels)
+                if teacher_logits is None:
+                    loss = classification_loss(
+                        logits,
+                        loss_targets,
+                        self.multi_label,
+                        options.label_smoothing,
+                        self.class_weights,
+                    )
+                else:
+                    loss = distillation_loss(
+                        logits,
+                        teacher_logits,
+                        loss_targets,
+                        options.distillation.alpha,
+                        options.distillation.temperature,
+                        self.multi_label,
+                        options.label_smoothing,
+                    )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -306,10 +334,10 @@ class Trainer:
         """Logits and targets of every batch, and the mean loss, in eval mode."""
         self.model.eval()
         all_logits, all_targets, loss_sum, count = [], [], 0.0, 0
-        for features, targets in loader:
+        for features, targets, *_ in loader:
             features, targets = self._to_device(features, targets)
             with self._autocast():
-                logits = self.step_model(features)
+                logits = self._forward(features)
             logits = logits.float()
             loss = classification_loss(logits, targets, self.multi_label)
             loss_sum += float(loss) * features.shape[0]
@@ -353,6 +381,20 @@ class Trainer:
         if self.channels_last:
             features = features.contiguous(memory_format=torch.channels_last)
         return features, targets.to(self.device, non_blocking=True)
+
+    def _forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.step_model is self.model:
+            return self.model(features, labels)
+        try:
+            return self.step_model(features, labels)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning(
+                "training.compile: torch.compile failed (%s: %s); training runs eagerly",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self.step_model = self.model
+            return self.model(features, labels)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
