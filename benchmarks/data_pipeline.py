@@ -31,10 +31,12 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from audioclf import audio
-from audioclf.cli import CONFIG_DIR, build_datasets, seed_everything
+from audioclf.cli import CONFIG_DIR, seed_everything
 from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import log_mel
 from audioclf.loading import make_loader
+from audioclf.pipeline import build_datasets
+from audioclf.settings import load_settings
 from readme_table import write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +69,7 @@ def measure(overrides: list[str]) -> dict:
                 overrides=[f"system.cache_dir={cache_dir}", "system.output_dir=.", *overrides],
             )
         seed_everything(config.system.seed)
-        index, datasets = build_datasets(config)
+        index, datasets, _ = build_datasets(load_settings(config))
         train = datasets["train"]
 
         def every_clip() -> SpectrogramDataset:

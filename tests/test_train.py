@@ -599,3 +599,43 @@ def test_teacher_for_other_classes_is_refused_naming_them(compose_config, tmp_pa
                 f"teacher_model.checkpoint_path={teacher}",
             )
         )
+
+
+# ---------------------------------------------------------------- cross-validation
+
+
+def test_folds_all_trains_and_tests_each_fold_and_reports_mean_and_std(
+    compose_config, tmp_path, manifest_rows
+):
+    from audioclf.cli import run_folds
+
+    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
+    result = run_folds(
+        compose_config(
+            "data=manifest",
+            f"data.manifest={manifest}",
+            f"data.root={FSDD}",
+            "data.sample_rate=8000",
+            "data.val_fraction=0.25",
+            "run.folds=all",
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+        )
+    )
+    assert [fold["fold"] for fold in result["folds"]] == ["1", "2", "3", "4"]
+    written = json.loads((tmp_path / "outputs" / "cv_metrics.json").read_text())
+    assert written == result
+    accuracies = [fold["accuracy"] for fold in result["folds"]]
+    assert result["mean"]["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert result["std"]["accuracy"] == pytest.approx(np.std(accuracies))
+    for fold in "1234":
+        tested = json.loads((tmp_path / "outputs" / f"fold_{fold}" / "metrics.json").read_text())
+        assert sum(map(sum, tested["test"]["confusion_matrix"])) == 6
+
+
+def test_folds_without_a_fold_manifest_is_a_config_error(compose_config):
+    from audioclf.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="run.folds needs data=manifest"):
+        load_settings(compose_config("run.folds=all"))

@@ -5,6 +5,7 @@ The configuration is read here and only here; the library below takes plain argu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -18,33 +19,19 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from audioclf.audio import BadAudioError
-from audioclf.augment import AudioAugment, SpecAugment
-from audioclf.cache import FeatureCache
 from audioclf.checkpoint import load_checkpoint
 from audioclf.dataset import (
     SpectrogramDataset,
-    check_clips,
-    class_counts,
-    feature_statistics,
     prepare,
 )
 from audioclf.distill import WithTeacherLogits, compute_teacher_logits
-from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
+from audioclf.features import FeatureNormalization
 from audioclf.index import (
     DatasetError,
-    DatasetIndex,
-    Listing,
-    drop_duplicates,
-    index_folder,
-    index_fsdd,
-    index_manifest,
-    split_listing,
+    manifest_folds,
 )
-from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import (
     CheckpointError,
     Model,
@@ -53,7 +40,14 @@ from audioclf.model import (
     load_state,
     read_state_dict,
 )
-from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings, load_settings
+from audioclf.pipeline import (
+    build_datasets,
+    build_loaders,
+    class_weights,
+    feature_params,
+    normalization_for,
+)
+from audioclf.settings import ConfigError, ModelConfig, Settings, load_settings
 from audioclf.summary import format_summary, prepare_splits
 from audioclf.train import Trainer, resolve_device
 
@@ -62,95 +56,6 @@ log = logging.getLogger("audioclf")
 
 #: Errors that are the user's input, reported in one line (traceback at DEBUG) with exit 2.
 USER_ERRORS = (ConfigError, DatasetError, BadAudioError, CheckpointError, ModelError)
-
-
-def feature_params(settings: Settings) -> LogMelParams:
-    """The resolved log-mel parameters of `features` at `data.sample_rate`, long enough for
-    one frame of a `data.clip_seconds` clip."""
-    data = settings.data
-    try:
-        params = resolve_params(
-            settings.features.preset, data.sample_rate, **settings.features.overrides()
-        )
-    except ValueError as error:
-        raise ConfigError(f"features: {error}") from error
-    clip_samples = round(data.clip_seconds * data.sample_rate)
-    try:
-        num_frames(clip_samples, params)
-    except ValueError as error:
-        raise ConfigError(
-            f"data.clip_seconds={data.clip_seconds} is too short for the features: {error}"
-        ) from error
-    return params
-
-
-def list_dataset(data: DataConfig) -> Listing:
-    """List the configured dataset's clips, duplicates dropped (not yet split)."""
-    if data.format == "manifest":
-        if not data.manifest or not Path(data.manifest).is_file():
-            raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
-        listing = index_manifest(
-            Path(data.manifest),
-            Path(data.root) if data.root else None,
-            data.val_fraction,
-            data.test_fraction,
-            data.val_fold,
-            data.test_fold,
-        )
-    elif not data.root or not Path(data.root).is_dir():
-        raise ConfigError(
-            f"data.root: no such folder {data.root!r} (relative paths start at "
-            f"{Path.cwd()}; set data.root=/path/to/clips)"
-        )
-    elif data.format == "fsdd":
-        listing = index_fsdd(Path(data.root))
-    else:
-        listing = index_folder(Path(data.root), data.val_fraction, data.test_fraction)
-    return drop_duplicates(listing)
-
-
-def build_datasets(
-    settings: Settings,
-) -> tuple[DatasetIndex, dict[str, SpectrogramDataset], list[dict[str, str]]]:
-    """Check the configured files, split the usable ones, and build train / val / test.
-
-    Returns the index, the datasets and the bad files dropped (with `on_bad_file=skip`).
-    """
-    data = settings.data
-    params = feature_params(settings)
-    augmentations = settings.augmentations
-    spec_augment = SpecAugment(**dataclasses.asdict(augmentations.spec_augment))
-    try:
-        audio_augment = AudioAugment(augmentations.audio.transforms)
-    except ValueError as error:
-        raise ConfigError(str(error)) from error
-    cache = FeatureCache(settings.system.cache_dir, enabled=settings.system.cache)
-    cache.check()
-    listing = list_dataset(data)
-    good, bad = check_clips(
-        listing.clips,
-        data.on_bad_file,
-        num_workers=settings.system.num_workers,
-        progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
-    )
-    listing.clips = good
-    index = split_listing(listing, data.split_seed)
-    datasets = {
-        split: SpectrogramDataset(
-            clips=clips,
-            classes=index.classes,
-            sample_rate=data.sample_rate,
-            clip_seconds=data.clip_seconds,
-            feature_params=params,
-            cache=cache,
-            training=split == "train",
-            audio_augment=audio_augment if split == "train" else None,
-            spec_augment=spec_augment if split == "train" else None,
-        )
-        for split, clips in index.splits.items()
-    }
-    bad_files = [{"split": clip.split, "path": str(clip.path), "reason": r} for clip, r in bad]
-    return index, datasets, bad_files
 
 
 def make_output_dir(path: str) -> Path:
@@ -207,56 +112,6 @@ def from_checkpoint(
         settings, data=data, features=trained.features, model=trained.model
     )
     return adopted, checkpoint
-
-
-def normalization_for(
-    settings: Settings,
-    datasets: dict[str, SpectrogramDataset],
-    model: Model,
-    checkpoint: dict[str, Any] | None,
-) -> FeatureNormalization | None:
-    """The checkpoint's statistics, or new ones from the training split's un-augmented
-    features; None when `features.normalize` is off or the model normalises itself."""
-    if checkpoint is not None:
-        stored = checkpoint.get("normalization")
-        return None if stored is None else FeatureNormalization.from_lists(stored)
-    if not settings.features.normalize or model.normalizes_input:
-        return None
-    train = datasets["train"]
-    view = dataclasses.replace(
-        train, training=False, audio_augment=None, spec_augment=None, store=None
-    )
-    prepare(view, num_workers=settings.system.num_workers)
-    return feature_statistics(view)
-
-
-def build_loaders(
-    settings: Settings, datasets: dict[str, SpectrogramDataset], device: torch.device
-) -> dict[str, DataLoader]:
-    """Training loader (seeded EpochSampler, balanced when asked) and evaluation loaders."""
-    system = settings.system
-    pin_memory = device.type == "cuda" if system.pin_memory == "auto" else system.pin_memory
-    train = datasets["train"]
-    weights = (
-        balanced_weights(train.clips) if settings.training.class_balance == "sampler" else None
-    )
-    common = {
-        "batch_size": settings.training.batch_size,
-        "num_workers": system.num_workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": system.persistent_workers,
-    }
-    loaders = {
-        "train": make_loader(
-            train,
-            shuffle=False,
-            sampler=EpochSampler(len(train), seed=system.seed, weights=weights),
-            **common,
-        )
-    }
-    for split in ("val", "test"):
-        loaders[split] = make_loader(datasets[split], shuffle=False, **common)
-    return loaders
 
 
 def build_teacher(
@@ -321,12 +176,6 @@ def _same_normalization(
     return np.array_equal(first.mean, second.mean) and np.array_equal(first.std, second.std)
 
 
-def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
-    """Loss weights N / (C * n_c): every class weighs the same in total."""
-    counts = torch.tensor(list(class_counts(dataset).values()), dtype=torch.float32)
-    return counts.sum() / (len(counts) * counts.clamp_min(1))
-
-
 def run(config: DictConfig) -> dict[str, Any]:
     """The main job: check the config, prepare the data, build the model, train, test.
 
@@ -361,7 +210,8 @@ def run(config: DictConfig) -> dict[str, Any]:
         {"dataset": settings.data.name, "root": settings.data.root},
     )
     summary["features"]["preset"] = settings.features.preset
-    normalization = normalization_for(settings, datasets, model, checkpoint)
+    stored = None if checkpoint is None else (checkpoint.get("normalization") or {})
+    normalization = normalization_for(settings, datasets, model, stored)
     for dataset in datasets.values():
         dataset.normalization = normalization
     summary["normalization"] = normalization is not None
@@ -447,6 +297,53 @@ def resume_path(resume: bool | str, output_dir: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
+CV_METRICS = ("accuracy", "precision", "recall", "f1", "mAP", "roc_auc")
+
+
+def run_folds(config: DictConfig) -> dict[str, Any]:
+    """`run.folds`: the main job once per test fold (each in `fold_<k>/` of the output
+    folder); per-fold and mean +- std test metrics in `cv_metrics.json`."""
+    settings = load_settings(config)
+    folds = settings.run.folds
+    if folds == "all":
+        folds = manifest_folds(Path(settings.data.manifest))
+    output_dir = make_output_dir(settings.system.output_dir)
+    per_fold = []
+    for fold in folds:
+        log.info("cross-validation: test fold %s of %s", fold, list(folds))
+        fold_config = copy.deepcopy(config)
+        OmegaConf.update(fold_config, "run.folds", None)
+        OmegaConf.update(fold_config, "data.test_fold", fold)
+        OmegaConf.update(fold_config, "system.output_dir", str(output_dir / f"fold_{fold}"))
+        summary = run(fold_config)
+        if "test" not in summary:
+            raise ConfigError("run.folds needs run.test=true: each fold reports its test metrics")
+        test = summary["test"]
+        per_fold.append(
+            {
+                "fold": fold,
+                "best": summary.get("training", {}).get("best"),
+                **{name: test[name] for name in CV_METRICS if name in test},
+            }
+        )
+    names = [name for name in CV_METRICS if name in per_fold[0]]
+    result = {
+        "folds": per_fold,
+        "mean": {name: float(np.mean([f[name] for f in per_fold])) for name in names},
+        "std": {name: float(np.std([f[name] for f in per_fold])) for name in names},
+    }
+    bests = [f["best"] for f in per_fold if f["best"] is not None]
+    result["best"] = float(np.mean(bests)) if bests else None
+    (output_dir / "cv_metrics.json").write_text(json.dumps(result, indent=1))
+    log.info(
+        "cross-validation over %d folds (%s): %s",
+        len(per_fold),
+        output_dir / "cv_metrics.json",
+        ", ".join(f"{n} {result['mean'][n]:.4f} +- {result['std'][n]:.4f}" for n in names),
+    )
+    return result
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(config: DictConfig) -> float | None:
     # Set before the settings are checked, so that DEBUG shows a bad setting's traceback too.
@@ -454,6 +351,8 @@ def _hydra_main(config: DictConfig) -> float | None:
     if level in logging.getLevelNamesMapping():
         logging.getLogger().setLevel(level)
     try:
+        if OmegaConf.select(config, "run.folds") is not None:
+            return run_folds(config)["best"]
         summary = run(config)
     except USER_ERRORS as error:
         # One line for the user; the traceback only where it was asked for.

@@ -216,6 +216,19 @@ def index_manifest(
     return Listing(str(manifest), clips, fractions)
 
 
+def manifest_folds(manifest: Path) -> list[str]:
+    """The distinct values of a manifest's `fold` column, in numeric order where numeric."""
+    rows = _read_manifest(manifest)
+    header = [name.strip() for name in rows[0]] if rows else []
+    if "fold" not in header:
+        raise DatasetError(f"{manifest}: cross-validation needs a 'fold' column")
+    column = header.index("fold")
+    folds = {row[column].strip() for row in rows[1:] if len(row) == len(header)}
+    return sorted(
+        folds, key=lambda fold: (not fold.isdigit(), int(fold) if fold.isdigit() else 0, fold)
+    )
+
+
 # ---------------------------------------------------------------- duplicates and leakage
 
 

@@ -170,6 +170,7 @@ class RunConfig:
     export_formats: list[Literal["onnx", "torchscript", "tflite"]]
     checkpoint_path: str | None
     resume: bool | str
+    folds: Literal["all"] | list[int | str] | None
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,14 @@ def load_settings(config: DictConfig) -> Settings:
             "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
             f"{data.val_fraction} + {data.test_fraction}"
         )
+    if settings.run.folds is not None:
+        if data.format != "manifest":
+            raise ConfigError("run.folds needs data=manifest with a fold column")
+        if data.val_fold is not None:
+            raise ConfigError(
+                "run.folds: set data.val_fold=null; each fold's validation set is carved from "
+                "its training folds (data.val_fraction)"
+            )
     if settings.teacher_model is not None and not settings.teacher_model.checkpoint_path:
         raise ConfigError("teacher_model.checkpoint_path must be set to the teacher's weights")
     return settings

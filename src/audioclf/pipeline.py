@@ -1,0 +1,182 @@
+"""From checked settings to the run's data: datasets, normalisation, loaders.
+
+The main job (`audioclf.cli.run`) calls these in order; each takes the settings dataclasses
+(never a DictConfig) and works from Python as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from audioclf.augment import AudioAugment, SpecAugment
+from audioclf.cache import FeatureCache
+from audioclf.dataset import (
+    SpectrogramDataset,
+    check_clips,
+    class_counts,
+    feature_statistics,
+    prepare,
+)
+from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
+from audioclf.index import (
+    DatasetIndex,
+    Listing,
+    drop_duplicates,
+    index_folder,
+    index_fsdd,
+    index_manifest,
+    split_listing,
+)
+from audioclf.loading import EpochSampler, balanced_weights, make_loader
+from audioclf.model import Model
+from audioclf.settings import ConfigError, DataConfig, Settings
+
+
+def feature_params(settings: Settings) -> LogMelParams:
+    """The resolved log-mel parameters of `features` at `data.sample_rate`, long enough for
+    one frame of a `data.clip_seconds` clip."""
+    data = settings.data
+    try:
+        params = resolve_params(
+            settings.features.preset, data.sample_rate, **settings.features.overrides()
+        )
+    except ValueError as error:
+        raise ConfigError(f"features: {error}") from error
+    clip_samples = round(data.clip_seconds * data.sample_rate)
+    try:
+        num_frames(clip_samples, params)
+    except ValueError as error:
+        raise ConfigError(
+            f"data.clip_seconds={data.clip_seconds} is too short for the features: {error}"
+        ) from error
+    return params
+
+
+def list_dataset(data: DataConfig) -> Listing:
+    """List the configured dataset's clips, duplicates dropped (not yet split)."""
+    if data.format == "manifest":
+        if not data.manifest or not Path(data.manifest).is_file():
+            raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
+        listing = index_manifest(
+            Path(data.manifest),
+            Path(data.root) if data.root else None,
+            data.val_fraction,
+            data.test_fraction,
+            data.val_fold,
+            data.test_fold,
+        )
+    elif not data.root or not Path(data.root).is_dir():
+        raise ConfigError(
+            f"data.root: no such folder {data.root!r} (relative paths start at "
+            f"{Path.cwd()}; set data.root=/path/to/clips)"
+        )
+    elif data.format == "fsdd":
+        listing = index_fsdd(Path(data.root))
+    else:
+        listing = index_folder(Path(data.root), data.val_fraction, data.test_fraction)
+    return drop_duplicates(listing)
+
+
+def build_datasets(
+    settings: Settings,
+) -> tuple[DatasetIndex, dict[str, SpectrogramDataset], list[dict[str, str]]]:
+    """Check the configured files, split the usable ones, and build train / val / test.
+
+    Returns the index, the datasets and the bad files dropped (with `on_bad_file=skip`).
+    """
+    data = settings.data
+    params = feature_params(settings)
+    augmentations = settings.augmentations
+    spec_augment = SpecAugment(**dataclasses.asdict(augmentations.spec_augment))
+    try:
+        audio_augment = AudioAugment(augmentations.audio.transforms)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    cache = FeatureCache(settings.system.cache_dir, enabled=settings.system.cache)
+    cache.check()
+    listing = list_dataset(data)
+    good, bad = check_clips(
+        listing.clips,
+        data.on_bad_file,
+        num_workers=settings.system.num_workers,
+        progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
+    )
+    listing.clips = good
+    index = split_listing(listing, data.split_seed)
+    datasets = {
+        split: SpectrogramDataset(
+            clips=clips,
+            classes=index.classes,
+            sample_rate=data.sample_rate,
+            clip_seconds=data.clip_seconds,
+            feature_params=params,
+            cache=cache,
+            training=split == "train",
+            audio_augment=audio_augment if split == "train" else None,
+            spec_augment=spec_augment if split == "train" else None,
+        )
+        for split, clips in index.splits.items()
+    }
+    bad_files = [{"split": clip.split, "path": str(clip.path), "reason": r} for clip, r in bad]
+    return index, datasets, bad_files
+
+
+def normalization_for(
+    settings: Settings,
+    datasets: dict[str, SpectrogramDataset],
+    model: Model,
+    stored: dict[str, list[float]] | None = None,
+) -> FeatureNormalization | None:
+    """`stored` statistics (a checkpoint's, passed as `{}` when it had none), or new ones
+    from the training split's un-augmented features; None when `features.normalize` is off
+    or the model normalises itself."""
+    if stored is not None:
+        return FeatureNormalization.from_lists(stored) if stored else None
+    if not settings.features.normalize or model.normalizes_input:
+        return None
+    train = datasets["train"]
+    view = dataclasses.replace(
+        train, training=False, audio_augment=None, spec_augment=None, store=None
+    )
+    prepare(view, num_workers=settings.system.num_workers)
+    return feature_statistics(view)
+
+
+def build_loaders(
+    settings: Settings, datasets: dict[str, SpectrogramDataset], device: torch.device
+) -> dict[str, DataLoader]:
+    """Training loader (seeded EpochSampler, balanced when asked) and evaluation loaders."""
+    system = settings.system
+    pin_memory = device.type == "cuda" if system.pin_memory == "auto" else system.pin_memory
+    train = datasets["train"]
+    weights = (
+        balanced_weights(train.clips) if settings.training.class_balance == "sampler" else None
+    )
+    common = {
+        "batch_size": settings.training.batch_size,
+        "num_workers": system.num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": system.persistent_workers,
+    }
+    loaders = {
+        "train": make_loader(
+            train,
+            shuffle=False,
+            sampler=EpochSampler(len(train), seed=system.seed, weights=weights),
+            **common,
+        )
+    }
+    for split in ("val", "test"):
+        loaders[split] = make_loader(datasets[split], shuffle=False, **common)
+    return loaders
+
+
+def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
+    """Loss weights N / (C * n_c): every class weighs the same in total."""
+    counts = torch.tensor(list(class_counts(dataset).values()), dtype=torch.float32)
+    return counts.sum() / (len(counts) * counts.clamp_min(1))
