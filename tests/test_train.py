@@ -639,3 +639,74 @@ def test_folds_without_a_fold_manifest_is_a_config_error(compose_config):
 
     with pytest.raises(ConfigError, match="run.folds needs data=manifest"):
         load_settings(compose_config("run.folds=all"))
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    manifest = _manifest(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            str(REPO / "main.py"),
+            *manifest,
+            "training.epochs=2",
+            "training.batch_size=4",
+            "system.num_workers=0",
+            f"system.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "x 2 processes (DDP)" in output
+    assert output.count("epoch 2/2") == 1  # rank 0 logs, rank 1 does not
+    assert "terminate called" not in output
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
+    assert checkpoint["epoch"] == 2
+    assert "test" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            "-m",
+            *_manifest(tmp_path),
+            "training.epochs=1",
+            "training.lr=1e-3,3e-3",
+            "run.test=false",
+            "system.num_workers=0",
+            f"system.cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lrs = []
+    for job in ("0", "1"):
+        checkpoint = load_checkpoint(tmp_path / "sweep" / job / "checkpoints" / "last.pth")
+        lrs.append(checkpoint["config"]["training"]["lr"])
+    assert lrs == [1e-3, 3e-3]

@@ -148,17 +148,30 @@ def normalization_for(
 
 
 def build_loaders(
-    settings: Settings, datasets: dict[str, SpectrogramDataset], device: torch.device
+    settings: Settings,
+    datasets: dict[str, SpectrogramDataset],
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, DataLoader]:
-    """Training loader (seeded EpochSampler, balanced when asked) and evaluation loaders."""
+    """Training loader (seeded EpochSampler, balanced when asked) and evaluation loaders.
+
+    With `world_size` processes (DDP), `training.batch_size` is the global batch: each
+    process loads its 1/world_size share of every batch.
+    """
     system = settings.system
+    batch_size = settings.training.batch_size
+    if batch_size % world_size:
+        raise ConfigError(
+            f"training.batch_size={batch_size} must be a multiple of the {world_size} processes"
+        )
     pin_memory = device.type == "cuda" if system.pin_memory == "auto" else system.pin_memory
     train = datasets["train"]
     weights = (
         balanced_weights(train.clips) if settings.training.class_balance == "sampler" else None
     )
     common = {
-        "batch_size": settings.training.batch_size,
+        "batch_size": batch_size // world_size,
         "num_workers": system.num_workers,
         "pin_memory": pin_memory,
         "persistent_workers": system.persistent_workers,
@@ -167,7 +180,9 @@ def build_loaders(
         "train": make_loader(
             train,
             shuffle=False,
-            sampler=EpochSampler(len(train), seed=system.seed, weights=weights),
+            sampler=EpochSampler(
+                len(train), seed=system.seed, weights=weights, rank=rank, world_size=world_size
+            ),
             **common,
         )
     }

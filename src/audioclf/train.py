@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 def resolve_device(device: str) -> torch.device:
     """`auto` is CUDA when there is one, else the CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
 
 
@@ -171,10 +173,16 @@ class Trainer:
         self.channels_last = options.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.step_model: nn.Module = self.model
+        # What a step calls: the model, wrapped for DDP under torchrun, compiled when asked.
+        self.eager_model: nn.Module = self.model
+        if dist.is_initialized():
+            self.eager_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.step_model = self.eager_model
         if options.compile:
             if has_compiler():
-                self.step_model = torch.compile(self.model)
+                self.step_model = torch.compile(self.eager_model)
             else:
                 log.warning("training.compile: no C++ compiler found; training runs eagerly")
         self.early_stopping = EarlyStopping(
@@ -240,6 +248,8 @@ class Trainer:
                     self.early_stopping.best,
                 )
                 break
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has written best.pth
         if self.best_path.exists():
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best["model"])
@@ -322,6 +332,12 @@ class Trainer:
                     acc=f"{float(correct) / stats.clips:.4f}",
                     clips_s=f"{stats.clips / elapsed:.0f}",
                 )
+        if dist.is_initialized():
+            clips = torch.tensor(float(stats.clips), device=self.device)
+            totals = torch.stack([loss_sum.float(), correct.float(), clips])
+            dist.all_reduce(totals)
+            loss_sum, correct, clips = totals.tolist()
+            stats.clips = int(clips)
         stats.seconds = time.perf_counter() - started
         stats.loss = float(loss_sum) / max(stats.clips, 1)
         stats.accuracy = float(correct) / max(stats.clips, 1)
@@ -383,8 +399,8 @@ class Trainer:
         return features, targets.to(self.device, non_blocking=True)
 
     def _forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.step_model is self.model:
-            return self.model(features, labels)
+        if self.step_model is self.eager_model:
+            return self.eager_model(features, labels)
         try:
             return self.step_model(features, labels)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
@@ -393,8 +409,8 @@ class Trainer:
                 type(error).__name__,
                 str(error).splitlines()[0] if str(error) else "",
             )
-            self.step_model = self.model
-            return self.model(features, labels)
+            self.step_model = self.eager_model
+            return self.eager_model(features, labels)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -536,7 +552,7 @@ class Trainer:
             "grad_clip_norm": options.grad_clip_norm or 0.0,
             "amp": self.amp,
             "channels_last": self.channels_last,
-            "compile": self.step_model is not self.model,
+            "compile": self.options.compile,
         }
 
     def _log_spectrograms(self, features: torch.Tensor) -> None:
@@ -554,18 +570,19 @@ class Trainer:
         parameters = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(
-            "training %s: %s parameters (%s trainable) on %s, %d threads; %d clips in %d "
+            "training %s: %s parameters (%s trainable) on %s%s, %d threads; %d clips in %d "
             "batches per epoch; amp %s, channels_last %s, compile %s",
             type(self.model).__name__,
             f"{parameters:,}",
             f"{trainable:,}",
             self.device,
+            f" x {dist.get_world_size()} processes (DDP)" if dist.is_initialized() else "",
             torch.get_num_threads(),
             len(loader.dataset) if hasattr(loader, "dataset") else -1,
             len(loader),
             f"on ({str(self.amp_dtype).removeprefix('torch.')})" if self.amp else "off",
             "on" if self.channels_last else "off",
-            "on" if self.step_model is not self.model else "off",
+            "on" if self.step_model is not self.eager_model else "off",
         )
 
     def _log_epoch(
