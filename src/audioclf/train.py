@@ -226,6 +226,7 @@ class Trainer:
         self.schedule = Schedule(
             self.optimizer, spec, self.mode, options.plateau_patience, options.plateau_factor
         )
+        started = time.perf_counter()
         start_epoch = 0
         if resume_from is not None:
             start_epoch = self._resume(Path(resume_from))
@@ -254,7 +255,12 @@ class Trainer:
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best["model"])
         self._close_writer(hparams=True)
-        return {"best": self.early_stopping.best, "monitor": self.monitor, "history": self.history}
+        return {
+            "best": self.early_stopping.best,
+            "monitor": self.monitor,
+            "history": self.history,
+            "seconds": time.perf_counter() - started,
+        }
 
     def _train_epoch(self, loader: DataLoader, epoch: int) -> EpochStats:
         options = self.options
