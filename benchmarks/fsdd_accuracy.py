@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cnn14", action="store_true", help="also train PANNs CNN14 (hours)")
     arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     models = MODELS + ([("panns_cnn14", [])] if arguments.cnn14 else [])
     rows = [train_and_test(name, [f"model={name}", *extra]) for name, extra in models]
     teacher = max((r for r in rows if r["params"] > 2e6), key=lambda r: r["best_val_accuracy"])

@@ -710,3 +710,70 @@ def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
         checkpoint = load_checkpoint(tmp_path / "sweep" / job / "checkpoints" / "last.pth")
         lrs.append(checkpoint["config"]["training"]["lr"])
     assert lrs == [1e-3, 3e-3]
+
+
+# ---------------------------------------------------------------- multi-label
+
+
+def _multi_label_manifest(tmp_path) -> list[str]:
+    rows = []
+    for digit, tags in ((1, "one;odd"), (2, "two;even"), (3, "odd;three")):
+        for index, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")] + [
+            (5, "val"),
+            (6, "val"),
+            (0, "test"),
+            (1, "test"),
+        ]:
+            rows.append((f"{digit}_jackson_{index}.wav", tags, split))
+    path = write_manifest(tmp_path / "tags.csv", ["path", "label", "split"], rows)
+    return [
+        "data=manifest",
+        f"data.manifest={path}",
+        f"data.root={FSDD}",
+        "data.sample_rate=8000",
+        "data.multi_label=true",
+    ]
+
+
+def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
+    from audioclf.index import index_manifest, split_listing
+
+    path = write_manifest(
+        tmp_path / "m.csv",
+        ["path", "label"],
+        [("1_jackson_10.wav", "odd; one;odd"), ("2_jackson_10.wav", "even;two")],
+    )
+    listing = index_manifest(path, FSDD, 0.0, 0.0, multi_label=True)
+    assert [clip.label for clip in listing.clips] == ["odd;one", "even;two"]
+    index = split_listing(listing, seed=0, multi_label=True)
+    assert index.classes == ["even", "odd", "one", "two"]
+    dataset = SpectrogramDataset(
+        index.splits["train"],
+        index.classes,
+        8000,
+        0.5,
+        resolve_params("librosa", 8000),
+        FeatureCache(tmp_path / "cache"),
+        multi_label=True,
+    )
+    targets = {clip.label: dataset.label_index(clip).tolist() for clip in dataset.clips}
+    assert targets == {"odd;one": [0, 1, 1, 0], "even;two": [1, 0, 0, 1]}
+
+
+def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tmp_path):
+    summary = run(
+        compose_config(
+            *_multi_label_manifest(tmp_path),
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=2",
+            "training.monitor=val_mAP",
+            "training.mixup_alpha=0.2",
+        )
+    )
+    assert summary["classes"] == ["even", "odd", "one", "three", "two"]
+    assert summary["splits"]["train"]["per_class"]["odd"] == 8
+    test = summary["test"]
+    assert {"mAP", "roc_auc", "f1", "accuracy"} <= set(test)
+    assert 0.0 <= test["mAP"] <= 1.0
+    assert summary["training"]["monitor"] == "val_mAP"

@@ -251,6 +251,7 @@ def run(config: DictConfig) -> dict[str, Any]:
         index.classes,
         output_dir,
         device=device,
+        multi_label=settings.data.multi_label,
         class_weights=(
             class_weights(datasets["train"])
             if settings.training.class_balance == "weights"

@@ -88,13 +88,16 @@ class SpectrogramDataset(Dataset):
     spec_augment: SpecAugment | None = None
     store: FeatureStore | None = field(default=None, repr=False)
     normalization: FeatureNormalization | None = None
+    multi_label: bool = False
     _label_index: dict[str, int] = field(init=False, repr=False)
     _rng_owner: tuple[int, int] | None = field(default=None, init=False, repr=False)
     _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._label_index = {label: index for index, label in enumerate(self.classes)}
-        unknown = sorted({clip.label for clip in self.clips} - set(self._label_index))
+        unknown = sorted(
+            {label for clip in self.clips for label in self._labels(clip)} - set(self._label_index)
+        )
         if unknown:
             raise DatasetError(f"labels {unknown} are not among the classes {self.classes}")
         if self.feature_params.sample_rate != self.sample_rate:
@@ -123,9 +126,16 @@ class SpectrogramDataset(Dataset):
         """Whether every item's cacheable features come from a FeatureStore."""
         return self.store is not None and not self.augments_audio
 
-    def label_index(self, clip: Clip) -> int:
-        """The class index of a clip."""
-        return self._label_index[clip.label]
+    def _labels(self, clip: Clip) -> tuple[str, ...]:
+        return clip.labels if self.multi_label else (clip.label,)
+
+    def label_index(self, clip: Clip) -> int | torch.Tensor:
+        """The class index of a clip; for multi-label data its multi-hot float vector."""
+        if not self.multi_label:
+            return self._label_index[clip.label]
+        target = torch.zeros(len(self.classes))
+        target[[self._label_index[label] for label in clip.labels]] = 1.0
+        return target
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -405,6 +415,6 @@ def prepare(
 
 
 def class_counts(dataset: SpectrogramDataset) -> dict[str, int]:
-    """Clips per class, in class order."""
-    counts = Counter(clip.label for clip in dataset.clips)
+    """Clips per class (multi-label: clips tagged with it), in class order."""
+    counts = Counter(label for clip in dataset.clips for label in dataset._labels(clip))
     return {label: counts.get(label, 0) for label in dataset.classes}

@@ -13,7 +13,7 @@ import io
 import logging
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
 MANIFEST_COLUMNS = ("path", "label", "split", "fold")
+MULTI_LABEL_SEPARATOR = ";"
 
 
 class DatasetError(ValueError):
@@ -42,6 +43,11 @@ class Clip:
     label: str
     split: str | None = None
     origin: str = field(default="", compare=False)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The clip's labels: one, or for multi-label data those joined by ';' in `label`."""
+        return tuple(self.label.split(MULTI_LABEL_SEPARATOR))
 
     @property
     def where(self) -> str:
@@ -158,8 +164,12 @@ def index_manifest(
     test_fraction: float,
     val_fold: str | int | None = None,
     test_fold: str | int | None = None,
+    multi_label: bool = False,
 ) -> Listing:
     """A CSV manifest with a header naming columns `path,label[,split][,fold]`.
+
+    With `multi_label`, a label cell holds one or more labels separated by ';' (FSD50K
+    style); they are kept sorted and without repeats, so `b;a;a` is `a;b`.
 
     Paths are relative to `root`, or to the manifest's folder when `root` is None. With
     `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
@@ -200,6 +210,11 @@ def index_manifest(
         for name in ("path", "label"):
             if not row[name]:
                 raise DatasetError(f"{where}: empty {name}")
+        if multi_label:
+            labels = [label.strip() for label in row["label"].split(MULTI_LABEL_SEPARATOR)]
+            if not all(labels):
+                raise DatasetError(f"{where}: empty label in {row['label']!r}")
+            row["label"] = MULTI_LABEL_SEPARATOR.join(sorted(set(labels)))
         if test_fold is not None:
             split = folds.get(row["fold"], "train" if val_fold is not None else None)
         elif "split" in row:
@@ -315,6 +330,7 @@ def split_listing(
     listing: Listing,
     seed: int,
     digest: Callable[[Path], str] | None = None,
+    multi_label: bool = False,
 ) -> DatasetIndex:
     """Split a (checked) listing into train / val / test and fix the class order.
 
@@ -322,7 +338,9 @@ def split_listing(
     by class and seeded, with files of identical content kept together. Then: identical
     content in two splits, a validation or test label that training lacks, and a non-empty
     validation or test split that lacks a class are each a DatasetError naming them.
-    `digest` maps a file to a content digest (default: a BLAKE2 digest of its bytes).
+    `digest` maps a file to a content digest (default: a BLAKE2 digest of its bytes). With
+    `multi_label`, classes are the single labels of ';'-joined label sets, and a small split
+    missing a class is a warning (rare tags), not an error.
     """
     digest = digest or (lambda path: file_digest(path)[0])
     listing = drop_duplicates(listing)
@@ -340,30 +358,34 @@ def split_listing(
         for split, clips in carved.items():
             splits[split] += [replace(clip, split=split) for clip in clips]
     check_leakage(splits, digest)
-    return _finish_index(splits, listing.source)
+    return _finish_index(splits, listing.source, multi_label)
 
 
-def _finish_index(splits: dict[str, list[Clip]], source: str) -> DatasetIndex:
+def _finish_index(splits: dict[str, list[Clip]], source: str, multi_label: bool) -> DatasetIndex:
     if not splits["train"]:
         raise DatasetError(f"{source}: no training clips found")
-    classes = sorted({clip.label for clip in splits["train"]})
+
+    def labels_in(clips: list[Clip]) -> set[str]:
+        if multi_label:
+            return {label for clip in clips for label in clip.labels}
+        return {clip.label for clip in clips}
+
+    classes = sorted(labels_in(splits["train"]))
     for split in ("val", "test"):
-        labels = {clip.label for clip in splits[split]}
+        labels = labels_in(splits[split])
         unknown = sorted(labels - set(classes))
         if unknown:
             raise DatasetError(
                 f"{source}: labels {unknown} appear in the {split} split but not in training"
             )
         absent = sorted(set(classes) - labels)
-        if labels and absent:
+        if labels and absent and multi_label:
+            # Rare tags often miss a small split in multi-label sets: say so, go on.
+            log.warning("%s: the %s split has no clip tagged %s", source, split, absent)
+        elif labels and absent:
             raise DatasetError(
                 f"{source}: the {split} split has no clip of class(es) {absent} "
                 f"({len(splits[split])} clips; add clips, or raise data.{split}_fraction for "
                 "a ratio split)"
             )
     return DatasetIndex(classes, splits)
-
-
-def labels_of(clips: Iterable[Clip]) -> list[str]:
-    """The distinct labels of some clips, sorted."""
-    return sorted({clip.label for clip in clips})

@@ -69,10 +69,14 @@ class EpochSampler(Sampler):
             yield int(order[position]), int(seeds[position])
 
 
-def balanced_weights(clips: Sequence[Clip]) -> list[float]:
-    """Per-item sampling weights that give every class the same expected share."""
-    counts = Counter(clip.label for clip in clips)
-    return [1.0 / counts[clip.label] for clip in clips]
+def balanced_weights(clips: Sequence[Clip], multi_label: bool = False) -> list[float]:
+    """Per-item sampling weights that give every class the same expected share (multi-label:
+    each clip weighs the mean of its labels' inverse counts)."""
+    if not multi_label:
+        counts = Counter(clip.label for clip in clips)
+        return [1.0 / counts[clip.label] for clip in clips]
+    counts = Counter(label for clip in clips for label in clip.labels)
+    return [float(np.mean([1.0 / counts[label] for label in clip.labels])) for clip in clips]
 
 
 def _die_with_parent() -> None:

@@ -69,6 +69,7 @@ def list_dataset(data: DataConfig) -> Listing:
             data.test_fraction,
             data.val_fold,
             data.test_fold,
+            data.multi_label,
         )
     elif not data.root or not Path(data.root).is_dir():
         raise ConfigError(
@@ -107,7 +108,7 @@ def build_datasets(
         progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
     listing.clips = good
-    index = split_listing(listing, data.split_seed)
+    index = split_listing(listing, data.split_seed, multi_label=data.multi_label)
     datasets = {
         split: SpectrogramDataset(
             clips=clips,
@@ -119,6 +120,7 @@ def build_datasets(
             training=split == "train",
             audio_augment=audio_augment if split == "train" else None,
             spec_augment=spec_augment if split == "train" else None,
+            multi_label=data.multi_label,
         )
         for split, clips in index.splits.items()
     }
@@ -192,6 +194,9 @@ def build_loaders(
 
 
 def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
-    """Loss weights N / (C * n_c): every class weighs the same in total."""
+    """Loss weights: N / (C * n_c), so every class weighs the same in total; for multi-label
+    data the positive weight (N - n_c) / n_c of each class's binary term."""
     counts = torch.tensor(list(class_counts(dataset).values()), dtype=torch.float32)
+    if dataset.multi_label:
+        return (len(dataset) - counts) / counts.clamp_min(1)
     return counts.sum() / (len(counts) * counts.clamp_min(1))

@@ -72,6 +72,7 @@ class DataConfig:
     val_fold: int | str | None
     test_fold: int | str | None
     on_bad_file: Literal["error", "skip"]
+    multi_label: bool
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,233 @@
+"""Training speed per model: a plain fp32 eager loop, each speed switch, the trainer's default.
+
+    python benchmarks/train_speed.py [--skip-accuracy]
+
+Batches: 64 clips of real FSDD features (1 s at 8 kHz, the default preset: 101 frames x 64 mel
+bins), held in memory, so the figures are the training step's and not the data pipeline's.
+Per model, in one run and in alternating rounds (best of three, the machine is shared):
+
+- plain: fp32, eager, contiguous tensors: forward, cross-entropy, backward, AdamW step;
+- bf16: the same under CPU bf16 autocast; channels_last; compile (torch.compile, after a
+  warm-up that pays the compilation, reported separately);
+- default: the trainer's default configuration (`TrainingConfig()`), in a bare loop;
+- trainer: `Trainer` itself with the default configuration, one epoch over the same batches,
+  against the bare loop with identical settings (its overhead).
+
+Then the default model is trained on FSDD with the plain settings, to compare its accuracy
+with the default configuration's run in benchmarks/results/fsdd_accuracy.json. Writes
+benchmarks/results/train_speed.json and the table in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, TensorDataset
+
+from audioclf.cli import CONFIG_DIR, run
+from audioclf.dataset import prepare
+from audioclf.model import create_model
+from audioclf.pipeline import build_datasets
+from audioclf.schedules import Schedule, ScheduleSpec
+from audioclf.settings import TrainingConfig, load_settings
+from audioclf.train import Trainer
+from readme_table import write_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = 64
+STEPS = 8
+ROUNDS = 3
+MODELS = ["efficientnet_v2", "ghost_efficientnet_v2", "panns_mobilenetv1", "panns_mobilenetv2"]
+SWITCHES = {
+    "plain": {"amp": False, "channels_last": False, "compile": False},
+    "bf16": {"amp": True, "channels_last": False, "compile": False},
+    "channels_last": {"amp": False, "channels_last": True, "compile": False},
+    "compile": {"amp": False, "channels_last": False, "compile": True},
+}
+
+
+def fsdd_batches() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first STEPS batches of FSDD training features (normalised) and labels."""
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        config = compose("config", overrides=["system.output_dir=/tmp/audioclf-speed"])
+    _, datasets, _ = build_datasets(load_settings(config))
+    train = datasets["train"]
+    train.training, train.audio_augment, train.spec_augment = False, None, None
+    prepare(train)
+    items = train.__getitems__(list(range(BATCH * STEPS)))
+    return torch.stack([f for f, _ in items]), torch.tensor([label for _, label in items])
+
+
+def make_step(
+    name: str, switches: dict[str, bool], features: torch.Tensor, labels: torch.Tensor
+) -> tuple[Callable[[int], None], float]:
+    """A training step over batch i with these switches, and the seconds compiling took."""
+    torch.manual_seed(0)
+    model = create_model(name, 10, **({"n_mels": 64} if name.startswith("panns") else {}))
+    model.train()
+    memory_format = torch.channels_last if switches["channels_last"] else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    forward = torch.compile(model) if switches["compile"] else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if switches["amp"]
+        else contextlib.nullcontext
+    )
+
+    def step(index: int) -> None:
+        batch = slice((index % STEPS) * BATCH, (index % STEPS + 1) * BATCH)
+        # Converted per batch, as batches from a loader arrive contiguous.
+        inputs = features[batch].contiguous(memory_format=memory_format)
+        with autocast():
+            loss = F.cross_entropy(forward(inputs, labels[batch]).float(), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+
+    started = time.perf_counter()
+    step(0)  # compiles, when compiling
+    return step, time.perf_counter() - started
+
+
+def clips_per_second(step: Callable[[int], None]) -> float:
+    for index in range(2):
+        step(index)
+    started = time.perf_counter()
+    for index in range(STEPS):
+        step(index)
+    return BATCH * STEPS / (time.perf_counter() - started)
+
+
+def trainer_clips_per_second(name: str, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """One Trainer epoch (default configuration) over the same in-memory batches."""
+    torch.manual_seed(0)
+    model = create_model(name, 10, **({"n_mels": 64} if name.startswith("panns") else {}))
+    options = TrainingConfig(epochs=1, warmup_epochs=0.0)
+    loader = DataLoader(TensorDataset(features, labels), batch_size=BATCH)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(model, options, [str(i) for i in range(10)], folder)
+        trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer.schedule = Schedule(trainer.optimizer, ScheduleSpec("cosine", STEPS, STEPS))
+        trainer._train_epoch(loader, 1)  # warm-up epoch
+        return max(trainer._train_epoch(loader, 1).clips_per_second for _ in range(2))
+
+
+def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    default = TrainingConfig()
+    configurations = {
+        **SWITCHES,
+        "default": {
+            "amp": default.amp is True,
+            "channels_last": default.channels_last,
+            "compile": default.compile,
+        },
+    }
+    rows = []
+    for name in MODELS:
+        steps, compile_seconds = {}, None
+        for label, switches in configurations.items():
+            steps[label], seconds = make_step(name, switches, features, labels)
+            if switches["compile"]:
+                compile_seconds = seconds
+        best = dict.fromkeys(configurations, 0.0)
+        for _ in range(ROUNDS):
+            for label, step in steps.items():
+                best[label] = max(best[label], clips_per_second(step))
+        trainer = trainer_clips_per_second(name, features, labels)
+        row = {
+            "model": name,
+            **{f"{label}_clips_per_second": round(best[label], 1) for label in configurations},
+            "compile_seconds": round(compile_seconds, 1),
+            "trainer_clips_per_second": round(trainer, 1),
+            "trainer_overhead": round(best["default"] / trainer, 3),
+            **{
+                f"{label}_speedup": round(best[label] / best["plain"], 2)
+                for label in configurations
+                if label != "plain"
+            },
+        }
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+def plain_accuracy() -> dict:
+    """The default model trained on FSDD with the plain settings (channels_last off)."""
+    with tempfile.TemporaryDirectory() as folder:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            config = compose(
+                "config",
+                overrides=[f"system.output_dir={folder}", "training.channels_last=false"],
+            )
+        summary = run(config)
+    return {"test_accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["f1"]}
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | plain fp32 eager | bf16 | channels_last | compile (compile s) | default "
+        "| trainer overhead |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['plain_clips_per_second']:.0f} "
+            f"| {row['bf16_clips_per_second']:.0f} ({row['bf16_speedup']:.2f}x) "
+            f"| {row['channels_last_clips_per_second']:.0f} ({row['channels_last_speedup']:.2f}x) "
+            f"| {row['compile_clips_per_second']:.0f} ({row['compile_speedup']:.2f}x, "
+            f"{row['compile_seconds']:.0f} s) "
+            f"| {row['default_clips_per_second']:.0f} ({row['default_speedup']:.2f}x) "
+            f"| {row['trainer_overhead']:.3f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-accuracy", action="store_true", help="speed only")
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    features, labels = fsdd_batches()
+    rows = measure(features, labels)
+    result = {
+        "default_speedup": rows[0]["default_speedup"],
+        "trainer_overhead": rows[0]["trainer_overhead"],
+        "batch": BATCH,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    if not arguments.skip_accuracy:
+        plain = plain_accuracy()
+        accuracy_file = RESULTS / "fsdd_accuracy.json"
+        default_rows = json.loads(accuracy_file.read_text()) if accuracy_file.exists() else []
+        default = next((r for r in default_rows if r["model"] == MODELS[0]), None)
+        result["accuracy"] = {
+            "plain": plain,
+            "default": None if default is None else default["test_accuracy"],
+            "difference_points": None
+            if default is None
+            else round(100 * (default["test_accuracy"] - plain["test_accuracy"]), 2),
+        }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_speed.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_table("train_speed", table(rows))
+    print("\n".join(table(rows)))
+    if not math.isfinite(result["default_speedup"]):
+        raise SystemExit("no speed-up measured")
+
+
+if __name__ == "__main__":
+    main()
