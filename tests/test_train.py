@@ -777,3 +777,49 @@ def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tm
     assert {"mAP", "roc_auc", "f1", "accuracy"} <= set(test)
     assert 0.0 <= test["mAP"] <= 1.0
     assert summary["training"]["monitor"] == "val_mAP"
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_epoch_sampler_order_depends_on_seed_and_epoch_only():
+    first, again, other_epoch = EpochSampler(20, seed=3), EpochSampler(20, seed=3), None
+    first.set_epoch(4)
+    again.set_epoch(4)
+    assert list(first) == list(again)
+    other_epoch = EpochSampler(20, seed=3)
+    other_epoch.set_epoch(5)
+    assert list(first) != list(other_epoch)
+    assert sorted(index for index, _ in first) == list(range(20))
+
+
+def test_ranks_share_the_single_process_order():
+    single = list(EpochSampler(10, seed=1))
+    ranks = [list(EpochSampler(10, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(share) for share in ranks] == [5, 5]
+    interleaved = [key for pair in zip(*ranks, strict=True) for key in pair]
+    assert interleaved == single
+
+
+def test_balanced_sampler_draws_classes_equally():
+    from audioclf.loading import balanced_weights
+
+    clips = [Clip(fsdd_clip(0), "a")] * 90 + [Clip(fsdd_clip(1), "b")] * 10
+    sampler = EpochSampler(100, seed=0, weights=balanced_weights(clips))
+    drawn = [clips[index].label for epoch in range(20) for index, _ in _epoch(sampler, epoch)]
+    assert 0.4 < drawn.count("b") / len(drawn) < 0.6
+
+
+def _epoch(sampler: EpochSampler, epoch: int) -> list:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_deterministic_mode_is_on_for_the_job_only(compose_config, tmp_path):
+    summary = run(
+        compose_config(
+            *_manifest(tmp_path), "run.train=true", "training.epochs=1", "system.deterministic=true"
+        )
+    )
+    assert len(summary["training"]["history"]) == 1
+    assert not torch.are_deterministic_algorithms_enabled()

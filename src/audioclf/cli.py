@@ -183,6 +183,21 @@ def _same_normalization(
 def run(config: DictConfig) -> dict[str, Any]:
     """The main job: check the config, prepare the data, build the model, train, test.
 
+    `system.deterministic` turns PyTorch's deterministic algorithms on for the job (and back
+    off after it). See `_run` for the rest.
+    """
+    deterministic = bool(OmegaConf.select(config, "system.deterministic", default=False))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic or before)
+    try:
+        return _run(config)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _run(config: DictConfig) -> dict[str, Any]:
+    """The main job: check the config, prepare the data, build the model, train, test.
+
     With `run.checkpoint_path`, the model, features and normalisation come from that
     checkpoint (trained further when `run.train`). Returns the data summary with the
     training result and test metrics added.
@@ -191,8 +206,6 @@ def run(config: DictConfig) -> dict[str, Any]:
     # Under torchrun, rank 0 logs; the other ranks say only what goes wrong.
     logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
     seed_everything(settings.system.seed)
-    if settings.system.deterministic:
-        torch.use_deterministic_algorithms(True)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     checkpoint = None
     if settings.run.checkpoint_path:
