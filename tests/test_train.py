@@ -823,3 +823,16 @@ def test_deterministic_mode_is_on_for_the_job_only(compose_config, tmp_path):
     )
     assert len(summary["training"]["history"]) == 1
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_run_resumed_in_a_new_folder_keeps_the_earlier_best(tmp_path):
+    trainer = _trainer(tmp_path / "first", _options(epochs=2))
+    trainer.fit(*_loaders())
+    # No later epoch can beat the earlier best: the resumed run must end on that best.
+    options = _options(epochs=3, min_delta=1.0)
+    resumed = _trainer(tmp_path / "second", options)
+    resumed.fit(*_loaders(), resume_from=trainer.last_path)
+    earlier = load_checkpoint(trainer.best_path)
+    assert resumed.best_path.exists()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, earlier["model"][name]), name

@@ -231,6 +231,9 @@ class Trainer:
         if resume_from is not None:
             start_epoch = self._resume(Path(resume_from))
         self._log_start(train_loader)
+        if self.early_stopping.should_stop:
+            log.info("the resumed run had stopped early: nothing left to train")
+            start_epoch = options.epochs
         for epoch in range(start_epoch, options.epochs):
             self._seed_epoch(epoch, train_loader)
             stats = self._train_epoch(train_loader, epoch)
@@ -523,6 +526,11 @@ class Trainer:
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = list(state.get("history", []))
         set_rng_state(state["rng"])
+        # The run's best so far, so that a resumed run in a new folder still ends on it.
+        earlier_best = path.parent / "best.pth"
+        if is_main_process() and earlier_best.is_file() and earlier_best != self.best_path:
+            self.best_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(earlier_best, self.best_path)
         log.info("resumed from %s after epoch %d", path, state["epoch"])
         return int(state["epoch"])
 
