@@ -688,3 +688,18 @@ def test_bad_audio_reason_names_the_path_and_is_the_same_every_time(tmp_path):
     assert "0x" not in reasons[0]
     assert "BytesIO" not in reasons[0]
     assert str(caught.value).startswith(str(broken))
+
+
+@pytest.mark.parametrize(
+    "normalization",
+    [
+        {"mean": [0.0, 1.0], "std": [1.0]},
+        {"mean": "x", "std": [1.0]},
+        {"mean": [0.0], "std": [0.0]},
+    ],
+)
+def test_unusable_normalisation_in_a_checkpoint_names_the_file(tmp_path, normalization):
+    from audioclf.checkpoint import stored_normalization
+
+    with pytest.raises(CheckpointError, match="model.pth: unusable normalisation"):
+        stored_normalization({"normalization": normalization}, tmp_path / "model.pth")

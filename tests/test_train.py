@@ -836,3 +836,56 @@ def test_a_run_resumed_in_a_new_folder_keeps_the_earlier_best(tmp_path):
     assert resumed.best_path.exists()
     for name, value in resumed.model.state_dict().items():
         assert torch.equal(value, earlier["model"][name]), name
+
+
+def test_main_job_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    def command(run_dir, *extra):
+        return [
+            sys.executable,
+            str(REPO / "main.py"),
+            *_manifest(tmp_path),
+            "training.epochs=6",
+            "training.batch_size=4",
+            "training.mixup_alpha=0.2",
+            "run.test=false",
+            "system.num_workers=0",
+            "system.deterministic=true",
+            f"system.cache_dir={tmp_path / 'cache'}",
+            f"hydra.run.dir={tmp_path / run_dir}",
+            *extra,
+        ]
+
+    whole = subprocess.run(command("whole"), capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    killed = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "killed" / "checkpoints" / "last.pth"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and killed.poll() is None:
+        if last.exists() and load_checkpoint(last)["epoch"] >= 2:
+            killed.send_signal(signal.SIGKILL)  # in epoch 3 (or saving it)
+            break
+        time.sleep(0.01)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    epoch_at_kill = load_checkpoint(last)["epoch"]
+    assert epoch_at_kill < 6
+    resumed = subprocess.run(
+        command("resumed", f"run.resume={last}"), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    expected = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pth")
+    actual = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pth")
+    assert actual["epoch"] == expected["epoch"] == 6
+    timing = {"clips_per_second"}  # the only figure that depends on the machine's load
+    assert [{k: v for k, v in r.items() if k not in timing} for r in actual["history"]] == [
+        {k: v for k, v in r.items() if k not in timing} for r in expected["history"]
+    ]
+    for name, value in expected["model"].items():
+        assert torch.equal(value, actual["model"][name]), name

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 
 #: Bumped when the layout changes in a way older readers would misread.
@@ -102,3 +103,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNormalization | None:
+    """A checkpoint's normalisation statistics (None when it was trained without); unusable
+    ones are a CheckpointError naming the file."""
+    stored = content.get("normalization")
+    if stored is None:
+        return None
+    try:
+        return FeatureNormalization.from_lists(stored)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: unusable normalisation statistics ({error})") from error

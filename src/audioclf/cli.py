@@ -25,7 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from audioclf.audio import BadAudioError
-from audioclf.checkpoint import load_checkpoint
+from audioclf.checkpoint import load_checkpoint, stored_normalization
 from audioclf.dataset import (
     SpectrogramDataset,
     prepare,
@@ -149,8 +149,7 @@ def build_teacher(
     taught, _ = from_checkpoint(settings, path, content)
     model = build_model(taught.model, len(train.classes), train.feature_params.n_mels)
     load_state(model, content["model"], path, strict=True)
-    stored = content.get("normalization")
-    own_normalization = None if stored is None else FeatureNormalization.from_lists(stored)
+    own_normalization = stored_normalization(content, path)
     params = feature_params(taught)
     if (
         params == train.feature_params
@@ -231,8 +230,10 @@ def _run(config: DictConfig) -> dict[str, Any]:
             {"dataset": settings.data.name, "root": settings.data.root},
         )
         summary["features"]["preset"] = settings.features.preset
-        stored = None if checkpoint is None else (checkpoint.get("normalization") or {})
-        normalization = normalization_for(settings, datasets, model, stored)
+        if checkpoint is None:
+            normalization = normalization_for(settings, datasets, model)
+        else:
+            normalization = stored_normalization(checkpoint, settings.run.checkpoint_path)
     for dataset in datasets.values():
         dataset.normalization = normalization
     summary["normalization"] = normalization is not None

@@ -132,13 +132,9 @@ def normalization_for(
     settings: Settings,
     datasets: dict[str, SpectrogramDataset],
     model: Model,
-    stored: dict[str, list[float]] | None = None,
 ) -> FeatureNormalization | None:
-    """`stored` statistics (a checkpoint's, passed as `{}` when it had none), or new ones
-    from the training split's un-augmented features; None when `features.normalize` is off
-    or the model normalises itself."""
-    if stored is not None:
-        return FeatureNormalization.from_lists(stored) if stored else None
+    """Statistics from the training split's un-augmented features; None when
+    `features.normalize` is off or the model normalises itself."""
     if not settings.features.normalize or model.normalizes_input:
         return None
     train = datasets["train"]
