@@ -31,6 +31,7 @@ from audioclf.dataset import (
     prepare,
 )
 from audioclf.distill import WithTeacherLogits, compute_teacher_logits
+from audioclf.export import ExportError, export_model
 from audioclf.features import FeatureNormalization
 from audioclf.index import (
     DatasetError,
@@ -59,7 +60,14 @@ CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
 
 #: Errors that are the user's input, reported in one line (traceback at DEBUG) with exit 2.
-USER_ERRORS = (ConfigError, DatasetError, BadAudioError, CheckpointError, ModelError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetError,
+    BadAudioError,
+    CheckpointError,
+    ModelError,
+    ExportError,
+)
 
 
 def make_output_dir(path: str) -> Path:
@@ -295,10 +303,40 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 recall,
                 f1,
             )
-    stages = [name for name in ("quantise", "export") if getattr(settings.run, name)]
-    if stages:
-        log.warning("run.%s: this version has no quantisation or exporters yet", "/".join(stages))
+    if settings.run.export and is_main_process():
+        summary["export"] = export_run(settings, trainer.model, datasets, output_dir)
+    if settings.run.quantise:
+        log.warning("run.quantise: this version has no quantisation yet; nothing was quantised")
     return summary
+
+
+def export_run(
+    settings: Settings,
+    model: Model,
+    datasets: dict[str, SpectrogramDataset],
+    output_dir: Path,
+) -> list[dict[str, Any]]:
+    """`run.export`: the model in each of `run.export_formats`, checked on the test clips
+    (validation clips when there is no test split), into `<run>/export/`."""
+    source = datasets["test"] if datasets["test"].clips else datasets["val"]
+    if not source.clips:
+        raise ConfigError("run.export needs test or validation clips to check the exports on")
+    # The exported graph normalises inside: it is checked on the features before normalising.
+    raw = dataclasses.replace(source, normalization=None)
+    features = np.stack([item[0].numpy() for item in raw.__getitems__(range(len(raw)))])
+    train = datasets["train"]
+    checks = export_model(
+        model,
+        settings.run.export_formats,
+        output_dir / "export",
+        classes=train.classes,
+        feature_params=train.feature_params,
+        clip_seconds=train.clip_seconds,
+        normalization=train.normalization,
+        check_features=features,
+        model_name=settings.model.name,
+    )
+    return [dataclasses.asdict(check) for check in checks]
 
 
 def resume_path(resume: bool | str, output_dir: Path) -> Path | None:

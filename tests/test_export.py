@@ -1,0 +1,176 @@
+"""Exports: ONNX and TorchScript with their checks against PyTorch, sidecars, corrupted exports
+caught, and the main job exporting after training and from a checkpoint alone."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from audioclf.cli import run
+from audioclf.export import ExportError, check_export, export_model, inference_model, load_runner
+from audioclf.features import FeatureNormalization, compute_log_mel, resolve_params
+from audioclf.model import create_model
+from conftest import FSDD, fsdd_clip, write_manifest
+
+PARAMS = resolve_params("librosa", 8000)
+
+
+@pytest.fixture(scope="module")
+def clips_features() -> np.ndarray:
+    """Log-mel of six real FSDD clips, (6, 1, 51, 64), as compute_log_mel returns them."""
+    from audioclf.audio import fix_length, load_audio
+
+    features = [
+        compute_log_mel(fix_length(load_audio(fsdd_clip(d), 8000), 4000), 8000, "librosa")
+        for d in range(6)
+    ]
+    return np.stack(features)[:, np.newaxis].astype(np.float32)
+
+
+@pytest.fixture
+def small_model():
+    torch.manual_seed(0)
+    model = create_model("efficientnet_v2", 6, width_mult=0.25, depth_mult=0.25)
+    # Non-trivial BatchNorm statistics, so that folding them is exercised.
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture
+def normalization(clips_features) -> FeatureNormalization:
+    return FeatureNormalization.fit(clips_features[:, 0])
+
+
+def _export(tmp_path, model, features, normalization, formats=("onnx", "torchscript")):
+    return export_model(
+        model,
+        formats,
+        tmp_path / "export",
+        classes=[str(d) for d in range(6)],
+        feature_params=PARAMS,
+        clip_seconds=0.5,
+        normalization=normalization,
+        check_features=features,
+        model_name="efficientnet_v2",
+    )
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_agrees_with_pytorch_and_passes_its_check(
+    tmp_path, small_model, clips_features, normalization, fmt
+):
+    (check,) = _export(tmp_path, small_model, clips_features, normalization, [fmt])
+    assert check.passed
+    assert check.max_abs_diff <= 1e-4
+    assert check.top1_agreement == 1.0
+    # The file runs on its own, at batch 1 too, and equals the unfused model behind the
+    # normalisation.
+    runner = load_runner(check.path)
+    expected = small_model(
+        torch.from_numpy((clips_features[:1] - normalization.mean) / normalization.std)
+    )
+    np.testing.assert_allclose(runner(clips_features[:1]), expected.detach().numpy(), atol=1e-4)
+
+
+def test_sidecar_says_how_to_build_the_input(tmp_path, small_model, clips_features, normalization):
+    _export(tmp_path, small_model, clips_features, normalization, ["onnx"])
+    info = json.loads((tmp_path / "export" / "model.onnx.json").read_text())
+    assert info["classes"] == [str(d) for d in range(6)]
+    assert (info["sample_rate"], info["clip_seconds"], info["clip_samples"]) == (8000, 0.5, 4000)
+    assert info["features"] == PARAMS.as_dict()
+    assert info["normalization"]["inside_model"] is True
+    np.testing.assert_allclose(info["normalization"]["mean"], normalization.mean, rtol=1e-6)
+    assert info["input"]["name"] == "log_mel"
+    assert info["input"]["shape"] == ["batch", 1, 51, 64]
+    assert info["output"]["shape"] == ["batch", 6]
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert report[0]["passed"] is True
+
+
+def test_a_corrupted_onnx_export_fails_its_check(tmp_path, small_model, clips_features):
+    (check,) = _export(tmp_path, small_model, clips_features, None, ["onnx"])
+    graph = onnx.load(check.path)
+    first = max(graph.graph.initializer, key=lambda tensor: np.prod(tensor.dims))
+    weights = numpy_helper.to_array(first).copy()
+    weights *= 1.01
+    first.CopyFrom(numpy_helper.from_array(weights, first.name))
+    onnx.save(graph, check.path)
+    reference = inference_model(small_model, None)
+    failed = check_export("onnx", check.path, reference, clips_features)
+    assert not failed.passed
+    assert "max |delta logit|" in failed.failure
+
+
+def test_a_failed_check_raises_naming_the_format_and_check(
+    tmp_path, small_model, clips_features, monkeypatch
+):
+    import audioclf.export as export
+
+    def corrupt_torchscript(module, example, path):
+        # A copy: the traced module shares its tensors with the one it traced.
+        traced = torch.jit.trace(copy.deepcopy(module), (example,), check_trace=False)
+        with torch.no_grad():
+            next(traced.parameters()).mul_(3.0)
+        traced.save(str(path))
+        return path
+
+    monkeypatch.setitem(export.EXPORTERS, "torchscript", corrupt_torchscript)
+    with pytest.raises(ExportError, match=r"torchscript .*model.pt\): max \|delta logit\|"):
+        _export(tmp_path, small_model, clips_features, None, ["torchscript"])
+    assert (tmp_path / "export" / "export_report.json").exists()
+
+
+def test_unknown_format_is_named(tmp_path, small_model, clips_features):
+    with pytest.raises(ExportError, match=r"unknown export format\(s\) \['tflite'\]"):
+        _export(tmp_path, small_model, clips_features, None, ["tflite"])
+
+
+def _manifest(tmp_path) -> list[str]:
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), split)
+        for d in (1, 2)
+        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
+        + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
+    ]
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
+
+
+def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_config, tmp_path):
+    summary = run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.train=true",
+            "training.epochs=1",
+            "run.export=true",
+            "run.export_formats=[onnx,torchscript]",
+        )
+    )
+    assert [check["passed"] for check in summary["export"]] == [True, True]
+    for name in ("model.onnx", "model.onnx.json", "model.pt", "model.pt.json"):
+        assert (tmp_path / "outputs" / "export" / name).exists()
+    best = tmp_path / "best.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
+    again = run(
+        compose_config(
+            *_manifest(tmp_path),
+            "run.export=true",
+            "run.export_formats=[onnx]",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert again["export"][0]["passed"]
+    info = json.loads((tmp_path / "again" / "export" / "model.onnx.json").read_text())
+    assert info["normalization"]["inside_model"] is True
+    assert info["classes"] == ["1", "2"]
