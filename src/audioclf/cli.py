@@ -335,6 +335,7 @@ def export_run(
         normalization=train.normalization,
         check_features=features,
         model_name=settings.model.name,
+        multi_label=settings.data.multi_label,
     )
     return [dataclasses.asdict(check) for check in checks]
 

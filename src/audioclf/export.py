@@ -177,6 +177,7 @@ def sidecar(
     feature_shape: Sequence[int],
     fmt: str,
     model_name: str,
+    multi_label: bool = False,
 ) -> dict[str, Any]:
     """What on-device code needs to feed the exported file from raw audio."""
     mean, std = module.mean.tolist(), module.std.tolist()
@@ -184,6 +185,7 @@ def sidecar(
         "format": fmt,
         "model": model_name,
         "classes": list(classes),
+        "multi_label": multi_label,
         "sample_rate": feature_params.sample_rate,
         "clip_seconds": clip_seconds,
         "clip_samples": round(clip_seconds * feature_params.sample_rate),
@@ -200,7 +202,9 @@ def sidecar(
         "output": {
             "name": OUTPUT_NAME,
             "shape": ["batch", len(classes)],
-            "meaning": "logits; softmax for probabilities (sigmoid for multi-label models)",
+            "meaning": "logits: sigmoid for probabilities"
+            if multi_label
+            else "logits: softmax for probabilities",
             "dtype": "float32",
         },
     }
@@ -217,6 +221,7 @@ def export_model(
     normalization: FeatureNormalization | None,
     check_features: np.ndarray,
     model_name: str,
+    multi_label: bool = False,
 ) -> list[Check]:
     """Export `model` in each format into `directory` (`model.<suffix>` plus
     `model.<suffix>.json`), check each against PyTorch on `check_features` (N, 1, frames,
@@ -243,6 +248,7 @@ def export_model(
             check_features.shape[1:],
             fmt,
             model_name,
+            multi_label,
         )
         Path(f"{path}.json").write_text(json.dumps(info, indent=1))
         checks.append(check_export(fmt, path, module, check_features))

@@ -1,0 +1,324 @@
+"""Classify audio files with a trainer checkpoint or an exported model.
+
+    audioclf-predict MODEL FILE_OR_DIR... [--top-k 3] [--format table|json|csv]
+                     [--window S] [--hop S] [--aggregate mean|max] [--per-window]
+                     [--embeddings OUT]
+
+MODEL is a trainer checkpoint (.pth) or an export (.onnx, TorchScript .pt) with its JSON
+sidecar beside it. Each file is decoded, resampled and cut into windows of the clip length
+(sliding with `--hop` when it is longer; centred and zero-padded when shorter), each window's
+log-mel computed as in training, and the windows' probabilities aggregated. A file that cannot
+be used is reported with the reason and skipped; the exit status is 1 when any was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from audioclf.audio import BadAudioError, fix_length, load_audio
+from audioclf.checkpoint import load_checkpoint, stored_normalization
+from audioclf.export import ExportError, load_runner
+from audioclf.features import LogMelParams, log_mel
+from audioclf.index import AUDIO_EXTENSIONS
+from audioclf.model import CheckpointError, Model, create_model, load_state
+from audioclf.settings import ConfigError, load_settings
+
+
+class PredictError(ValueError):
+    """A model file that cannot be used for prediction; the message names it."""
+
+
+@dataclass
+class Predictor:
+    """Log-mel windows in, logits out, with what is needed to make the windows."""
+
+    classes: list[str]
+    feature_params: LogMelParams
+    clip_seconds: float
+    multi_label: bool
+    logits: Callable[[np.ndarray], np.ndarray]
+    embeddings: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def sample_rate(self) -> int:
+        return self.feature_params.sample_rate
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_seconds * self.sample_rate)
+
+
+def load_predictor(path: str | Path) -> Predictor:
+    """A Predictor for a trainer checkpoint (.pth) or an export (.onnx, .pt) + sidecar."""
+    path = Path(path)
+    if path.suffix in (".onnx", ".pt"):
+        return _export_predictor(path)
+    return _checkpoint_predictor(path)
+
+
+def _checkpoint_predictor(path: Path) -> Predictor:
+    content = load_checkpoint(path)
+    if not isinstance(content.get("config"), dict) or "features" not in content:
+        raise PredictError(f"{path}: not a checkpoint of the main job (no config or features)")
+    try:
+        settings = load_settings(OmegaConf.create(content["config"]))
+    except ConfigError as error:
+        raise PredictError(f"{path}: its stored config does not load ({error})") from error
+    params = LogMelParams(**content["features"])
+    model_params = dict(settings.model.params)
+    for key in ("pretrained_path", "freeze_backbone"):
+        model_params.pop(key, None)
+    if model_params.get("n_mels", 0) is None:
+        model_params["n_mels"] = params.n_mels
+    model = create_model(settings.model.name, len(content["classes"]), **model_params)
+    load_state(model, content["model"], path, strict=True)
+    model.eval()
+    normalization = stored_normalization(content, path)
+
+    def prepare(features: np.ndarray) -> torch.Tensor:
+        batch = features if normalization is None else normalization(features)
+        return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+
+    def logits(features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(prepare(features)).numpy()
+
+    def embeddings(features: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _pooled(model, prepare(features)).numpy()
+
+    return Predictor(
+        list(content["classes"]),
+        params,
+        settings.data.clip_seconds,
+        settings.data.multi_label,
+        logits,
+        embeddings,
+    )
+
+
+def _pooled(model: Model, features: torch.Tensor) -> torch.Tensor:
+    if features.dim() == 3:
+        features = features.unsqueeze(1)
+    return model.forward_features(features)
+
+
+def _export_predictor(path: Path) -> Predictor:
+    sidecar_path = Path(f"{path}.json")
+    try:
+        info = json.loads(sidecar_path.read_text())
+        params = LogMelParams(**info["features"])
+        classes = list(info["classes"])
+        clip_seconds = float(info["clip_seconds"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PredictError(
+            f"{sidecar_path}: the export's sidecar is missing or unreadable ({error})"
+        ) from error
+    try:
+        runner = load_runner(path)
+    except ExportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a runtime refusing the file: name the file
+        raise PredictError(f"{path}: cannot load ({type(error).__name__}: {error})") from error
+    return Predictor(classes, params, clip_seconds, bool(info.get("multi_label")), runner)
+
+
+def windows(
+    waveform: np.ndarray, clip_samples: int, hop_samples: int
+) -> list[tuple[float, np.ndarray]]:
+    """(start sample, window) pairs: one centred clip for short audio, else windows every
+    `hop_samples` with the last one flush with the end."""
+    if len(waveform) <= clip_samples:
+        return [(0, fix_length(waveform, clip_samples))]
+    starts = list(range(0, len(waveform) - clip_samples + 1, hop_samples))
+    if starts[-1] != len(waveform) - clip_samples:
+        starts.append(len(waveform) - clip_samples)
+    return [(start, waveform[start : start + clip_samples]) for start in starts]
+
+
+@dataclass
+class FilePrediction:
+    """One file's result, or its error."""
+
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    embedding: np.ndarray | None = None
+    error: str | None = None
+
+
+def predict_file(
+    predictor: Predictor,
+    path: Path,
+    top_k: int = 3,
+    window_seconds: float | None = None,
+    hop_seconds: float | None = None,
+    aggregate: str = "mean",
+    per_window: bool = False,
+    embed: bool = False,
+) -> FilePrediction:
+    """Classify one file (BadAudioError when it cannot be used)."""
+    waveform = load_audio(path, predictor.sample_rate)
+    clip = round((window_seconds or predictor.clip_seconds) * predictor.sample_rate)
+    hop_seconds = hop_seconds or (window_seconds or predictor.clip_seconds) / 2
+    hop = round(hop_seconds * predictor.sample_rate)
+    parts = windows(waveform, clip, max(hop, 1))
+    features = np.stack([log_mel(window, predictor.feature_params) for _, window in parts])
+    features = features[:, np.newaxis]
+    logits = predictor.logits(features)
+    if predictor.multi_label:
+        probabilities = 1 / (1 + np.exp(-logits))
+    else:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    pooled = probabilities.mean(axis=0) if aggregate == "mean" else probabilities.max(axis=0)
+    result = FilePrediction(str(path), _top(pooled, predictor.classes, top_k))
+    if per_window:
+        result.windows = [
+            {
+                "start_seconds": round(start / predictor.sample_rate, 3),
+                "top": _top(row, predictor.classes, top_k),
+            }
+            for (start, _), row in zip(parts, probabilities, strict=True)
+        ]
+    if embed:
+        if predictor.embeddings is None:
+            raise PredictError("--embeddings needs a trainer checkpoint (.pth)")
+        result.embedding = predictor.embeddings(features).mean(axis=0)
+    return result
+
+
+def _top(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
+    order = np.argsort(-probabilities)[:k]
+    return [(classes[index], float(probabilities[index])) for index in order]
+
+
+def audio_files(arguments: Iterable[str]) -> list[Path]:
+    """Files as given, and the audio files below any folder given."""
+    paths = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            paths += sorted(
+                p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+            )
+        else:
+            paths.append(path)
+    return paths
+
+
+def format_results(results: Sequence[FilePrediction], fmt: str, per_window: bool) -> str:
+    """Results as a table, JSON or CSV."""
+    if fmt == "json":
+        return json.dumps(
+            [
+                {
+                    "path": r.path,
+                    "error": r.error,
+                    "top": [{"label": label, "probability": p} for label, p in r.top],
+                    **({"windows": r.windows} if per_window else {}),
+                }
+                for r in results
+            ],
+            indent=1,
+        )
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "rank", "label", "probability", "error"])
+        for r in results:
+            if r.error:
+                writer.writerow([r.path, "", "", "", r.error])
+            for rank, (label, probability) in enumerate(r.top, start=1):
+                writer.writerow([r.path, rank, label, f"{probability:.6f}", ""])
+        return buffer.getvalue().rstrip("\n")
+    lines = []
+    for r in results:
+        if r.error:
+            lines.append(f"{r.path}  ERROR: {r.error}")
+            continue
+        labels = ", ".join(f"{label} {probability:.3f}" for label, probability in r.top)
+        lines.append(f"{r.path}  {labels}")
+        for window in r.windows:
+            labels = ", ".join(f"{label} {p:.3f}" for label, p in window["top"])
+            lines.append(f"  @ {window['start_seconds']:.2f} s  {labels}")
+    return "\n".join(lines)
+
+
+def write_embeddings(results: Sequence[FilePrediction], out: Path) -> tuple[Path, Path]:
+    """`OUT.npy` (files x dimensions) and `OUT.csv` (path, then the dimensions)."""
+    kept = [r for r in results if r.embedding is not None]
+    matrix = np.stack([r.embedding for r in kept]) if kept else np.zeros((0, 0), np.float32)
+    npy, table = out.with_suffix(".npy"), out.with_suffix(".csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, matrix.astype(np.float32))
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", *(f"e{i}" for i in range(matrix.shape[1] if kept else 0))])
+        for r, row in zip(kept, matrix, strict=True):
+            writer.writerow([r.path, *(f"{value:.6g}" for value in row)])
+    return npy, table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (1 when any file failed)."""
+    parser = argparse.ArgumentParser(prog="audioclf-predict", description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="trainer checkpoint (.pth), .onnx or TorchScript .pt")
+    parser.add_argument("inputs", nargs="+", help="audio files or folders")
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--window", type=float, help="window seconds (default: clip length)")
+    parser.add_argument("--hop", type=float, help="hop seconds (default: half a window)")
+    parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
+    parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
+    parser.add_argument("--embeddings", type=Path, help="write pooled embeddings to OUT.npy/.csv")
+    arguments = parser.parse_args(argv)
+    try:
+        predictor = load_predictor(arguments.model)
+    except (PredictError, CheckpointError, ExportError) as error:
+        print(f"audioclf-predict: {error}", file=sys.stderr)
+        return 2
+    if arguments.embeddings is not None and predictor.embeddings is None:
+        print("audioclf-predict: --embeddings needs a trainer checkpoint (.pth)", file=sys.stderr)
+        return 2
+    results = []
+    for path in audio_files(arguments.inputs):
+        try:
+            results.append(
+                predict_file(
+                    predictor,
+                    path,
+                    arguments.top_k,
+                    arguments.window,
+                    arguments.hop,
+                    arguments.aggregate,
+                    arguments.per_window,
+                    arguments.embeddings is not None,
+                )
+            )
+        except BadAudioError as error:
+            results.append(FilePrediction(str(path), error=error.reason))
+    print(format_results(results, arguments.format, arguments.per_window))
+    if arguments.embeddings is not None:
+        npy, table = write_embeddings(results, arguments.embeddings)
+        print(f"embeddings: {npy}, {table}", file=sys.stderr)
+    failed = [r for r in results if r.error]
+    if failed:
+        print(f"audioclf-predict: {len(failed)} of {len(results)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

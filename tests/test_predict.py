@@ -1,0 +1,184 @@
+"""audioclf-predict: every model format on wav files, long files in windows, bad files,
+output formats and embeddings."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audioclf.audio import load_audio
+from audioclf.cli import run
+from audioclf.predict import load_predictor, main, windows
+from conftest import FSDD, fsdd_clip, write_manifest
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run on digits 1 and 2 with its checkpoint, ONNX and TorchScript exports."""
+    from hydra import compose, initialize_config_dir
+
+    from audioclf.cli import CONFIG_DIR
+
+    folder = tmp_path_factory.mktemp("trained")
+    rows = [
+        (f"{d}_{speaker}_{i}.wav", str(d), split)
+        for d in (1, 2)
+        for speaker in ("jackson", "theo")
+        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
+        + [(14, "train"), (15, "train"), (5, "val"), (0, "test")]
+    ]
+    manifest = write_manifest(folder / "m.csv", ["path", "label", "split"], rows)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        config = compose(
+            "config",
+            overrides=[
+                "data=manifest",
+                f"data.manifest={manifest}",
+                f"data.root={FSDD}",
+                "data.sample_rate=8000",
+                "training.epochs=6",
+                "training.lr=3e-3",
+                "run.export=true",
+                "system.num_workers=0",
+                f"system.cache_dir={folder / 'cache'}",
+                f"system.output_dir={folder / 'run'}",
+            ],
+        )
+    run(config)
+    return folder / "run"
+
+
+def _models(trained):
+    return {
+        "pth": trained / "checkpoints" / "best.pth",
+        "onnx": trained / "export" / "model.onnx",
+        "pt": trained / "export" / "model.pt",
+    }
+
+
+@pytest.fixture
+def wavs(tmp_path):
+    files = []
+    for digit in (1, 2):
+        target = tmp_path / "audio" / f"{digit}.wav"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(fsdd_clip(digit, speaker="theo", index=20), target)
+        files.append(target)
+    return files
+
+
+def _json(capsys, *argv):
+    status = main(["--format", "json", *map(str, argv)])
+    return status, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "onnx", "pt"])
+def test_every_model_format_classifies_wav_files(trained, wavs, capsys, fmt):
+    status, results = _json(capsys, _models(trained)[fmt], *wavs, "--top-k", "2")
+    assert status == 0
+    assert [r["path"] for r in results] == [str(w) for w in wavs]
+    for r in results:
+        assert [t["label"] for t in r["top"]] in (["1", "2"], ["2", "1"])
+        assert sum(t["probability"] for t in r["top"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_all_formats_give_the_same_probabilities(trained, wavs, capsys):
+    answers = {fmt: _json(capsys, path, *wavs)[1] for fmt, path in _models(trained).items()}
+    for fmt in ("onnx", "pt"):
+        for mine, reference in zip(answers[fmt], answers["pth"], strict=True):
+            assert [t["label"] for t in mine["top"]] == [t["label"] for t in reference["top"]]
+            np.testing.assert_allclose(
+                [t["probability"] for t in mine["top"]],
+                [t["probability"] for t in reference["top"]],
+                atol=1e-4,
+            )
+
+
+def test_a_long_file_is_classified_in_sliding_windows(trained, tmp_path, capsys):
+    audio = np.concatenate([load_audio(fsdd_clip(d, index=30), 8000) for d in (1, 2, 1)])
+    long_file = tmp_path / "long.wav"
+    sf.write(long_file, audio, 8000)
+    seconds = len(audio) / 8000
+    status, (result,) = _json(
+        capsys, _models(trained)["pth"], long_file, "--per-window", "--hop", "0.25"
+    )
+    assert status == 0
+    starts = [w["start_seconds"] for w in result["windows"]]
+    assert starts[0] == 0.0
+    assert starts[-1] == pytest.approx(seconds - 1.0, abs=1e-3)  # the last window ends flush
+    assert all(b - a <= 0.25 + 1e-9 for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_window_positions():
+    wave = np.arange(25, dtype=np.float32)
+    assert [start for start, _ in windows(wave, 10, 5)] == [0, 5, 10, 15]
+    (only,) = windows(wave[:6], 10, 5)
+    assert len(only[1]) == 10
+
+
+def test_a_bad_file_is_reported_and_the_rest_still_classified(trained, wavs, tmp_path, capsys):
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    status = main([str(_models(trained)["onnx"]), str(wavs[0]), str(broken), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert status == 1
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert {row["path"] for row in rows if not row["error"]} == {str(wavs[0])}
+    (bad,) = [row for row in rows if row["error"]]
+    assert bad["path"] == str(broken)
+    assert "cannot decode audio" in bad["error"]
+    assert "1 of 2 file(s) failed" in captured.err
+
+
+def test_embeddings_are_written_per_file(trained, wavs, tmp_path, capsys):
+    out = tmp_path / "emb" / "vectors"
+    status = main([str(_models(trained)["pth"]), *map(str, wavs), "--embeddings", str(out)])
+    assert status == 0
+    matrix = np.load(out.with_suffix(".npy"))
+    assert matrix.shape[0] == 2
+    assert matrix.shape[1] > 8
+    with out.with_suffix(".csv").open() as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][0] == "path"
+    assert [row[0] for row in rows[1:]] == [str(w) for w in wavs]
+
+
+def test_embeddings_from_an_export_are_refused(trained, wavs, tmp_path, capsys):
+    status = main([str(_models(trained)["onnx"]), str(wavs[0]), "--embeddings", str(tmp_path)])
+    assert status == 2
+    assert "needs a trainer checkpoint" in capsys.readouterr().err
+
+
+def test_a_model_file_that_is_not_one_is_named(tmp_path, wavs, capsys):
+    fake = tmp_path / "model.pth"
+    fake.write_text("hello")
+    assert main([str(fake), str(wavs[0])]) == 2
+    assert "model.pth" in capsys.readouterr().err
+
+
+def test_console_script_and_module_both_run(trained, wavs):
+    script = [str(__import__("pathlib").Path(sys.executable).parent / "audioclf-predict")]
+    for command in (script, [sys.executable, "-m", "audioclf.predict"]):
+        result = subprocess.run(
+            [*command, str(_models(trained)["pt"]), str(wavs[0])],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert str(wavs[0]) in result.stdout
+
+
+def test_predictor_reads_features_from_the_sidecar(trained):
+    predictor = load_predictor(_models(trained)["onnx"])
+    assert predictor.classes == ["1", "2"]
+    assert predictor.sample_rate == 8000
+    assert predictor.clip_samples == 8000
