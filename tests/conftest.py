@@ -85,3 +85,16 @@ def manifest_rows() -> list[tuple[str, str, int]]:
         for n, index in enumerate(range(10, 22)):
             rows.append((f"{digit}_jackson_{index}.wav", str(digit), n % 4 + 1))
     return rows
+
+
+def tiny_split_manifest(folder: Path) -> list[str]:
+    """Overrides for a manifest of 16 FSDD clips of digits 1 and 2 with a split column
+    (8 train, 4 val, 4 test): the smallest real dataset the main job runs on."""
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), split)
+        for d in (1, 2)
+        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
+        + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
+    ]
+    path = write_manifest(folder / "m.csv", ["path", "label", "split"], rows)
+    return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]

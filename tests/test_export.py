@@ -17,7 +17,7 @@ from audioclf.cli import run
 from audioclf.export import ExportError, check_export, export_model, inference_model, load_runner
 from audioclf.features import FeatureNormalization, compute_log_mel, resolve_params
 from audioclf.model import create_model
-from conftest import FSDD, fsdd_clip, write_manifest
+from conftest import fsdd_clip, tiny_split_manifest
 
 PARAMS = resolve_params("librosa", 8000)
 
@@ -135,21 +135,10 @@ def test_unknown_format_is_named(tmp_path, small_model, clips_features):
         _export(tmp_path, small_model, clips_features, None, ["tflite"])
 
 
-def _manifest(tmp_path) -> list[str]:
-    rows = [
-        (f"{d}_jackson_{i}.wav", str(d), split)
-        for d in (1, 2)
-        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
-        + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
-    ]
-    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
-    return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
-
-
 def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_config, tmp_path):
     summary = run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.train=true",
             "training.epochs=1",
             "run.export=true",
@@ -163,7 +152,7 @@ def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_con
     shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
     again = run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.export=true",
             "run.export_formats=[onnx]",
             f"run.checkpoint_path={best}",

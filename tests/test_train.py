@@ -31,7 +31,7 @@ from audioclf.model.heads import LinearHead
 from audioclf.schedules import Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import DistillationConfig, TrainingConfig
 from audioclf.train import EarlyStopping, Trainer
-from conftest import FSDD, fsdd_clip, write_manifest
+from conftest import FSDD, fsdd_clip, tiny_split_manifest, write_manifest
 
 
 class TinyNet(Model):
@@ -433,20 +433,11 @@ def test_class_weights_weigh_each_class_term():
 # ---------------------------------------------------------------- the main job
 
 
-def _manifest(tmp_path) -> list[str]:
-    rows = [
-        (f"{d}_jackson_{i}.wav", str(d), split)
-        for d in (1, 2)
-        for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
-        + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
-    ]
-    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
-    return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
-
-
 def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
     summary = run(
-        compose_config(*_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=2")
+        compose_config(
+            *tiny_split_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=2"
+        )
     )
     assert len(summary["training"]["history"]) == 2
     assert summary["normalization"] is True
@@ -457,14 +448,16 @@ def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
 
 def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path):
     trained = run(
-        compose_config(*_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=1")
+        compose_config(
+            *tiny_split_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=1"
+        )
     )
     best = tmp_path / "best.pth"
     shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
     # Another model, other features and sample rate in this config: the checkpoint's win.
     tested = run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.test=true",
             f"run.checkpoint_path={best}",
             "model=panns_mobilenetv1",
@@ -479,7 +472,7 @@ def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path
 
 
 def test_a_dataset_with_other_classes_than_the_checkpoint_is_named(compose_config, tmp_path):
-    run(compose_config(*_manifest(tmp_path), "run.train=true", "training.epochs=1"))
+    run(compose_config(*tiny_split_manifest(tmp_path), "run.train=true", "training.epochs=1"))
     best = tmp_path / "outputs" / "checkpoints" / "best.pth"
     rows = [(f"{d}_jackson_{i}.wav", str(d)) for d in (1, 3) for i in range(10, 16)]
     other = write_manifest(tmp_path / "other.csv", ["path", "label"], rows)
@@ -539,7 +532,7 @@ def test_arcface_student_distils(tmp_path):
 def _teacher_run(compose_config, tmp_path, *overrides) -> str:
     run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.train=true",
             "training.epochs=1",
             f"system.output_dir={tmp_path / 'teacher'}",
@@ -553,7 +546,7 @@ def test_teacher_on_the_students_features_runs_on_every_batch(compose_config, tm
     teacher = _teacher_run(compose_config, tmp_path, "model.params.width_mult=0.5")
     summary = run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.train=true",
             "training.epochs=1",
             "teacher_model=efficientnet_v2",
@@ -569,7 +562,7 @@ def test_teacher_with_its_own_features_gives_cached_logits(compose_config, tmp_p
     )
     summary = run(
         compose_config(
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "run.train=true",
             "training.epochs=1",
             "teacher_model=efficientnet_v2",
@@ -593,7 +586,7 @@ def test_teacher_for_other_classes_is_refused_naming_them(compose_config, tmp_pa
     with pytest.raises(CheckpointError, match=r"classes \['4', '5'\], the student learns"):
         run(
             compose_config(
-                *_manifest(tmp_path),
+                *tiny_split_manifest(tmp_path),
                 "run.train=true",
                 "teacher_model=efficientnet_v2",
                 f"teacher_model.checkpoint_path={teacher}",
@@ -650,7 +643,7 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
 
     from conftest import REPO
 
-    manifest = _manifest(tmp_path)
+    manifest = tiny_split_manifest(tmp_path)
     result = subprocess.run(
         [
             sys.executable,
@@ -691,7 +684,7 @@ def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
             sys.executable,
             str(REPO / "main.py"),
             "-m",
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "training.epochs=1",
             "training.lr=1e-3,3e-3",
             "run.test=false",
@@ -715,7 +708,7 @@ def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
 # ---------------------------------------------------------------- multi-label
 
 
-def _multi_label_manifest(tmp_path) -> list[str]:
+def _multi_labeltiny_split_manifest(tmp_path) -> list[str]:
     rows = []
     for digit, tags in ((1, "one;odd"), (2, "two;even"), (3, "odd;three")):
         for index, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")] + [
@@ -763,7 +756,7 @@ def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
 def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tmp_path):
     summary = run(
         compose_config(
-            *_multi_label_manifest(tmp_path),
+            *_multi_labeltiny_split_manifest(tmp_path),
             "run.train=true",
             "run.test=true",
             "training.epochs=2",
@@ -818,7 +811,10 @@ def _epoch(sampler: EpochSampler, epoch: int) -> list:
 def test_deterministic_mode_is_on_for_the_job_only(compose_config, tmp_path):
     summary = run(
         compose_config(
-            *_manifest(tmp_path), "run.train=true", "training.epochs=1", "system.deterministic=true"
+            *tiny_split_manifest(tmp_path),
+            "run.train=true",
+            "training.epochs=1",
+            "system.deterministic=true",
         )
     )
     assert len(summary["training"]["history"]) == 1
@@ -850,7 +846,7 @@ def test_main_job_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tm
         return [
             sys.executable,
             str(REPO / "main.py"),
-            *_manifest(tmp_path),
+            *tiny_split_manifest(tmp_path),
             "training.epochs=6",
             "training.batch_size=4",
             "training.mixup_alpha=0.2",

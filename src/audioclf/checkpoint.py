@@ -18,6 +18,7 @@ import torch
 
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
+from audioclf.model.pretrained import load_file
 
 #: Bumped when the layout changes in a way older readers would misread.
 CHECKPOINT_VERSION = 1
@@ -46,16 +47,7 @@ def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint the trainer wrote; anything else is a CheckpointError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        # The unpickler raises almost anything on a file that is not a checkpoint.
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
-        ) from error
+    content = load_file(path)
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: not a trainer checkpoint (no dict inside)")
     missing = [key for key in ("model", "classes") if key not in content]

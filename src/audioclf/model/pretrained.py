@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,19 +34,25 @@ class LoadReport:
     missing_batch_counters: list[str] = field(default_factory=list)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, with weights stored bare or under the key "model"."""
+def load_file(path: str | Path) -> Any:
+    """What `torch.load(path, weights_only=True)` reads, on the CPU; a missing or unreadable
+    file is a CheckpointError naming it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         # The unpickler raises almost anything on a file that is not a checkpoint (KeyError,
         # IndexError, UnpicklingError, ...): each is this file being unreadable.
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
         ) from error
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, with weights stored bare or under the key "model"."""
+    content = load_file(path)
     if isinstance(content, Mapping) and isinstance(content.get("model"), Mapping):
         content = content["model"]
     if not isinstance(content, Mapping) or not content:
