@@ -31,6 +31,7 @@ def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
         # The main job's data pass only, unless a test asks for training or testing.
         "run.train": "false",
         "run.test": "false",
+        "run.export": "false",
     }
 
     def _compose(*overrides: str) -> DictConfig:

@@ -147,3 +147,6 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
     assert "epoch 2/2" in output
     assert "test: accuracy" in output
     assert (tmp_path / "run" / "checkpoints" / "best.pth").exists()
+    # The default job exports too, each format checked.
+    assert (tmp_path / "run" / "export" / "model.onnx").exists()
+    assert "exports checked on 6 clips" in output

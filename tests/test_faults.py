@@ -703,3 +703,12 @@ def test_unusable_normalisation_in_a_checkpoint_names_the_file(tmp_path, normali
 
     with pytest.raises(CheckpointError, match="model.pth: unusable normalisation"):
         stored_normalization({"normalization": normalization}, tmp_path / "model.pth")
+
+
+def test_onnx_export_without_its_packages_stops_at_start(compose_config, monkeypatch):
+    import audioclf.settings as settings
+
+    monkeypatch.setattr(settings, "_installed", lambda module: module != "onnxruntime")
+    with pytest.raises(ConfigError, match=r"needs onnxruntime: pip install -e \".\[export\]\""):
+        load_settings(compose_config("run.export=true"))
+    load_settings(compose_config("run.export=true", "run.export_formats=[torchscript]"))

@@ -9,6 +9,7 @@ The library below the CLI takes these dataclasses or plain values, never a DictC
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import types
@@ -257,6 +258,13 @@ def load_settings(config: DictConfig) -> Settings:
             "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
             f"{data.val_fraction} + {data.test_fraction}"
         )
+    if settings.run.export and "onnx" in settings.run.export_formats:
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _installed(name)]
+        if missing:
+            raise ConfigError(
+                f"run.export_formats has onnx, which needs {', '.join(missing)}: "
+                'pip install -e ".[export]", or run.export=false'
+            )
     if settings.run.folds is not None:
         if data.format != "manifest":
             raise ConfigError("run.folds needs data=manifest with a fold column")
@@ -268,6 +276,10 @@ def load_settings(config: DictConfig) -> Settings:
     if settings.teacher_model is not None and not settings.teacher_model.checkpoint_path:
         raise ConfigError("teacher_model.checkpoint_path must be set to the teacher's weights")
     return settings
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _build(cls: type, values: Any, key: str) -> Any:
