@@ -542,9 +542,8 @@ def _teacher_run(compose_config, tmp_path, *overrides) -> str:
     return str(tmp_path / "teacher" / "checkpoints" / "best.pth")
 
 
-def test_teacher_on_the_students_features_runs_on_every_batch(compose_config, tmp_path):
-    teacher = _teacher_run(compose_config, tmp_path, "model.params.width_mult=0.5")
-    summary = run(
+def _student_run(compose_config, tmp_path, teacher: str) -> dict:
+    return run(
         compose_config(
             *tiny_split_manifest(tmp_path),
             "run.train=true",
@@ -553,6 +552,11 @@ def test_teacher_on_the_students_features_runs_on_every_batch(compose_config, tm
             f"teacher_model.checkpoint_path={teacher}",
         )
     )
+
+
+def test_teacher_on_the_students_features_runs_on_every_batch(compose_config, tmp_path):
+    teacher = _teacher_run(compose_config, tmp_path, "model.params.width_mult=0.5")
+    summary = _student_run(compose_config, tmp_path, teacher)
     assert summary["distillation"]["how"] == "online, on the student's features"
 
 
@@ -560,15 +564,7 @@ def test_teacher_with_its_own_features_gives_cached_logits(compose_config, tmp_p
     teacher = _teacher_run(
         compose_config, tmp_path, "data.sample_rate=16000", "features=tf_power_db"
     )
-    summary = run(
-        compose_config(
-            *tiny_split_manifest(tmp_path),
-            "run.train=true",
-            "training.epochs=1",
-            "teacher_model=efficientnet_v2",
-            f"teacher_model.checkpoint_path={teacher}",
-        )
-    )
+    summary = _student_run(compose_config, tmp_path, teacher)
     assert summary["distillation"]["how"].startswith("logits of 8 clean clips at 16000 Hz")
     assert summary["training"]["history"][0]["train_loss"] > 0
 

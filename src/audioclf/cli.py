@@ -236,8 +236,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
             settings.data.on_bad_file,
             settings.system.num_workers,
             {"dataset": settings.data.name, "root": settings.data.root},
+            preset=settings.features.preset,
+            files_checked=True,  # build_datasets ran check_clips on every file
         )
-        summary["features"]["preset"] = settings.features.preset
         if checkpoint is None:
             normalization = normalization_for(settings, datasets, model)
         else:

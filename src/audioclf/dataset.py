@@ -350,9 +350,13 @@ def prepare(
     on_bad_file: str = "error",
     num_workers: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
+    files_checked: bool = False,
 ) -> PrepareReport:
     """Decode every clip once, fill the feature cache, and deal with bad files; then attach
     the dataset's FeatureStore, built from the cache when it does not exist yet.
+
+    `files_checked`: `check_clips` has just decoded these files, so a dataset that caches
+    nothing (augmented training items) needs no pass at all.
 
     When a complete store already matches every file's content and the feature parameters,
     the files were checked when it was built: it is attached and nothing else runs.
@@ -361,6 +365,9 @@ def prepare(
     """
     _check_policy(on_bad_file)
     report = PrepareReport()
+    if files_checked and dataset.augments_audio:
+        report.checked_only = len(dataset)
+        return report
     dataset.store = None
     key = dataset.store_key()
     if key is not None:

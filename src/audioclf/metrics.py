@@ -120,22 +120,21 @@ def write_evaluation(
         everything = {}
     everything[name] = {"classes": list(classes), **metrics}
     paths["metrics"].write_text(json.dumps(everything, indent=1))
-    prefix = name
     per_class = metrics["per_class"]
-    paths["per_class"] = directory / f"{prefix}_per_class.csv"
+    paths["per_class"] = directory / f"{name}_per_class.csv"
     with paths["per_class"].open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", *per_class])
-        for index, name in enumerate(classes):
-            writer.writerow([name, *(_cell(values[index]) for values in per_class.values())])
+        for index, label in enumerate(classes):
+            writer.writerow([label, *(_cell(values[index]) for values in per_class.values())])
     if "confusion_matrix" in metrics:
-        paths["confusion_csv"] = directory / f"{prefix}_confusion_matrix.csv"
+        paths["confusion_csv"] = directory / f"{name}_confusion_matrix.csv"
         with paths["confusion_csv"].open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["true \\ predicted", *classes])
-            for name, row in zip(classes, metrics["confusion_matrix"], strict=True):
-                writer.writerow([name, *row])
-        paths["confusion_png"] = directory / f"{prefix}_confusion_matrix.png"
+            for label, row in zip(classes, metrics["confusion_matrix"], strict=True):
+                writer.writerow([label, *row])
+        paths["confusion_png"] = directory / f"{name}_confusion_matrix.png"
         figure = confusion_matrix_figure(metrics["confusion_matrix"], classes)
         figure.savefig(paths["confusion_png"])
         plt.close(figure)

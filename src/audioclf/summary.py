@@ -16,11 +16,13 @@ def prepare_splits(
     on_bad_file: str = "error",
     num_workers: int = 0,
     description: dict[str, Any] | None = None,
+    preset: str | None = None,
+    files_checked: bool = False,
 ) -> dict[str, Any]:
     """Fill the feature cache for every split (`prepare`); return a summary of the data.
 
-    `bad_files` are those dropped before splitting; `description` (dataset name, root,
-    preset) heads the summary.
+    `bad_files` are those dropped before splitting; `description` (dataset name, root) heads
+    the summary; `preset` names the features' preset; `files_checked` as for `prepare`.
     """
     started = time.perf_counter()
     bad_files = list(bad_files)
@@ -31,6 +33,7 @@ def prepare_splits(
             dataset,
             on_bad_file,
             num_workers=num_workers,
+            files_checked=files_checked,
             progress=lambda items, split=split: tqdm(
                 items, desc=f"prepare {split}", leave=False, disable=None
             ),
@@ -49,6 +52,7 @@ def prepare_splits(
         "clip_seconds": train.clip_seconds,
         "clip_samples": train.clip_samples,
         "features": {
+            "preset": preset,
             "shape": list(train.feature_shape),
             "params": train.feature_params.as_dict(),
         },

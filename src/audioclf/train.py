@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class EpochStats:
     clips_per_second: float = 0.0
     seconds: float = 0.0
     clips: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Trainer:
@@ -191,6 +190,8 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.schedule: Schedule | None = None
         self.history: list[dict[str, float]] = []
+        #: The full metrics of the last `test()` (per-class figures, confusion matrix).
+        self.test_metrics: dict[str, Any] | None = None
         self.best_path = self.output_dir / "checkpoints" / "best.pth"
         self.last_path = self.output_dir / "checkpoints" / "last.pth"
         self._writer: SummaryWriter | None = None
