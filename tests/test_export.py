@@ -131,8 +131,8 @@ def test_a_failed_check_raises_naming_the_format_and_check(
 
 
 def test_unknown_format_is_named(tmp_path, small_model, clips_features):
-    with pytest.raises(ExportError, match=r"unknown export format\(s\) \['tflite'\]"):
-        _export(tmp_path, small_model, clips_features, None, ["tflite"])
+    with pytest.raises(ExportError, match=r"unknown export format\(s\) \['coreml'\]"):
+        _export(tmp_path, small_model, clips_features, None, ["coreml"])
 
 
 def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_config, tmp_path):

@@ -290,7 +290,7 @@ def test_manifest_with_a_utf8_bom_reads_its_header(tmp_path):
         ("run.export_formats=[pdf]", r"run.export_formats\[0\]", "one of onnx"),
         ("augmentations.spec_augment.time_masks=-2", "time_masks", ">= 0"),
         ("augmentations.spec_augment.mask_value=zero", "mask_value", "mean"),
-        ("+model.quantization.backend=arm", "model.quantization.backend", "one of x86"),
+        ("model.quantization.backend=arm", "model.quantization.backend", "one of xnnpack"),
     ],
 )
 def test_bad_config_value_names_the_key_and_what_it_allows(compose_config, override, key, allowed):

@@ -50,7 +50,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     content = load_file(path)
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: not a trainer checkpoint (no dict inside)")
-    missing = [key for key in ("model", "classes") if key not in content]
+    # An int8 checkpoint (audioclf.deploy) holds `quantized` where a float one has `model`.
+    weights = "quantized" if "quantized" in content else "model"
+    missing = [key for key in (weights, "classes") if key not in content]
     if missing:
         raise CheckpointError(
             f"{path}: not a trainer checkpoint (no {', '.join(missing)}); a bare state_dict "

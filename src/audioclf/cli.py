@@ -30,8 +30,9 @@ from audioclf.dataset import (
     SpectrogramDataset,
     prepare,
 )
+from audioclf.deploy import export_run, int8_model, quantise_run
 from audioclf.distill import WithTeacherLogits, compute_teacher_logits
-from audioclf.export import ExportError, export_model
+from audioclf.export import ExportError
 from audioclf.features import FeatureNormalization
 from audioclf.index import (
     DatasetError,
@@ -52,6 +53,7 @@ from audioclf.pipeline import (
     feature_params,
     normalization_for,
 )
+from audioclf.quant import QuantizationError, QuantizedModel
 from audioclf.settings import ConfigError, ModelConfig, Settings, load_settings
 from audioclf.summary import format_summary, prepare_splits
 from audioclf.train import Trainer, is_main_process, resolve_device
@@ -67,6 +69,7 @@ USER_ERRORS = (
     CheckpointError,
     ModelError,
     ExportError,
+    QuantizationError,
 )
 
 
@@ -149,6 +152,10 @@ def build_teacher(
         model = build_model(teacher_config, len(train.classes), train.feature_params.n_mels)
         load_state(model, read_state_dict(path), path, strict=True)
         return model, None, "online, on the student's features"
+    if "quantized" in content:
+        raise CheckpointError(
+            f"teacher_model.checkpoint_path {path} is an int8 checkpoint; teach with its float one"
+        )
     if content["classes"] != train.classes:
         raise CheckpointError(
             f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
@@ -228,7 +235,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
         # Built before the slow data pass, so a bad model parameter or checkpoint fails early.
         n_mels = datasets["train"].feature_shape[-1]
         model = build_model(settings.model, len(index.classes), n_mels)
-        if checkpoint is not None:
+        if checkpoint is not None and "quantized" in checkpoint:
+            model = int8_model(settings, model, checkpoint)
+        elif checkpoint is not None:
             load_state(model, checkpoint["model"], settings.run.checkpoint_path, strict=True)
         summary = prepare_splits(
             datasets,
@@ -304,41 +313,30 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 recall,
                 f1,
             )
+    quantized = model if isinstance(model, QuantizedModel) else None
+    if settings.run.quantise and is_main_process():
+        quantized = quantise_run(
+            settings, trainer.model, datasets, loaders, output_dir, trainer.checkpoint_extra
+        )
+        if settings.run.test and datasets["test"].clips:
+            int8_trainer = Trainer(
+                quantized,
+                settings.training,
+                index.classes,
+                output_dir,
+                multi_label=settings.data.multi_label,
+            )
+            int8_trainer.test(loaders["test"], name="test_int8")
+            summary["test_int8"] = int8_trainer.test_metrics
+            log.info(
+                "test (int8): accuracy %.4f, float %s",
+                summary["test_int8"]["accuracy"],
+                "-" if "test" not in summary else f"{summary['test']['accuracy']:.4f}",
+            )
     if settings.run.export and is_main_process():
-        summary["export"] = export_run(settings, trainer.model, datasets, output_dir)
-    if settings.run.quantise:
-        log.warning("run.quantise: this version has no quantisation yet; nothing was quantised")
+        float_model = None if isinstance(trainer.model, QuantizedModel) else trainer.model
+        summary["export"] = export_run(settings, float_model, datasets, output_dir, quantized)
     return summary
-
-
-def export_run(
-    settings: Settings,
-    model: Model,
-    datasets: dict[str, SpectrogramDataset],
-    output_dir: Path,
-) -> list[dict[str, Any]]:
-    """`run.export`: the model in each of `run.export_formats`, checked on the test clips
-    (validation clips when there is no test split), into `<run>/export/`."""
-    source = datasets["test"] if datasets["test"].clips else datasets["val"]
-    if not source.clips:
-        raise ConfigError("run.export needs test or validation clips to check the exports on")
-    # The exported graph normalises inside: it is checked on the features before normalising.
-    raw = dataclasses.replace(source, normalization=None)
-    features = np.stack([item[0].numpy() for item in raw.__getitems__(range(len(raw)))])
-    train = datasets["train"]
-    checks = export_model(
-        model,
-        settings.run.export_formats,
-        output_dir / "export",
-        classes=train.classes,
-        feature_params=train.feature_params,
-        clip_seconds=train.clip_seconds,
-        normalization=train.normalization,
-        check_features=features,
-        model_name=settings.model.name,
-        multi_label=settings.data.multi_label,
-    )
-    return [dataclasses.asdict(check) for check in checks]
 
 
 def resume_path(resume: bool | str, output_dir: Path) -> Path | None:

@@ -30,9 +30,10 @@ from omegaconf import OmegaConf
 from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.checkpoint import load_checkpoint, stored_normalization
 from audioclf.export import ExportError, load_runner
-from audioclf.features import LogMelParams, log_mel
+from audioclf.features import FeatureNormalization, LogMelParams, log_mel
 from audioclf.index import AUDIO_EXTENSIONS
 from audioclf.model import CheckpointError, Model, create_model, load_state
+from audioclf.quant import QuantizationError, load_quantized
 from audioclf.settings import ConfigError, load_settings
 
 
@@ -61,9 +62,10 @@ class Predictor:
 
 
 def load_predictor(path: str | Path) -> Predictor:
-    """A Predictor for a trainer checkpoint (.pth) or an export (.onnx, .pt) + sidecar."""
+    """A Predictor for a trainer checkpoint (.pth, float or int8) or an export (.onnx, .pt,
+    .tflite) with its sidecar."""
     path = Path(path)
-    if path.suffix in (".onnx", ".pt"):
+    if path.suffix in (".onnx", ".pt", ".tflite"):
         return _export_predictor(path)
     return _checkpoint_predictor(path)
 
@@ -83,7 +85,14 @@ def _checkpoint_predictor(path: Path) -> Predictor:
     if model_params.get("n_mels", 0) is None:
         model_params["n_mels"] = params.n_mels
     model = create_model(settings.model.name, len(content["classes"]), **model_params)
-    load_state(model, content["model"], path, strict=True)
+    int8 = "quantized" in content
+    if int8:
+        try:
+            model = load_quantized(model, content["quantized"], str(path))
+        except QuantizationError as error:
+            raise PredictError(str(error)) from error
+    else:
+        load_state(model, content["model"], path, strict=True)
     model.eval()
     normalization = stored_normalization(content, path)
 
@@ -96,6 +105,10 @@ def _checkpoint_predictor(path: Path) -> Predictor:
             return model(prepare(features)).numpy()
 
     def embeddings(features: np.ndarray) -> np.ndarray:
+        if int8:
+            raise PredictError(
+                f"{path}: an int8 graph has no embedding output; use the float checkpoint"
+            )
         with torch.no_grad():
             return _pooled(model, prepare(features)).numpy()
 
@@ -132,6 +145,17 @@ def _export_predictor(path: Path) -> Predictor:
         raise
     except Exception as error:  # noqa: BLE001 - a runtime refusing the file: name the file
         raise PredictError(f"{path}: cannot load ({type(error).__name__}: {error})") from error
+    stats = info.get("normalization")
+    if stats and not stats.get("inside_model", True):
+        # TFLite and int8 files take normalised features (the sidecar has the statistics).
+        normalization = FeatureNormalization(
+            np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+        )
+        inner = runner
+
+        def runner(features: np.ndarray) -> np.ndarray:
+            return inner(normalization(features))
+
     return Predictor(classes, params, clip_seconds, bool(info.get("multi_label")), runner)
 
 

@@ -173,6 +173,7 @@ class RunConfig:
     checkpoint_path: str | None
     resume: bool | str
     folds: Literal["all"] | list[int | str] | None
+    tflite_input_layout: Literal["nchw", "nhwc"] = "nchw"
 
 
 @dataclass(frozen=True)
@@ -203,12 +204,21 @@ class AugmentationsConfig:
 
 @dataclass(frozen=True)
 class QuantizationConfig:
-    """`model.quantization`."""
+    """`model.quantization`: how `run.quantise` makes the int8 model (see `audioclf.quant`)."""
 
-    qat: bool
-    backend: Literal["x86", "qnnpack", "xnnpack"] = "xnnpack"
-    qat_start_epoch: int = bounded(0, ge=0)
-    freeze_bn_epoch: int = bounded(0, ge=0)
+    qat: bool = False
+    mode: Literal["ptq", "qat"] = "ptq"
+    backend: Literal["xnnpack", "x86"] = "xnnpack"
+    calibration_clips: int = bounded(512, ge=1)
+    epochs: int = bounded(3, ge=1)
+    lr: float = bounded(1e-4, gt=0)
+    freeze_bn_epoch: int = bounded(1, ge=0)
+    freeze_observer_epoch: int = bounded(2, ge=0)
+
+    @property
+    def effective_mode(self) -> str:
+        """`qat: true` is the same as `mode: qat`."""
+        return "qat" if self.qat else self.mode
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,7 @@ class ModelConfig:
 
     name: str
     params: dict
-    quantization: QuantizationConfig
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     checkpoint_path: str | None = None
 
 
@@ -264,6 +274,19 @@ def load_settings(config: DictConfig) -> Settings:
             raise ConfigError(
                 f"run.export_formats has onnx, which needs {', '.join(missing)}: "
                 'pip install -e ".[export]", or run.export=false'
+            )
+    if settings.run.export and "tflite" in settings.run.export_formats:
+        missing = [name for name in ("litert_torch", "ai_edge_litert") if not _installed(name)]
+        if missing:
+            raise ConfigError(
+                f"run.export_formats has tflite, which needs {', '.join(missing)}: "
+                'pip install -e ".[tflite]", or drop tflite from run.export_formats'
+            )
+        quantization = settings.model.quantization
+        if settings.run.quantise and quantization.backend == "x86":
+            raise ConfigError(
+                "run.export_formats has tflite with model.quantization.backend=x86: x86-quantized "
+                "graphs convert but crash the TFLite interpreter; use backend=xnnpack for TFLite"
             )
     if settings.run.folds is not None:
         if data.format != "manifest":

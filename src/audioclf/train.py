@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,8 @@ class Trainer:
             `(features, targets, teacher_logits)` with logits computed beforehand
             (`audioclf.distill`); either way the loss is `distillation_loss` with
             `options.distillation`'s alpha and temperature.
+        on_epoch_start: called with each epoch's index (0-based) before it trains; QAT
+            freezes BatchNorm and the quantization ranges from it.
     """
 
     def __init__(
@@ -138,8 +140,10 @@ class Trainer:
         checkpoint_extra: dict[str, Any] | None = None,
         seed: int = 0,
         teacher: nn.Module | None = None,
+        on_epoch_start: Callable[[int], None] | None = None,
     ) -> None:
         self.options = options
+        self.on_epoch_start = on_epoch_start
         self.classes = list(classes)
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
@@ -237,6 +241,8 @@ class Trainer:
             start_epoch = options.epochs
         for epoch in range(start_epoch, options.epochs):
             self._seed_epoch(epoch, train_loader)
+            if self.on_epoch_start is not None:
+                self.on_epoch_start(epoch)
             stats = self._train_epoch(train_loader, epoch)
             val = self.validate(val_loader)
             monitored = self._monitored(stats, val)

@@ -1,0 +1,377 @@
+"""Int8 quantization through PT2E (torchao): post-training (PTQ) and quantization-aware (QAT).
+
+The flow is the one PyTorch supports today (`torch.ao.quantization`'s eager mode is deprecated
+in torch 2.13): capture the model with `torch.export` (dynamic batch), insert observers
+(`prepare_pt2e`) or fake quantizers (`prepare_qat_pt2e`) where a backend's quantizer says,
+calibrate or fine-tune, then `convert_pt2e` to a graph of int8 quantize / dequantize ops around
+each layer. Backends:
+
+- `xnnpack` (phones and microcontrollers, TFLite): symmetric int8, per-channel weights. On top
+  of torchao's XNNPACK rules, SiLU is split into sigmoid * x and the sigmoid gets TFLite's fixed
+  int8 range (scale 1/256, zero point -128), so that every op of the TFLite file is int8 (the
+  plain rules leave each SiLU in float, which microcontroller runtimes cannot run).
+- `x86` (servers): torchao's X86InductorQuantizer; fast once lowered by torch.compile. Its
+  graphs do not run in TFLite (the interpreter crashes on them), so the TFLite export refuses.
+
+`QuantizedModel` puts a prepared or converted graph behind the zoo's interface
+(`forward(x, labels=None)`, train/eval), so the Trainer fine-tunes and tests it unchanged.
+Its checkpoint holds the *prepared* graph's state (weights plus observer / fake-quantizer
+statistics) and how it was prepared: `load_quantized` rebuilds the float architecture,
+prepares it the same way, loads that state and converts, which gives the same int8 model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from audioclf.model import Model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("xnnpack", "x86")
+MODES = ("ptq", "qat")
+#: TFLite's fixed int8 range for LOGISTIC (sigmoid) outputs: [0, 1) in 256 steps.
+SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
+_MAX_BATCH = 4096
+
+
+@functools.cache
+def _load_torchao() -> None:
+    """Import torchao once, without its import-time noise (it logs a warning for each CUDA
+    kernel library it cannot load on a CPU machine)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except ImportError as error:
+        raise QuantizationError(
+            f"quantization needs torchao: pip install -e . ({error})"
+        ) from error
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+class QuantizationError(RuntimeError):
+    """A model that could not be quantized, or a quantized checkpoint that does not load."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model was quantized: enough to prepare it again the same way."""
+
+    backend: Literal["xnnpack", "x86"]
+    mode: Literal["ptq", "qat"]
+    #: The input the graph was captured with, without the batch: (1, frames, mels).
+    input_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise QuantizationError(f"backend {self.backend!r}: one of {BACKENDS}")
+        if self.mode not in MODES:
+            raise QuantizationError(f"mode {self.mode!r}: one of {MODES}")
+
+
+def _xnnpack_quantizer(qat: bool):
+    # torchao keeps its XNNPACK quantizer (the rules XNNPACK and TFLite execute) under
+    # torchao.testing since ExecuTorch took over the public one; it is the same code.
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+    )
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    sigmoid_output = FixedQParamsQuantizationSpec(
+        dtype=torch.int8,
+        scale=SIGMOID_SCALE,
+        zero_point=SIGMOID_ZERO_POINT,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+    )
+
+    class MobileQuantizer(XNNPACKQuantizer):
+        """XNNPACK's rules, plus int8 SiLU (as sigmoid * x) and sigmoid."""
+
+        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+            model = super().transform_for_annotation(model)
+            return split_silu(model)
+
+        def annotate(self, model: GraphModule) -> GraphModule:
+            model = super().annotate(model)
+            config = self.global_config
+            for node in model.graph.nodes:
+                if (
+                    node.op == "call_function"
+                    and node.target == torch.ops.aten.sigmoid.default
+                    and "quantization_annotation" not in node.meta
+                ):
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: config.input_activation},
+                        output_qspec=sigmoid_output,
+                        _annotated=True,
+                    )
+            return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "XNNPACKQuantizer is deprecated" (see above)
+        return MobileQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+        )
+
+
+def split_silu(model: GraphModule) -> GraphModule:
+    """Replace each SiLU node by x * sigmoid(x), which quantizers know how to annotate."""
+    silu = (torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in silu:
+            continue
+        with model.graph.inserting_before(node):
+            sigmoid = model.graph.call_function(torch.ops.aten.sigmoid.default, (node.args[0],))
+            product = model.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[0], sigmoid))
+        # The annotators read each node's example value (shape, dtype): same as SiLU's.
+        sigmoid.meta = dict(node.meta)
+        product.meta = dict(node.meta)
+        node.replace_all_uses_with(product)
+        model.graph.erase_node(node)
+    model.graph.lint()
+    model.recompile()
+    return model
+
+
+def make_quantizer(backend: str, qat: bool):
+    """The PT2E quantizer for `backend` (`xnnpack` or `x86`)."""
+    _load_torchao()
+    if backend == "xnnpack":
+        return _xnnpack_quantizer(qat)
+    if backend == "x86":
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        return X86InductorQuantizer().set_global(
+            get_default_x86_inductor_quantization_config(is_qat=qat)
+        )
+    raise QuantizationError(f"backend {backend!r}: one of {BACKENDS}")
+
+
+class _Logits(nn.Module):
+    """The model as a one-input graph: features -> logits (no labels: no margin)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model(features)
+
+
+def capture(model: nn.Module, example: torch.Tensor, train: bool) -> GraphModule:
+    """`model` (features -> logits) as an exported graph with a dynamic batch, in training
+    mode for QAT (BatchNorm and dropout as in training) or eval mode for PTQ."""
+    module = _Logits(model).train(train)
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            exported = torch.export.export(
+                module, (example,), dynamic_shapes={"features": {0: batch}}
+            )
+        except Exception as error:  # noqa: BLE001 - any capture failure is this model's
+            raise QuantizationError(
+                f"torch.export could not capture {type(model).__name__} for quantization: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    return exported.module()
+
+
+class QuantizedModel(nn.Module):
+    """A PT2E graph, prepared (observers / fake quantizers: calibrate or fine-tune it) or
+    converted (int8), behind the zoo's interface. `train()` / `eval()` switch the graph's
+    BatchNorm and dropout as `move_exported_model_to_train` / `_eval` do."""
+
+    def __init__(self, graph: GraphModule, spec: QuantSpec, converted: bool = False) -> None:
+        super().__init__()
+        _load_torchao()
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        # So that code calling .eval() on an enclosing module (converters do) switches the
+        # graph's BatchNorm and dropout instead of failing.
+        self.network = allow_exported_model_train_eval(graph)
+        self.spec = spec
+        self.converted = converted
+        self.num_classes: int | None = None
+        #: The prepared graph's state, kept at conversion: what a checkpoint stores.
+        self.prepared_state: dict[str, torch.Tensor] | None = None
+        self._bn_frozen = False
+        self._observers_frozen = False
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        return self.network(x)
+
+    def train(self, mode: bool = True) -> QuantizedModel:
+        from torchao.quantization.pt2e import (
+            move_exported_model_to_eval,
+            move_exported_model_to_train,
+        )
+
+        self.training = mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.network)
+        if mode and self._bn_frozen:
+            _freeze_batch_norm(self.network)
+        return self
+
+    def fuse_model(self) -> QuantizedModel:
+        """Nothing to do: PT2E folds BatchNorm into the convolutions at conversion."""
+        return self
+
+    def start_epoch(self, epoch: int, freeze_bn_epoch: int, freeze_observer_epoch: int) -> None:
+        """QAT: from `freeze_bn_epoch` BatchNorm uses its running statistics (no more
+        updates); from `freeze_observer_epoch` the quantization ranges stop moving."""
+        if self.converted:
+            return
+        from torchao.quantization.pt2e import disable_observer
+
+        if epoch >= freeze_bn_epoch and not self._bn_frozen:
+            self._bn_frozen = True
+            log.info("QAT epoch %d: BatchNorm statistics frozen", epoch + 1)
+        if epoch >= freeze_observer_epoch and not self._observers_frozen:
+            self.network.apply(disable_observer)
+            self._observers_frozen = True
+            log.info("QAT epoch %d: quantization ranges frozen", epoch + 1)
+        self.train(self.training)
+
+    def convert(self) -> QuantizedModel:
+        """The int8 model (a new module; this one is left as it was)."""
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+        if self.converted:
+            return self
+        state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
+        # convert_pt2e works in place: convert a copy rebuilt from the state.
+        graph = _copy_graph(self.network)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = convert_pt2e(graph, fold_quantize=False)
+        result = QuantizedModel(converted, self.spec, converted=True)
+        result.prepared_state = state
+        result.num_classes = self.num_classes
+        return result.eval()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What an int8 checkpoint stores: the spec and the prepared graph's state."""
+        state = self.prepared_state if self.converted else self.network.state_dict()
+        return {"spec": asdict(self.spec), "state": dict(state)}
+
+
+def _freeze_batch_norm(graph: GraphModule) -> None:
+    """Training-mode graph, BatchNorm on its running statistics (dropout still active)."""
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.batch_norm.default:
+            args = list(node.args)
+            args[5] = False  # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
+            node.args = tuple(args)
+    graph.recompile()
+
+
+def _copy_graph(graph: GraphModule) -> GraphModule:
+    import copy
+
+    return copy.deepcopy(graph)
+
+
+def prepare(
+    model: Model, example: torch.Tensor, backend: str = "xnnpack", mode: str = "ptq"
+) -> QuantizedModel:
+    """`model` captured and prepared for PTQ (observers) or QAT (fake quantizers)."""
+    _load_torchao()
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
+
+    spec = QuantSpec(backend, mode, tuple(example.shape[1:]))
+    qat = mode == "qat"
+    source = model.cpu()
+    was_training = source.training
+    graph = capture(source, example.cpu(), train=qat)
+    source.train(was_training)
+    quantizer = make_quantizer(backend, qat)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
+    result = QuantizedModel(prepared, spec)
+    result.num_classes = getattr(model, "num_classes", None)
+    return result.train(qat)
+
+
+@torch.no_grad()
+def calibrate(prepared: QuantizedModel, batches: Iterable[torch.Tensor]) -> int:
+    """Run `batches` of features through a prepared model (eval mode); the clips seen."""
+    prepared.eval()
+    seen = 0
+    for features in batches:
+        prepared(features)
+        seen += len(features)
+    if seen == 0:
+        raise QuantizationError("calibration needs at least one clip")
+    return seen
+
+
+def quantize_ptq(
+    model: Model, batches: Iterable[torch.Tensor], example: torch.Tensor, backend: str = "xnnpack"
+) -> QuantizedModel:
+    """Post-training quantization: prepare, calibrate on `batches`, convert."""
+    prepared = prepare(model, example, backend, "ptq")
+    clips = calibrate(prepared, batches)
+    log.info("PTQ (%s): calibrated on %d clips", backend, clips)
+    return prepared.convert()
+
+
+def load_quantized(
+    model: Model, content: dict[str, Any], source: str = "checkpoint"
+) -> QuantizedModel:
+    """The int8 model a checkpoint's `quantized` entry describes, built on `model` (the float
+    architecture, same classes): prepared as before, loaded with its state, converted."""
+    try:
+        spec = QuantSpec(
+            **{**content["spec"], "input_shape": tuple(content["spec"]["input_shape"])}
+        )
+        state = content["state"]
+    except (KeyError, TypeError) as error:
+        raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
+    example = torch.zeros(2, *spec.input_shape)
+    prepared = prepare(model, example, spec.backend, spec.mode)
+    expected = set(prepared.network.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise QuantizationError(
+            f"{source}: the int8 state does not match this architecture: "
+            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
+        )
+    try:
+        # Observers and fake quantizers resize their statistics to what is loaded.
+        prepared.network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise QuantizationError(f"{source}: the int8 state does not load: {error}") from error
+    return prepared.convert()
+
+
+def _some(keys: list[str]) -> str:
+    return "[]" if not keys else ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")

@@ -1,0 +1,124 @@
+"""TFLite through litert-torch (conversion) and ai-edge-litert (the interpreter); no
+TensorFlow install. Needs the `tflite` extra: pip install -e ".[tflite]".
+
+An int8 PT2E graph (`audioclf.quant`, XNNPACK rules) converts to a full-int8 file: int8 input
+and output, with their scale and zero point in the file, and int8 ops throughout, as
+microcontroller runtimes need. The batch dimension stays dynamic: the interpreter is resized
+to each batch (a file converted with a fixed batch fails at batch 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+INSTALL = 'pip install -e ".[tflite]"'
+
+
+def convert(
+    module: nn.Module, example: torch.Tensor, path: Path, *, int8: bool, batch: Any
+) -> Path:
+    """Convert `module` (traced on `example`, batch dimension `batch`) to a .tflite file."""
+    import litert_torch
+
+    quant_config = None
+    if int8:
+        from litert_torch.quantize.pt2e_quantizer import (
+            PT2EQuantizer,
+            get_symmetric_quantization_config,
+        )
+        from litert_torch.quantize.quant_config import QuantConfig
+
+        # The graph is quantised already; this tells the converter that its quantize /
+        # dequantize pairs are static int8 (weights and activations): a full-int8 file.
+        quant_config = QuantConfig(
+            pt2e_quantizer=PT2EQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=True)
+            )
+        )
+    with quiet_logs():
+        edge = litert_torch.convert(
+            module.eval(), (example,), dynamic_shapes=({0: batch},), quant_config=quant_config
+        )
+        edge.export(str(path))
+    return path
+
+
+def _interpreter(path: Path, threads: int | None = None):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as error:
+        raise ImportError(f"running TFLite needs ai-edge-litert: {INSTALL}") from error
+    with quiet_logs():
+        return Interpreter(model_path=str(path), num_threads=threads)
+
+
+def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """features (NCHW float32) -> float32 logits through the interpreter: transposed for a
+    channel-last file, quantised for an int8 input, int8 logits dequantised."""
+    interpreter = _interpreter(path, torch.get_num_threads())
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    signature = list(source["shape_signature"])
+    channel_last = len(signature) == 4 and signature[-1] == 1 and signature[1] != 1
+
+    def run(features: np.ndarray) -> np.ndarray:
+        if channel_last:
+            features = features.transpose(0, 2, 3, 1)
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if source["dtype"] == np.int8:
+            scale, zero_point = source["quantization"]
+            features = np.clip(np.round(features / scale) + zero_point, -128, 127)
+            features = features.astype(np.int8)
+        interpreter.resize_tensor_input(source["index"], list(features.shape))
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(source["index"], features)
+        interpreter.invoke()
+        logits = interpreter.get_tensor(target["index"])
+        if target["dtype"] == np.int8:
+            scale, zero_point = target["quantization"]
+            logits = (logits.astype(np.float32) - zero_point) * scale
+        return np.array(logits, dtype=np.float32)
+
+    return run
+
+
+def io_quantization(path: Path) -> dict[str, Any]:
+    """The int8 scale and zero point of a file's input and output (None where float)."""
+    interpreter = _interpreter(path)
+    result = {}
+    for key, details in (
+        ("input", interpreter.get_input_details()[0]),
+        ("output", interpreter.get_output_details()[0]),
+    ):
+        scale, zero_point = details["quantization"]
+        result[key] = (
+            {"dtype": "int8", "scale": float(scale), "zero_point": int(zero_point)}
+            if details["dtype"] == np.int8
+            else None
+        )
+    return result
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """litert-torch logs progress through logging and prints native messages to stderr;
+    errors still raise."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    stderr = os.dup(2)
+    try:
+        with open(os.devnull, "w") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        logging.disable(previous)

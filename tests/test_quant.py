@@ -1,0 +1,262 @@
+"""Quantization (PT2E PTQ and QAT) and the TFLite exports: round trips, full-int8 files, the
+checks, int8 checkpoints through the main job and predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from audioclf import quant
+from audioclf.cli import run
+from audioclf.export import ExportError, export_model
+from audioclf.features import FeatureNormalization, resolve_params
+from audioclf.model import create_model
+from audioclf.predict import main as predict_main
+from audioclf.settings import ConfigError
+from conftest import fsdd_clip, tiny_split_manifest
+
+pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
+
+PARAMS = resolve_params("librosa", 8000)
+
+
+_TRAINED: dict[int, dict] = {}
+
+
+def tiny_model(seed: int = 0):
+    """A tiny model trained for a few steps on fixed random data: a fresh one's activations
+    and logits (about 1e-3) are below int8 resolution, which proves nothing."""
+    if seed not in _TRAINED:
+        torch.manual_seed(seed)
+        model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25)
+        generator = torch.Generator().manual_seed(1)
+        inputs = torch.randn(24, 1, 40, 32, generator=generator) * 2.0
+        labels = torch.arange(24) % 3
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(30):
+            loss = F.cross_entropy(model(inputs), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        _TRAINED[seed] = model.state_dict()
+    model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25)
+    model.load_state_dict(_TRAINED[seed])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def features() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(24, 1, 40, 32, generator=generator) * 2.0
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "x86"])
+def test_ptq_round_trip_through_its_checkpoint_state(features, backend):
+    int8 = quant.quantize_ptq(tiny_model(), [features[:12], features[12:]], features[:2], backend)
+    ops = {str(node.target) for node in int8.network.graph.nodes}
+    assert any("quantize_per_tensor" in op for op in ops)
+    reloaded = quant.load_quantized(tiny_model(seed=5), int8.checkpoint_state())
+    with torch.no_grad():
+        assert torch.allclose(reloaded(features), int8(features), atol=1e-5)
+        assert int8(features[:1]).shape == (1, 3)  # dynamic batch, batch 1 included
+
+
+def test_load_quantized_names_a_state_for_another_architecture(features):
+    int8 = quant.quantize_ptq(tiny_model(), [features], features[:2])
+    other = create_model("efficientnet_v2", 3, width_mult=0.5, depth_mult=0.25)
+    with pytest.raises(quant.QuantizationError, match="does not"):
+        quant.load_quantized(other, int8.checkpoint_state(), "int8.pth")
+
+
+def test_qat_trains_freezes_batch_norm_then_ranges_and_converts(features):
+    labels = (torch.arange(len(features)) + 1) % 3  # not what tiny_model learnt
+    prepared = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
+    optimizer = torch.optim.AdamW(prepared.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        prepared.train()
+        loss = F.cross_entropy(prepared(features, labels), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+    def running_means():
+        state = prepared.network.state_dict()
+        return {k: v.clone() for k, v in state.items() if k.endswith("running_mean")}
+
+    before = running_means()
+    prepared.start_epoch(1, freeze_bn_epoch=1, freeze_observer_epoch=5)
+    prepared.train()
+    prepared(features)
+    assert all(torch.equal(before[k], v) for k, v in running_means().items())
+    scales = {k: v.clone() for k, v in prepared.network.state_dict().items() if "scale" in k}
+    prepared.start_epoch(5, freeze_bn_epoch=1, freeze_observer_epoch=5)
+    prepared(features * 10)  # ranges would widen if the observers still ran
+    after = prepared.network.state_dict()
+    assert all(torch.equal(scales[k], after[k]) for k in scales)
+    int8 = prepared.convert()
+    with torch.no_grad():
+        agreement = (int8(features).argmax(1) == prepared.eval()(features).argmax(1)).float()
+    assert agreement.mean() >= 0.9
+
+
+def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
+    from ai_edge_litert.interpreter import Interpreter
+
+    normalization = FeatureNormalization(np.zeros(32, np.float32), np.full(32, 2, np.float32))
+    normalised = torch.from_numpy(normalization(features.numpy()))
+    int8 = quant.quantize_ptq(tiny_model(), [normalised], normalised[:2])
+    (check,) = export_model(
+        None,
+        ["tflite"],
+        tmp_path,
+        classes=["a", "b", "c"],
+        feature_params=PARAMS,
+        clip_seconds=0.5,
+        normalization=normalization,
+        check_features=features.numpy(),
+        model_name="efficientnet_v2",
+        quantized=int8,
+        tflite_layout="nhwc",
+    )
+    assert check.passed
+    assert check.precision == "int8"
+    assert check.top1_agreement >= 0.99
+    interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"))
+    tensor_types = {str(t["dtype"].__name__) for t in interpreter.get_tensor_details()}
+    assert tensor_types <= {"int8", "int32"}, tensor_types  # no float op left
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert "LOGISTIC" in ops
+    assert "DEQUANTIZE" not in ops
+    info = json.loads((tmp_path / "model_int8.tflite.json").read_text())
+    assert info["input"]["shape"] == ["batch", 40, 32, 1]
+    assert info["input"]["dtype"] == "int8"
+    source = interpreter.get_input_details()[0]
+    assert info["input"]["quantization"]["scale"] == pytest.approx(source["quantization"][0])
+    assert info["normalization"]["inside_model"] is False
+
+
+def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, features):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = tiny_model()
+    checks = export_model(
+        model,
+        ["tflite"],
+        tmp_path,
+        classes=["a", "b", "c"],
+        feature_params=PARAMS,
+        clip_seconds=0.5,
+        normalization=None,
+        check_features=features.numpy(),
+        model_name="efficientnet_v2",
+    )
+    assert checks[0].passed
+    assert checks[0].max_abs_diff <= 1e-4
+    path = tmp_path / "model.tflite"
+    flat = flatbuffer_utils.read_model(str(path))
+    largest = max(flat.buffers, key=lambda b: 0 if b.data is None else len(b.data))
+    largest.data = np.zeros_like(largest.data)  # one weight tensor zeroed
+    flatbuffer_utils.write_model(flat, str(path))
+    from audioclf.export import check_export, inference_model
+
+    check = check_export("tflite", path, inference_model(model, None), features.numpy())
+    assert not check.passed
+    assert "delta logit" in check.failure
+
+
+def test_tflite_of_an_x86_quantized_model_stops_saying_why(tmp_path, features):
+    int8 = quant.quantize_ptq(tiny_model(), [features], features[:2], "x86")
+    with pytest.raises(ExportError, match="crashes the TFLite interpreter"):
+        export_model(
+            None,
+            ["tflite"],
+            tmp_path,
+            classes=["a", "b", "c"],
+            feature_params=PARAMS,
+            clip_seconds=0.5,
+            normalization=None,
+            check_features=features.numpy(),
+            model_name="efficientnet_v2",
+            quantized=int8,
+        )
+
+
+def test_config_refuses_x86_with_tflite_at_start(compose_config):
+    config = compose_config(
+        "run.quantise=true",
+        "model.quantization.backend=x86",
+        "run.export=true",
+        "run.export_formats=[tflite]",
+    )
+    with pytest.raises(ConfigError, match="backend=xnnpack"):
+        run(config)
+
+
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path, mode, capsys):
+    common = [
+        *tiny_split_manifest(tmp_path),
+        "model.params.width_mult=0.25",
+        "model.params.depth_mult=0.25",
+        "training.batch_size=4",
+    ]
+    summary = run(
+        compose_config(
+            *common,
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=2",
+            "run.quantise=true",
+            f"model.quantization.mode={mode}",
+            "model.quantization.epochs=2",
+            "model.quantization.freeze_bn_epoch=1",
+            "model.quantization.freeze_observer_epoch=1",
+            "run.export=true",
+            "run.export_formats=[onnx,tflite]",
+        )
+    )
+    outputs = tmp_path / "outputs"
+    metrics = json.loads((outputs / "metrics.json").read_text())
+    assert {"test", "test_int8"} <= set(metrics)
+    precisions = {(check["format"], check["precision"]) for check in summary["export"]}
+    assert precisions == {
+        ("onnx", "float32"),
+        ("onnx", "int8"),
+        ("tflite", "float32"),
+        ("tflite", "int8"),
+    }
+    assert all(check["passed"] for check in summary["export"])
+    if mode == "qat":
+        assert (outputs / "qat" / "checkpoints" / "last.pth").exists()
+    # The int8 checkpoint alone: tested and exported again, and predicted with.
+    int8 = tmp_path / "int8.pth"
+    shutil.copy(outputs / "checkpoints" / "int8.pth", int8)
+    again = run(
+        compose_config(
+            *common,
+            "run.test=true",
+            "run.export=true",
+            "run.export_formats=[tflite]",
+            f"run.checkpoint_path={int8}",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert again["test"]["accuracy"] == pytest.approx(summary["test_int8"]["accuracy"])
+    assert [check["precision"] for check in again["export"]] == ["int8"]
+    capsys.readouterr()
+    clip = str(fsdd_clip(1))
+    for model_file in (int8, outputs / "export" / "model_int8.tflite"):
+        assert predict_main([str(model_file), clip, "--format", "json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result[0]["top"][0]["label"] in {"1", "2"}
+    with pytest.raises(ConfigError, match="int8 checkpoint"):
+        run(compose_config(*common, "run.train=true", f"run.checkpoint_path={int8}"))
