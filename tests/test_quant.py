@@ -67,6 +67,22 @@ def test_ptq_round_trip_through_its_checkpoint_state(features, backend):
         assert int8(features[:1]).shape == (1, 3)  # dynamic batch, batch 1 included
 
 
+def _export(tmp_path, model, features, **options):
+    """export_model with the tiny models' classes and features."""
+    return export_model(
+        model,
+        options.pop("formats", ["tflite"]),
+        tmp_path,
+        classes=["a", "b", "c"],
+        feature_params=PARAMS,
+        clip_seconds=0.5,
+        normalization=options.pop("normalization", None),
+        check_features=features.numpy(),
+        model_name="efficientnet_v2",
+        **options,
+    )
+
+
 def test_load_quantized_names_a_state_for_another_architecture(features):
     int8 = quant.quantize_ptq(tiny_model(), [features], features[:2])
     other = create_model("efficientnet_v2", 3, width_mult=0.5, depth_mult=0.25)
@@ -114,18 +130,8 @@ def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
     normalization = FeatureNormalization(np.zeros(32, np.float32), np.full(32, 2, np.float32))
     normalised = torch.from_numpy(normalization(features.numpy()))
     int8 = quant.quantize_ptq(tiny_model(), [normalised], normalised[:2])
-    (check,) = export_model(
-        None,
-        ["tflite"],
-        tmp_path,
-        classes=["a", "b", "c"],
-        feature_params=PARAMS,
-        clip_seconds=0.5,
-        normalization=normalization,
-        check_features=features.numpy(),
-        model_name="efficientnet_v2",
-        quantized=int8,
-        tflite_layout="nhwc",
+    (check,) = _export(
+        tmp_path, None, features, normalization=normalization, quantized=int8, tflite_layout="nhwc"
     )
     assert check.passed
     assert check.precision == "int8"
@@ -148,17 +154,7 @@ def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, featu
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = tiny_model()
-    checks = export_model(
-        model,
-        ["tflite"],
-        tmp_path,
-        classes=["a", "b", "c"],
-        feature_params=PARAMS,
-        clip_seconds=0.5,
-        normalization=None,
-        check_features=features.numpy(),
-        model_name="efficientnet_v2",
-    )
+    checks = _export(tmp_path, model, features)
     assert checks[0].passed
     assert checks[0].max_abs_diff <= 1e-4
     path = tmp_path / "model.tflite"
@@ -176,18 +172,7 @@ def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, featu
 def test_tflite_of_an_x86_quantized_model_stops_saying_why(tmp_path, features):
     int8 = quant.quantize_ptq(tiny_model(), [features], features[:2], "x86")
     with pytest.raises(ExportError, match="crashes the TFLite interpreter"):
-        export_model(
-            None,
-            ["tflite"],
-            tmp_path,
-            classes=["a", "b", "c"],
-            feature_params=PARAMS,
-            clip_seconds=0.5,
-            normalization=None,
-            check_features=features.numpy(),
-            model_name="efficientnet_v2",
-            quantized=int8,
-        )
+        _export(tmp_path, None, features, quantized=int8)
 
 
 def test_config_refuses_x86_with_tflite_at_start(compose_config):

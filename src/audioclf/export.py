@@ -359,14 +359,33 @@ def export_model(
     directory.mkdir(parents=True, exist_ok=True)
     raw = np.ascontiguousarray(check_features, dtype=np.float32)
     labels = None if multi_label else check_labels
+    # Each module is built (copied and fused) once, whatever the formats.
+    normalised = raw if normalization is None else normalization(raw)
+    inside = None if model is None else inference_model(model, normalization)
+    outside = inside  # the float model TFLite gets: without the normalisation, when there is one
+    if model is not None and normalization is not None and "tflite" in formats:
+        outside = inference_model(model, None)
+    int8_module = None if quantized is None else Int8Model(quantized)
     float_accuracy = None
-    if model is not None and labels is not None:
+    if inside is not None and labels is not None:
         with torch.no_grad():
-            logits = inference_model(model, normalization)(torch.from_numpy(raw)).numpy()
+            logits = inside(torch.from_numpy(raw)).numpy()
         float_accuracy = float((logits.argmax(1) == labels).mean())
     checks = []
     for fmt in formats:
-        for stem, module, features, int8 in _variants(fmt, model, quantized, normalization, raw):
+        variants = []
+        if inside is not None:
+            # TFLite and int8 files take normalised features (the sidecar has the statistics):
+            # litert-torch cannot convert a broadcast against a dynamic batch, and an int8
+            # input is quantised after normalising. ONNX and TorchScript normalise inside.
+            variants.append(
+                ("model", outside, normalised, False)
+                if fmt == "tflite"
+                else ("model", inside, raw, False)
+            )
+        if int8_module is not None:
+            variants.append(("model_int8", int8_module, normalised, True))
+        for stem, module, features, int8 in variants:
             path = directory / f"{stem}{SUFFIXES[fmt]}"
             layout = tflite_layout if fmt == "tflite" else "nchw"
             exported = ChannelLast(module) if layout == "nhwc" else module
@@ -416,30 +435,6 @@ def export_model(
             + "; ".join(f"{check.format} ({check.path}): {check.failure}" for check in failed)
         )
     return checks
-
-
-def _variants(
-    fmt: str,
-    model: Model | None,
-    quantized: QuantizedModel | None,
-    normalization: FeatureNormalization | None,
-    raw: np.ndarray,
-) -> list[tuple[str, nn.Module, np.ndarray, bool]]:
-    """(file stem, module, the check features it takes, int8) for each model to export.
-
-    ONNX and TorchScript float files normalise inside. TFLite files and int8 files take
-    normalised features (the sidecar has the statistics): litert-torch cannot convert a
-    broadcast against a dynamic batch, and an int8 input is quantised after normalising."""
-    normalised = raw if normalization is None else normalization(raw)
-    variants = []
-    if model is not None:
-        if fmt == "tflite":
-            variants.append(("model", inference_model(model, None), normalised, False))
-        else:
-            variants.append(("model", inference_model(model, normalization), raw, False))
-    if quantized is not None:
-        variants.append(("model_int8", Int8Model(quantized), normalised, True))
-    return variants
 
 
 def table(checks: Sequence[Check]) -> str:

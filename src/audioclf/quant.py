@@ -22,6 +22,7 @@ prepares it the same way, loads that state and converts, which gives the same in
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import warnings
@@ -215,7 +216,6 @@ class QuantizedModel(nn.Module):
         self.network = allow_exported_model_train_eval(graph)
         self.spec = spec
         self.converted = converted
-        self.num_classes: int | None = None
         #: The prepared graph's state, kept at conversion: what a checkpoint stores.
         self.prepared_state: dict[str, torch.Tensor] | None = None
         self._bn_frozen = False
@@ -268,13 +268,12 @@ class QuantizedModel(nn.Module):
             return self
         state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
         # convert_pt2e works in place: convert a copy rebuilt from the state.
-        graph = _copy_graph(self.network)
+        graph = copy.deepcopy(self.network)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = convert_pt2e(graph, fold_quantize=False)
         result = QuantizedModel(converted, self.spec, converted=True)
         result.prepared_state = state
-        result.num_classes = self.num_classes
         return result.eval()
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -291,12 +290,6 @@ def _freeze_batch_norm(graph: GraphModule) -> None:
             args[5] = False  # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
             node.args = tuple(args)
     graph.recompile()
-
-
-def _copy_graph(graph: GraphModule) -> GraphModule:
-    import copy
-
-    return copy.deepcopy(graph)
 
 
 def prepare(
@@ -317,7 +310,6 @@ def prepare(
         warnings.simplefilter("ignore")
         prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
     result = QuantizedModel(prepared, spec)
-    result.num_classes = getattr(model, "num_classes", None)
     return result.train(qat)
 
 
