@@ -129,6 +129,8 @@ def _batch_dim() -> torch.export.Dim:
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """ONNX through torch.onnx's dynamo exporter, one self-contained file, dynamic batch (int8
     graphs become QuantizeLinear / DequantizeLinear pairs, which onnxruntime runs in int8)."""
+    # onnx-ir logs every pass at INFO (hundreds of lines under Hydra's root logger).
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     with _quiet():
         torch.onnx.export(
             module,
