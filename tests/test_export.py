@@ -145,9 +145,17 @@ def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_con
             "run.export_formats=[onnx,torchscript]",
         )
     )
-    assert [check["passed"] for check in summary["export"]] == [True, True]
-    for name in ("model.onnx", "model.onnx.json", "model.pt", "model.pt.json"):
+    # Both inputs by default: log-mel and raw audio.
+    assert [(check["format"], check["input"]) for check in summary["export"]] == [
+        ("onnx", "log_mel"),
+        ("onnx", "waveform"),
+        ("torchscript", "log_mel"),
+        ("torchscript", "waveform"),
+    ]
+    assert all(check["passed"] for check in summary["export"])
+    for name in ("model.onnx", "model.pt", "model_waveform.onnx", "model_waveform.pt"):
         assert (tmp_path / "outputs" / "export" / name).exists()
+        assert (tmp_path / "outputs" / "export" / f"{name}.json").exists()
     best = tmp_path / "best.pth"
     shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
     again = run(
@@ -155,11 +163,12 @@ def test_main_job_exports_after_training_and_from_a_checkpoint_alone(compose_con
             *tiny_split_manifest(tmp_path),
             "run.export=true",
             "run.export_formats=[onnx]",
+            "run.export_inputs=[log_mel]",
             f"run.checkpoint_path={best}",
             f"system.output_dir={tmp_path / 'again'}",
         )
     )
-    assert again["export"][0]["passed"]
+    assert [check["passed"] for check in again["export"]] == [True]
     info = json.loads((tmp_path / "again" / "export" / "model.onnx.json").read_text())
     assert info["normalization"]["inside_model"] is True
     assert info["classes"] == ["1", "2"]

@@ -61,6 +61,8 @@ def _models(trained):
         "pth": trained / "checkpoints" / "best.pth",
         "onnx": trained / "export" / "model.onnx",
         "pt": trained / "export" / "model.pt",
+        "onnx_waveform": trained / "export" / "model_waveform.onnx",
+        "pt_waveform": trained / "export" / "model_waveform.pt",
     }
 
 
@@ -80,7 +82,7 @@ def _json(capsys, *argv):
     return status, json.loads(capsys.readouterr().out)
 
 
-@pytest.mark.parametrize("fmt", ["pth", "onnx", "pt"])
+@pytest.mark.parametrize("fmt", ["pth", "onnx", "pt", "onnx_waveform", "pt_waveform"])
 def test_every_model_format_classifies_wav_files(trained, wavs, capsys, fmt):
     status, results = _json(capsys, _models(trained)[fmt], *wavs, "--top-k", "2")
     assert status == 0
@@ -92,7 +94,7 @@ def test_every_model_format_classifies_wav_files(trained, wavs, capsys, fmt):
 
 def test_all_formats_give_the_same_probabilities(trained, wavs, capsys):
     answers = {fmt: _json(capsys, path, *wavs)[1] for fmt, path in _models(trained).items()}
-    for fmt in ("onnx", "pt"):
+    for fmt in ("onnx", "pt", "onnx_waveform", "pt_waveform"):
         for mine, reference in zip(answers[fmt], answers["pth"], strict=True):
             assert [t["label"] for t in mine["top"]] == [t["label"] for t in reference["top"]]
             np.testing.assert_allclose(
@@ -102,13 +104,14 @@ def test_all_formats_give_the_same_probabilities(trained, wavs, capsys):
             )
 
 
-def test_a_long_file_is_classified_in_sliding_windows(trained, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["pth", "onnx_waveform"])
+def test_a_long_file_is_classified_in_sliding_windows(trained, tmp_path, capsys, fmt):
     audio = np.concatenate([load_audio(fsdd_clip(d, index=30), 8000) for d in (1, 2, 1)])
     long_file = tmp_path / "long.wav"
     sf.write(long_file, audio, 8000)
     seconds = len(audio) / 8000
     status, (result,) = _json(
-        capsys, _models(trained)["pth"], long_file, "--per-window", "--hop", "0.25"
+        capsys, _models(trained)[fmt], long_file, "--per-window", "--hop", "0.25"
     )
     assert status == 0
     starts = [w["start_seconds"] for w in result["windows"]]
@@ -155,6 +158,12 @@ def test_embeddings_from_an_export_are_refused(trained, wavs, tmp_path, capsys):
     status = main([str(_models(trained)["onnx"]), str(wavs[0]), "--embeddings", str(tmp_path)])
     assert status == 2
     assert "needs a trainer checkpoint" in capsys.readouterr().err
+
+
+def test_a_waveform_in_export_refuses_another_window_length(trained, wavs, capsys):
+    status = main([str(_models(trained)["onnx_waveform"]), str(wavs[0]), "--window", "0.5"])
+    assert status == 2
+    assert "takes clips of 1 s exactly" in capsys.readouterr().err
 
 
 def test_a_model_file_that_is_not_one_is_named(tmp_path, wavs, capsys):

@@ -207,17 +207,22 @@ def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path
             "model.quantization.freeze_observer_epoch=1",
             "run.export=true",
             "run.export_formats=[onnx,tflite]",
+            # Waveform-in files once (PTQ): the QAT run's exports differ only in the weights.
+            f"run.export_inputs={'[log_mel,waveform]' if mode == 'ptq' else '[log_mel]'}",
         )
     )
     outputs = tmp_path / "outputs"
     metrics = json.loads((outputs / "metrics.json").read_text())
     assert {"test", "test_int8"} <= set(metrics)
-    precisions = {(check["format"], check["precision"]) for check in summary["export"]}
-    assert precisions == {
-        ("onnx", "float32"),
-        ("onnx", "int8"),
-        ("tflite", "float32"),
-        ("tflite", "int8"),
+    # Every format, float and int8, with log-mel and with waveform input.
+    exported = {
+        (check["format"], check["precision"], check["input"]) for check in summary["export"]
+    }
+    assert exported == {
+        (fmt, precision, kind)
+        for fmt in ("onnx", "tflite")
+        for precision in ("float32", "int8")
+        for kind in (("log_mel", "waveform") if mode == "ptq" else ("log_mel",))
     }
     assert all(check["passed"] for check in summary["export"])
     if mode == "qat":
@@ -236,10 +241,14 @@ def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path
         )
     )
     assert again["test"]["accuracy"] == pytest.approx(summary["test_int8"]["accuracy"])
-    assert [check["precision"] for check in again["export"]] == ["int8"]
+    assert [check["precision"] for check in again["export"]] == ["int8", "int8"]
     capsys.readouterr()
     clip = str(fsdd_clip(1))
-    for model_file in (int8, outputs / "export" / "model_int8.tflite"):
+    export = outputs / "export"
+    models = [int8, export / "model_int8.tflite"]
+    if mode == "ptq":
+        models.append(export / "model_int8_waveform.tflite")
+    for model_file in models:
         assert predict_main([str(model_file), clip, "--format", "json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result[0]["top"][0]["label"] in {"1", "2"}

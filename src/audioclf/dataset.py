@@ -189,6 +189,13 @@ class SpectrogramDataset(Dataset):
 
         return self.cache.get_or_compute(feature_key(digest, self._parameters_digest()), compute)
 
+    def waveform(self, index: int) -> np.ndarray:
+        """An item's waveform as evaluation sees it: decoded, resampled, centred and padded
+        or cropped to `clip_samples` (the input of a waveform-in export)."""
+        clip = self.clips[index]
+        waveform = decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
+        return fix_length(waveform, self.clip_samples)
+
     def features(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """The (frames, n_mels) features of an item as training or evaluation sees them:
         cached or augmented, then normalised, then SpecAugment (training).

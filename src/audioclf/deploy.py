@@ -127,6 +127,9 @@ def export_run(
     items = raw.__getitems__(range(len(raw)))
     features = np.stack([item[0].numpy() for item in items])
     labels = None if settings.data.multi_label else np.array([int(item[1]) for item in items])
+    waveforms = None
+    if "waveform" in settings.run.export_inputs:
+        waveforms = np.stack([source.waveform(index) for index in range(len(source))])
     train = datasets["train"]
     checks = export_model(
         model,
@@ -142,6 +145,8 @@ def export_run(
         quantized=quantized,
         check_labels=labels,
         tflite_layout=settings.run.tflite_input_layout,
+        inputs=settings.run.export_inputs,
+        check_waveforms=waveforms,
     )
     return [dataclasses.asdict(check) for check in checks]
 

@@ -4,8 +4,9 @@
                      [--window S] [--hop S] [--aggregate mean|max] [--per-window]
                      [--embeddings OUT]
 
-MODEL is a trainer checkpoint (.pth) or an export (.onnx, TorchScript .pt) with its JSON
-sidecar beside it. Each file is decoded, resampled and cut into windows of the clip length
+MODEL is a trainer checkpoint (.pth) or an export (.onnx, TorchScript .pt, .tflite) with its
+JSON sidecar beside it; a waveform-in export gets the windows' samples, the others their
+log-mel. Each file is decoded, resampled and cut into windows of the clip length
 (sliding with `--hop` when it is longer; centred and zero-padded when shorter), each window's
 log-mel computed as in training, and the windows' probabilities aggregated. A file that cannot
 be used is reported with the reason and skipped; the exit status is 1 when any was.
@@ -51,6 +52,8 @@ class Predictor:
     multi_label: bool
     logits: Callable[[np.ndarray], np.ndarray]
     embeddings: Callable[[np.ndarray], np.ndarray] | None = None
+    #: The model takes waveforms of `clip_samples` (a waveform-in export), not log-mel.
+    waveform_input: bool = False
 
     @property
     def sample_rate(self) -> int:
@@ -145,6 +148,7 @@ def _export_predictor(path: Path) -> Predictor:
         raise
     except Exception as error:  # noqa: BLE001 - a runtime refusing the file: name the file
         raise PredictError(f"{path}: cannot load ({type(error).__name__}: {error})") from error
+    waveform_input = info.get("input", {}).get("kind") == "waveform"
     stats = info.get("normalization")
     if stats and not stats.get("inside_model", True):
         # TFLite and int8 files take normalised features (the sidecar has the statistics).
@@ -156,7 +160,14 @@ def _export_predictor(path: Path) -> Predictor:
         def runner(features: np.ndarray) -> np.ndarray:
             return inner(normalization(features))
 
-    return Predictor(classes, params, clip_seconds, bool(info.get("multi_label")), runner)
+    return Predictor(
+        classes,
+        params,
+        clip_seconds,
+        bool(info.get("multi_label")),
+        runner,
+        waveform_input=waveform_input,
+    )
 
 
 def windows(
@@ -199,9 +210,17 @@ def predict_file(
     hop_seconds = hop_seconds or (window_seconds or predictor.clip_seconds) / 2
     hop = round(hop_seconds * predictor.sample_rate)
     parts = windows(waveform, clip, max(hop, 1))
-    features = np.stack([log_mel(window, predictor.feature_params) for _, window in parts])
-    features = features[:, np.newaxis]
-    logits = predictor.logits(features)
+    if predictor.waveform_input:
+        if clip != predictor.clip_samples:
+            raise PredictError(
+                f"--window: a waveform-in export takes clips of {predictor.clip_seconds:g} s "
+                "exactly"
+            )
+        logits = predictor.logits(np.stack([window for _, window in parts]).astype(np.float32))
+    else:
+        features = np.stack([log_mel(window, predictor.feature_params) for _, window in parts])
+        features = features[:, np.newaxis]
+        logits = predictor.logits(features)
     if predictor.multi_label:
         probabilities = 1 / (1 + np.exp(-logits))
     else:
@@ -316,6 +335,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if arguments.embeddings is not None and predictor.embeddings is None:
         print("audioclf-predict: --embeddings needs a trainer checkpoint (.pth)", file=sys.stderr)
+        return 2
+    if (
+        predictor.waveform_input
+        and arguments.window is not None
+        and round(arguments.window * predictor.sample_rate) != predictor.clip_samples
+    ):
+        print(
+            f"audioclf-predict: --window: {arguments.model} takes clips of "
+            f"{predictor.clip_seconds:g} s exactly (a waveform-in export)",
+            file=sys.stderr,
+        )
         return 2
     results = []
     for path in audio_files(arguments.inputs):

@@ -170,6 +170,7 @@ class RunConfig:
     quantise: bool
     export: bool
     export_formats: list[Literal["onnx", "torchscript", "tflite"]]
+    export_inputs: list[Literal["log_mel", "waveform"]]
     checkpoint_path: str | None
     resume: bool | str
     folds: Literal["all"] | list[int | str] | None
@@ -275,6 +276,8 @@ def load_settings(config: DictConfig) -> Settings:
                 f"run.export_formats has onnx, which needs {', '.join(missing)}: "
                 'pip install -e ".[export]", or run.export=false'
             )
+    if settings.run.export and not settings.run.export_inputs:
+        raise ConfigError("run.export_inputs is empty: give log_mel, waveform or both")
     if settings.run.export and "tflite" in settings.run.export_formats:
         missing = [name for name in ("litert_torch", "ai_edge_litert") if not _installed(name)]
         if missing:

@@ -46,7 +46,10 @@ def convert(
         )
     with quiet_logs():
         edge = litert_torch.convert(
-            module.eval(), (example,), dynamic_shapes=({0: batch},), quant_config=quant_config
+            module.eval(),
+            (example,),
+            dynamic_shapes=None if batch is None else ({0: batch},),
+            quant_config=quant_config,
         )
         edge.export(str(path))
     return path
@@ -62,14 +65,20 @@ def _interpreter(path: Path, threads: int | None = None):
 
 
 def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """features (NCHW float32) -> float32 logits through the interpreter: transposed for a
-    channel-last file, quantised for an int8 input, int8 logits dequantised."""
+    """inputs (NCHW float32 log-mel, or waveforms) -> float32 logits through the interpreter:
+    transposed for a channel-last file, quantised for an int8 input, int8 logits dequantised,
+    one clip at a time for a file with a fixed batch of one."""
     interpreter = _interpreter(path, torch.get_num_threads())
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     signature = list(source["shape_signature"])
     channel_last = len(signature) == 4 and signature[-1] == 1 and signature[1] != 1
 
     def run(features: np.ndarray) -> np.ndarray:
+        if signature[0] == 1 and len(features) > 1:
+            # A file with a fixed batch of one (waveform-in): one clip at a time.
+            return np.concatenate(
+                [run(features[index : index + 1]) for index in range(len(features))]
+            )
         if channel_last:
             features = features.transpose(0, 2, 3, 1)
         features = np.ascontiguousarray(features, dtype=np.float32)

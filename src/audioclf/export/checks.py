@@ -1,0 +1,152 @@
+"""Each export run on real test clips and compared with the PyTorch model it came from."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from audioclf.export.formats import load_runner
+
+#: Float exports: the largest |logit difference| allowed against PyTorch.
+MAX_ABS_DIFF = 1e-4
+#: Int8 exports: the least top-1 agreement with the int8 PyTorch model, and the most test
+#: accuracy (points) they may lose against the float model.
+MIN_INT8_AGREEMENT = 0.99
+MAX_INT8_ACCURACY_DROP = 0.5
+#: Waveform-in exports with the float64 front end: the largest |log-mel difference| allowed
+#: against `compute_log_mel` on the check clips (float32 front ends are measured, not held
+#: to it: a float32 DFT is off by ~1e-3 where TensorFlow's own float32 front end is).
+MAX_FRONTEND_DIFF = 1e-3
+
+
+@dataclass(frozen=True)
+class Check:
+    """An export's agreement with PyTorch on the check clips."""
+
+    format: str
+    path: str
+    precision: str
+    clips: int
+    max_abs_diff: float
+    top1_agreement: float
+    test_accuracy: float | None
+    passed: bool
+    failure: str | None
+    input: str = "log_mel"
+    #: Waveform-in files: max |log-mel difference| of the front end against compute_log_mel.
+    frontend_max_abs_diff: float | None = None
+    frontend_dtype: str | None = None
+
+
+def check_export(
+    fmt: str,
+    path: Path,
+    reference: nn.Module,
+    inputs: np.ndarray,
+    *,
+    int8: bool = False,
+    labels: np.ndarray | None = None,
+    float_accuracy: float | None = None,
+    batch_size: int = 32,
+    input_kind: str = "log_mel",
+    frontend_max_abs_diff: float | None = None,
+    frontend_dtype: str | None = None,
+) -> Check:
+    """Run the export and the PyTorch model (`reference`, fed the same `inputs`: NCHW log-mel
+    or waveforms) and compare: float exports to max |delta logit| <= 1e-4 and 100% top-1
+    agreement; int8 exports to at least 99% top-1 agreement with the int8 PyTorch model and,
+    given `labels` and the float model's accuracy, test accuracy at most 0.5 points below it.
+    A float64 front end must also be within 1e-3 of compute_log_mel."""
+    runner = load_runner(path)
+    exported, expected = [], []
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            batch = inputs[start : start + batch_size]
+            exported.append(runner(batch))
+            expected.append(reference(torch.from_numpy(batch)).numpy())
+    exported_logits, expected_logits = np.concatenate(exported), np.concatenate(expected)
+    precision = "int8" if int8 else "float32"
+    if exported_logits.shape != expected_logits.shape:
+        max_abs_diff, agreement, accuracy = float("inf"), 0.0, None
+        failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
+    else:
+        max_abs_diff = float(np.abs(exported_logits - expected_logits).max())
+        agreement = float((exported_logits.argmax(1) == expected_logits.argmax(1)).mean())
+        accuracy = None if labels is None else float((exported_logits.argmax(1) == labels).mean())
+        failure = _failure(int8, max_abs_diff, agreement, accuracy, float_accuracy)
+    if (
+        failure is None
+        and frontend_dtype == "float64"
+        and frontend_max_abs_diff is not None
+        and not frontend_max_abs_diff <= MAX_FRONTEND_DIFF
+    ):
+        failure = (
+            f"front end max |delta log-mel| {frontend_max_abs_diff:.3g} > {MAX_FRONTEND_DIFF:g} "
+            "against compute_log_mel"
+        )
+    return Check(
+        fmt,
+        str(path),
+        precision,
+        len(inputs),
+        max_abs_diff,
+        agreement,
+        accuracy,
+        failure is None,
+        failure,
+        input_kind,
+        frontend_max_abs_diff,
+        frontend_dtype,
+    )
+
+
+def _failure(
+    int8: bool,
+    max_abs_diff: float,
+    agreement: float,
+    accuracy: float | None,
+    float_accuracy: float | None,
+) -> str | None:
+    if int8:
+        if agreement < MIN_INT8_AGREEMENT:
+            return f"top-1 agreement with int8 PyTorch {agreement:.2%} < {MIN_INT8_AGREEMENT:.0%}"
+        if (
+            accuracy is not None
+            and float_accuracy is not None
+            and 100 * (float_accuracy - accuracy) > MAX_INT8_ACCURACY_DROP
+        ):
+            return (
+                f"test accuracy {accuracy:.2%} is more than {MAX_INT8_ACCURACY_DROP} points "
+                f"below the float model's {float_accuracy:.2%}"
+            )
+        return None
+    if not max_abs_diff <= MAX_ABS_DIFF:
+        return f"max |delta logit| {max_abs_diff:.3g} > {MAX_ABS_DIFF:g}"
+    if agreement < 1.0:
+        return f"top-1 agreement {agreement:.2%} < 100%"
+    return None
+
+
+def table(checks: Sequence[Check]) -> str:
+    """The checks as a text table."""
+    lines = [
+        f"{'format':<12} {'input':<8} {'precision':<9} {'max |dlogit|':>12} {'top-1 agree':>12} "
+        f"{'accuracy':>9} {'front end':>9}  result"
+    ]
+    for check in checks:
+        result = "ok" if check.passed else f"FAILED: {check.failure}"
+        accuracy = "-" if check.test_accuracy is None else f"{check.test_accuracy:.2%}"
+        frontend = (
+            "-" if check.frontend_max_abs_diff is None else f"{check.frontend_max_abs_diff:.2g}"
+        )
+        lines.append(
+            f"{check.format:<12} {check.input:<8} {check.precision:<9} "
+            f"{check.max_abs_diff:>12.3g} {check.top1_agreement:>12.2%} {accuracy:>9} "
+            f"{frontend:>9}  {result}"
+        )
+    return "\n".join(lines)

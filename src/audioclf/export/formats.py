@@ -1,0 +1,128 @@
+"""The exporters (ONNX, TorchScript, TFLite) and a runner for each exported file."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from audioclf import tflite
+from audioclf.export.modules import Int8Model, WaveformModel, input_name, unwrap
+
+FORMATS = ("onnx", "torchscript", "tflite")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite"}
+OUTPUT_NAME = "logits"
+_MAX_BATCH = 4096
+
+
+class ExportError(RuntimeError):
+    """An export that could not be written or failed its check against PyTorch."""
+
+
+def _batch_dim() -> torch.export.Dim:
+    return torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """ONNX through torch.onnx's dynamo exporter, one self-contained file, dynamic batch (int8
+    graphs become QuantizeLinear / DequantizeLinear pairs, which onnxruntime runs in int8)."""
+    # onnx-ir logs every pass at INFO (hundreds of lines under Hydra's root logger).
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    with quiet():
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            input_names=[input_name(module)],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: _batch_dim()},),
+        )
+    return path
+
+
+def export_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """TorchScript by tracing (the graph is shape-generic in the batch)."""
+    with quiet(), torch.no_grad():
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+def export_tflite(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """TFLite through litert-torch (`audioclf.tflite`); an int8 graph becomes a full-int8
+    file. x86-quantized graphs are refused: they convert but crash the interpreter.
+
+    A waveform-in file has a batch of 1: litert-torch cannot convert the front end's gather
+    and reshapes against a dynamic batch (on-device code feeds one clip at a time anyway).
+    """
+    inner = unwrap(module)
+    int8 = isinstance(inner, Int8Model)
+    if int8 and inner.backend != "xnnpack":
+        raise ExportError(
+            "tflite: an x86-quantized model converts but crashes the TFLite interpreter; "
+            "quantise with model.quantization.backend=xnnpack for TFLite"
+        )
+    if isinstance(module, WaveformModel):
+        return tflite.convert(module, example[:1], path, int8=int8, batch=None)
+    return tflite.convert(module, example, path, int8=int8, batch=_batch_dim())
+
+
+EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Path]] = {
+    "onnx": export_onnx,
+    "torchscript": export_torchscript,
+    "tflite": export_tflite,
+}
+
+
+def load_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """A function input -> logits for an exported file (.onnx, TorchScript .pt, .tflite).
+
+    The input is what the file takes: waveforms `(batch, samples)`, or log-mel NCHW float32 as
+    `compute_log_mel` makes them (normalised first where the file's sidecar says the
+    normalisation is outside); a channel-last or int8 file gets them transposed or quantised
+    here, and int8 logits come back dequantised.
+    """
+    path = Path(path)
+    if path.suffix == ".onnx":
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ExportError(
+                'running ONNX needs onnxruntime: pip install -e ".[export]"'
+            ) from error
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda inputs: session.run(None, {name: inputs.astype(np.float32)})[0]
+    if path.suffix == ".pt":
+        with quiet():
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        scripted.eval()
+
+        def run(inputs: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return scripted(torch.from_numpy(inputs.astype(np.float32))).numpy()
+
+        return run
+    if path.suffix == ".tflite":
+        return tflite.runner(path)
+    raise ExportError(f"{path}: not an export this project reads (.onnx, .pt, .tflite)")
+
+
+@contextlib.contextmanager
+def quiet():
+    """The exporters print progress and deprecation notices (torch.jit.trace is deprecated in
+    torch 2.13 but still the way to TorchScript); the checks are what matters."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
