@@ -17,6 +17,7 @@ GROUPS = ["model", "teacher_model", "data", "features"]
 MODELS = [
     "efficientnet_v2",
     "efficientnet_v2_qat",
+    "efficientnet_v2_micro",
     "ghost_efficientnet_v2",
     "panns_cnn14",
     "panns_mobilenetv1",

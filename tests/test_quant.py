@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audioclf import quant
-from audioclf.cli import run
-from audioclf.export import ExportError, export_model
+from audioclf import quant, tflite
+from audioclf.cli import build_model, run
+from audioclf.export import ExportError, Int8Model, export_model
+from audioclf.export.formats import export_tflite
 from audioclf.features import FeatureNormalization, resolve_params
 from audioclf.model import create_model
 from audioclf.predict import main as predict_main
-from audioclf.settings import ConfigError
+from audioclf.settings import ConfigError, load_settings
 from conftest import fsdd_clip, tiny_split_manifest
 
 pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
@@ -122,6 +123,17 @@ def test_qat_trains_freezes_batch_norm_then_ranges_and_converts(features):
     with torch.no_grad():
         agreement = (int8(features).argmax(1) == prepared.eval()(features).argmax(1)).float()
     assert agreement.mean() >= 0.9
+
+
+def test_qat_fine_tuning_leaves_the_float_model_as_it_was(features):
+    model = tiny_model().train()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    prepared = quant.prepare(model, features[:4], "xnnpack", "qat")
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    F.cross_entropy(prepared(features), torch.arange(len(features)) % 3).backward()
+    optimizer.step()
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert model.training  # nor its mode
 
 
 def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
@@ -254,3 +266,15 @@ def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path
         assert result[0]["top"][0]["label"] in {"1", "2"}
     with pytest.raises(ConfigError, match="int8 checkpoint"):
         run(compose_config(*common, "run.train=true", f"run.checkpoint_path={int8}"))
+
+
+def test_microcontroller_config_fits_256_kb_as_full_int8_tflite(compose_config, tmp_path):
+    """The size is the architecture's, not the training's: calibrated on noise is enough."""
+    settings = load_settings(compose_config("model=efficientnet_v2_micro"))
+    model = build_model(settings.model, num_classes=10, n_mels=64).eval()
+    inputs = torch.randn(16, 1, 101, 64)
+    int8 = quant.quantize_ptq(model, [inputs], inputs[:2], settings.model.quantization.backend)
+    path = tmp_path / "micro.tflite"
+    export_tflite(Int8Model(int8), inputs[:2], path)
+    assert path.stat().st_size <= 256 * 1024
+    assert tflite.io_quantization(path)["input"]["dtype"] == "int8"

@@ -295,16 +295,16 @@ def _freeze_batch_norm(graph: GraphModule) -> None:
 def prepare(
     model: Model, example: torch.Tensor, backend: str = "xnnpack", mode: str = "ptq"
 ) -> QuantizedModel:
-    """`model` captured and prepared for PTQ (observers) or QAT (fake quantizers)."""
+    """A copy of `model` captured and prepared for PTQ (observers) or QAT (fake quantizers);
+    `model` itself is left as it was (a captured graph would share its parameters, and
+    fine-tuning them would change it)."""
     _load_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
     spec = QuantSpec(backend, mode, tuple(example.shape[1:]))
     qat = mode == "qat"
-    source = model.cpu()
-    was_training = source.training
+    source = copy.deepcopy(model).cpu()
     graph = capture(source, example.cpu(), train=qat)
-    source.train(was_training)
     quantizer = make_quantizer(backend, qat)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
