@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from audioclf import quant, tflite
+from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import build_model, run
 from audioclf.export import ExportError, Int8Model, export_model
 from audioclf.export.formats import export_tflite
@@ -278,3 +279,43 @@ def test_microcontroller_config_fits_256_kb_as_full_int8_tflite(compose_config, 
     export_tflite(Int8Model(int8), inputs[:2], path)
     assert path.stat().st_size <= 256 * 1024
     assert tflite.io_quantization(path)["input"]["dtype"] == "int8"
+
+
+def test_interrupted_qat_resumes_to_the_uninterrupted_result(compose_config, tmp_path):
+    """QAT for 2 epochs in one go equals QAT stopped after epoch 1 and resumed (a constant
+    LR, so that epoch 1 does not depend on the planned length)."""
+
+    def job(name, qat_epochs, *extra):
+        return run(
+            compose_config(
+                *tiny_split_manifest(tmp_path),
+                "model.params.width_mult=0.25",
+                "model.params.depth_mult=0.25",
+                "training.batch_size=4",
+                "training.epochs=1",
+                "training.lr_schedule=constant",
+                "system.deterministic=true",
+                "run.quantise=true",
+                "run.test=true",
+                "run.export=false",
+                "model.quantization.mode=qat",
+                f"model.quantization.epochs={qat_epochs}",
+                "model.quantization.freeze_bn_epoch=1",
+                "model.quantization.freeze_observer_epoch=1",
+                f"system.output_dir={tmp_path / name}",
+                *extra,
+            )
+        )
+
+    whole = job("whole", 2)
+    job("stopped", 1)
+    stopped_qat = tmp_path / "stopped" / "qat" / "checkpoints" / "last.pth"
+    resumed = job("resumed", 2, f"run.resume={stopped_qat}")
+    qat_states = [
+        load_checkpoint(tmp_path / name / "qat" / "checkpoints" / "last.pth")
+        for name in ("whole", "resumed")
+    ]
+    assert [state["epoch"] for state in qat_states] == [2, 2]
+    for key, value in qat_states[0]["model"].items():
+        assert torch.equal(value, qat_states[1]["model"][key]), key
+    assert resumed["test_int8"] == whole["test_int8"]

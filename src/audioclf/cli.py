@@ -297,8 +297,10 @@ def _run(config: DictConfig) -> dict[str, Any]:
         seed=settings.system.seed,
         teacher=teacher,
     )
+    resume, qat_resume = None, None
+    if settings.run.train or settings.run.quantise:
+        resume, qat_resume = resume_paths(settings.run.resume, output_dir)
     if settings.run.train and settings.training.epochs > 0:
-        resume = resume_path(settings.run.resume, output_dir)
         summary["training"] = trainer.fit(loaders["train"], loaders["val"], resume)
     if settings.run.test:
         if not datasets["test"].clips:
@@ -316,7 +318,13 @@ def _run(config: DictConfig) -> dict[str, Any]:
     quantized = model if isinstance(model, QuantizedModel) else None
     if settings.run.quantise and is_main_process():
         quantized = quantise_run(
-            settings, trainer.model, datasets, loaders, output_dir, trainer.checkpoint_extra
+            settings,
+            trainer.model,
+            datasets,
+            loaders,
+            output_dir,
+            trainer.checkpoint_extra,
+            qat_resume=qat_resume,
         )
         if settings.run.test and datasets["test"].clips:
             int8_trainer = Trainer(
@@ -339,11 +347,29 @@ def _run(config: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def resume_path(resume: bool | str, output_dir: Path) -> Path | None:
-    """`run.resume`: a path, or for true the newest `checkpoints/last.pth` of this run's
-    folder or of the other runs under the same outputs/ root; None for false."""
+def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:
+    """`run.resume` as the checkpoints to continue from: the training run's `last.pth` and
+    the QAT fine-tuning's (`qat/checkpoints/last.pth` beside it), each None when absent.
+
+    A path may name either; true takes this run's folder or the newest run under the same
+    outputs/ root. (None, None) for false.
+    """
     if resume is False:
-        return None
+        return None, None
+    if isinstance(resume, str) and Path(resume).parent.parent.name == "qat":
+        qat = Path(resume)
+        if not qat.is_file():
+            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
+        float_last = qat.parent.parent.parent / "checkpoints" / "last.pth"
+        return (float_last if float_last.is_file() else None), qat
+    path = resume_path(resume, output_dir)
+    qat = path.parent.parent / "qat" / "checkpoints" / "last.pth"
+    return path, (qat if qat.is_file() else None)
+
+
+def resume_path(resume: bool | str, output_dir: Path) -> Path:
+    """`run.resume` (not false): a path, or for true the newest `checkpoints/last.pth` of
+    this run's folder or of the other runs under the same outputs/ root."""
     if isinstance(resume, str):
         path = Path(resume)
         if not path.is_file():

@@ -37,9 +37,11 @@ def quantise_run(
     loaders: dict[str, DataLoader],
     output_dir: Path,
     checkpoint_extra: dict[str, Any],
+    qat_resume: Path | None = None,
 ) -> QuantizedModel:
     """`run.quantise`: the int8 model of `model` (trained, loaded or, for QAT, fresh) by
-    `model.quantization`, saved to `<run>/checkpoints/int8.pth`."""
+    `model.quantization`, saved to `<run>/checkpoints/int8.pth`. QAT continues from
+    `qat_resume` (an interrupted fine-tuning's `qat/checkpoints/last.pth`) when given."""
     options = settings.model.quantization
     mode = options.effective_mode
     train = datasets["train"]
@@ -79,7 +81,7 @@ def quantise_run(
             options.freeze_bn_epoch + 1,
             options.freeze_observer_epoch + 1,
         )
-        trainer.fit(loaders["train"], loaders["val"])
+        trainer.fit(loaders["train"], loaders["val"], qat_resume)
     quantized = prepared.convert()
     path = output_dir / "checkpoints" / "int8.pth"
     save_checkpoint(

@@ -233,7 +233,10 @@ class QuantizedModel(nn.Module):
         )
 
         self.training = mode
-        with warnings.catch_warnings():
+        # The switch rewrites the graph from patterns traced on random example inputs: it
+        # must not move the global generator, or a resumed QAT run draws other dropout masks
+        # than an uninterrupted one (whose graph came back from evaluation mode).
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             (move_exported_model_to_train if mode else move_exported_model_to_eval)(self.network)
         if mode and self._bn_frozen:
@@ -350,7 +353,15 @@ def load_quantized(
         raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
     example = torch.zeros(2, *spec.input_shape)
     prepared = prepare(model, example, spec.backend, spec.mode)
-    expected = set(prepared.network.state_dict())
+    load_graph_state(prepared.network, state, source)
+    return prepared.convert()
+
+
+def load_graph_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a prepared graph's state (or a QuantizedModel's) with every key checked; the
+    observers' and fake quantizers' statistics take the loaded shapes (their per-channel
+    ranges are empty before calibration). QuantizationError names what does not fit."""
+    expected = set(module.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise QuantizationError(
@@ -358,11 +369,9 @@ def load_quantized(
             f"missing {_some(missing)}, unexpected {_some(unexpected)}"
         )
     try:
-        # Observers and fake quantizers resize their statistics to what is loaded.
-        prepared.network.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise QuantizationError(f"{source}: the int8 state does not load: {error}") from error
-    return prepared.convert()
 
 
 def _some(keys: list[str]) -> str:

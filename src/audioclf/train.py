@@ -36,6 +36,7 @@ from audioclf.metrics import (
     write_evaluation,
 )
 from audioclf.model import CheckpointError, Model, load_state
+from audioclf.quant import QuantizedModel, load_graph_state
 from audioclf.schedules import Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
 
@@ -526,7 +527,10 @@ class Trainer:
         missing = [key for key in ("optimizer", "scheduler", "epoch") if key not in state]
         if missing:
             raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)})")
-        load_state(self.model, state["model"], path, strict=True)
+        if isinstance(self.model, QuantizedModel):  # QAT fine-tuning
+            load_graph_state(self.model, state["model"], str(path))
+        else:
+            load_state(self.model, state["model"], path, strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
