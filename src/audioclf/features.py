@@ -303,6 +303,18 @@ def _mel_matrix(
     return matrix
 
 
+def mel_matrix(params: LogMelParams) -> np.ndarray:
+    """The mel filterbank of `params`, shape (n_mels, n_fft // 2 + 1), float64, read-only."""
+    return _mel_matrix(
+        params.sample_rate,
+        params.n_fft,
+        params.n_mels,
+        params.fmin_hz,
+        params.fmax_hz,
+        params.mel_scale,
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _tf_window(frame_length: int, n_fft: int) -> np.ndarray:
     # TF puts the windowed frame at the start of the FFT buffer and the zeros after it.
@@ -381,15 +393,7 @@ def log_mel(waveform: np.ndarray, params: LogMelParams) -> np.ndarray:
     signal = as_signal(waveform)
     num_frames(len(signal), params)
     spectrogram = _spectrogram(signal, params)
-    matrix = _mel_matrix(
-        params.sample_rate,
-        params.n_fft,
-        params.n_mels,
-        params.fmin_hz,
-        params.fmax_hz,
-        params.mel_scale,
-    )
-    mel = matrix @ spectrogram
+    mel = mel_matrix(params) @ spectrogram
     return np.ascontiguousarray(_log(mel, params).T, dtype=np.float32)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from audioclf.features import LogMelParams, _mel_matrix, num_frames
+from audioclf.features import LogMelParams, mel_matrix, num_frames
 
 
 class LogMelFrontEnd(nn.Module):
@@ -66,15 +66,8 @@ class LogMelFrontEnd(nn.Module):
         angle = 2 * math.pi * np.outer(np.arange(taps), np.arange(bins)) / params.n_fft
         dft = np.concatenate([np.cos(angle), -np.sin(angle)], axis=1) * window[:, np.newaxis]
         self.register_buffer("dft", torch.tensor(dft, dtype=dtype))  # (taps, 2 * bins)
-        mel = _mel_matrix(
-            params.sample_rate,
-            params.n_fft,
-            params.n_mels,
-            params.fmin_hz,
-            params.fmax_hz,
-            params.mel_scale,
-        )
-        self.register_buffer("mel", torch.tensor(mel.T, dtype=dtype))  # (bins, n_mels)
+        mel = mel_matrix(params).T  # (bins, n_mels)
+        self.register_buffer("mel", torch.tensor(mel, dtype=dtype))
         starts = np.arange(self.num_frames) * params.hop_length
         index = starts[:, np.newaxis] + np.arange(taps)  # (frames, taps)
         self.register_buffer("index", torch.tensor(index.reshape(-1), dtype=torch.long))
