@@ -20,6 +20,11 @@ FORMATS = ("onnx", "torchscript", "tflite")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite"}
 OUTPUT_NAME = "logits"
 _MAX_BATCH = 4096
+_EXPORTER_LOGGERS = {
+    "onnx_ir": logging.WARNING,
+    "onnxscript": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,
+}
 
 
 class ExportError(RuntimeError):
@@ -33,8 +38,10 @@ def _batch_dim() -> torch.export.Dim:
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """ONNX through torch.onnx's dynamo exporter, one self-contained file, dynamic batch (int8
     graphs become QuantizeLinear / DequantizeLinear pairs, which onnxruntime runs in int8)."""
-    # onnx-ir logs every pass at INFO (hundreds of lines under Hydra's root logger).
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    # onnx-ir and onnxscript log every pass at INFO (hundreds of lines under Hydra's root
+    # logger); the exporter warns that torchvision's ops are not registered (not used here).
+    for name, level in _EXPORTER_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
     with quiet():
         torch.onnx.export(
             module,
