@@ -320,3 +320,36 @@ def test_interrupted_qat_resumes_to_the_uninterrupted_result(compose_config, tmp
     for key, value in qat_states[0]["model"].items():
         assert torch.equal(value, qat_states[1]["model"][key]), key
     assert resumed["test_int8"] == whole["test_int8"]
+
+
+def test_per_tensor_weights_round_trip_and_shrink_the_tflite_file(tmp_path, features):
+    from ai_edge_litert.interpreter import Interpreter
+
+    sizes = {}
+    for per_channel in (True, False):
+        prepared = quant.prepare(tiny_model(), features[:2], "xnnpack", "ptq", per_channel)
+        quant.calibrate(prepared, [features])
+        int8 = prepared.convert()
+        reloaded = quant.load_quantized(tiny_model(seed=3), int8.checkpoint_state())
+        assert reloaded.spec.per_channel is per_channel
+        with torch.no_grad():
+            assert torch.allclose(reloaded(features), int8(features), atol=1e-5)
+        path = tmp_path / f"per_channel_{per_channel}.tflite"
+        export_tflite(Int8Model(int8), features[:2], path)
+        sizes[per_channel] = path.stat().st_size
+        scales = [
+            len(t["quantization_parameters"]["scales"])
+            for t in Interpreter(model_path=str(path)).get_tensor_details()
+        ]
+        assert (max(scales) == 1) is not per_channel
+    assert sizes[False] < sizes[True]
+
+
+def test_per_tensor_weights_with_x86_are_refused_at_start(compose_config):
+    config = compose_config(
+        "run.quantise=true",
+        "model.quantization.backend=x86",
+        "model.quantization.per_channel=false",
+    )
+    with pytest.raises(ConfigError, match="per_channel=false needs backend=xnnpack"):
+        run(config)

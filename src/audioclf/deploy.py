@@ -47,11 +47,11 @@ def quantise_run(
     train = datasets["train"]
     example = torch.zeros(2, *train.feature_shape)
     if mode == "ptq":
-        prepared = prepare(model.cpu().eval(), example, options.backend, "ptq")
+        prepared = prepare(model.cpu().eval(), example, options.backend, "ptq", options.per_channel)
         clips = calibrate(prepared, calibration_batches(train, options.calibration_clips))
         log.info("PTQ (%s): calibrated on %d training clips", options.backend, clips)
     else:
-        prepared = prepare(model.cpu(), example, options.backend, "qat")
+        prepared = prepare(model.cpu(), example, options.backend, "qat", options.per_channel)
         qat_options = dataclasses.replace(
             settings.training,
             epochs=options.epochs,

@@ -76,15 +76,19 @@ class QuantSpec:
     mode: Literal["ptq", "qat"]
     #: The input the graph was captured with, without the batch: (1, frames, mels).
     input_shape: tuple[int, ...]
+    #: Weights with a scale per output channel (false: one per tensor; xnnpack only).
+    per_channel: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise QuantizationError(f"backend {self.backend!r}: one of {BACKENDS}")
         if self.mode not in MODES:
             raise QuantizationError(f"mode {self.mode!r}: one of {MODES}")
+        if not self.per_channel and self.backend != "xnnpack":
+            raise QuantizationError("per-tensor weights (per_channel=false) need backend xnnpack")
 
 
-def _xnnpack_quantizer(qat: bool):
+def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
     # torchao keeps its XNNPACK quantizer (the rules XNNPACK and TFLite execute) under
     # torchao.testing since ExecuTorch took over the public one; it is the same code.
     from torchao.quantization.pt2e.quantizer import (
@@ -131,7 +135,7 @@ def _xnnpack_quantizer(qat: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "XNNPACKQuantizer is deprecated" (see above)
         return MobileQuantizer().set_global(
-            get_symmetric_quantization_config(is_per_channel=True, is_qat=qat)
+            get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
         )
 
 
@@ -154,11 +158,12 @@ def split_silu(model: GraphModule) -> GraphModule:
     return model
 
 
-def make_quantizer(backend: str, qat: bool):
-    """The PT2E quantizer for `backend` (`xnnpack` or `x86`)."""
+def make_quantizer(backend: str, qat: bool, per_channel: bool = True):
+    """The PT2E quantizer for `backend` (`xnnpack` or `x86`); `per_channel=False` (xnnpack):
+    one weight scale per tensor instead of one per output channel."""
     _load_torchao()
     if backend == "xnnpack":
-        return _xnnpack_quantizer(qat)
+        return _xnnpack_quantizer(qat, per_channel)
     if backend == "x86":
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
             X86InductorQuantizer,
@@ -296,7 +301,11 @@ def _freeze_batch_norm(graph: GraphModule) -> None:
 
 
 def prepare(
-    model: Model, example: torch.Tensor, backend: str = "xnnpack", mode: str = "ptq"
+    model: Model,
+    example: torch.Tensor,
+    backend: str = "xnnpack",
+    mode: str = "ptq",
+    per_channel: bool = True,
 ) -> QuantizedModel:
     """A copy of `model` captured and prepared for PTQ (observers) or QAT (fake quantizers);
     `model` itself is left as it was (a captured graph would share its parameters, and
@@ -304,11 +313,11 @@ def prepare(
     _load_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
-    spec = QuantSpec(backend, mode, tuple(example.shape[1:]))
+    spec = QuantSpec(backend, mode, tuple(example.shape[1:]), per_channel)
     qat = mode == "qat"
     source = copy.deepcopy(model).cpu()
     graph = capture(source, example.cpu(), train=qat)
-    quantizer = make_quantizer(backend, qat)
+    quantizer = make_quantizer(backend, qat, per_channel)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
@@ -352,7 +361,7 @@ def load_quantized(
     except (KeyError, TypeError) as error:
         raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
     example = torch.zeros(2, *spec.input_shape)
-    prepared = prepare(model, example, spec.backend, spec.mode)
+    prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)
     load_graph_state(prepared.network, state, source)
     return prepared.convert()
 

@@ -210,6 +210,7 @@ class QuantizationConfig:
     qat: bool = False
     mode: Literal["ptq", "qat"] = "ptq"
     backend: Literal["xnnpack", "x86"] = "xnnpack"
+    per_channel: bool = True
     calibration_clips: int = bounded(512, ge=1)
     epochs: int = bounded(3, ge=1)
     lr: float = bounded(1e-4, gt=0)
@@ -291,6 +292,9 @@ def load_settings(config: DictConfig) -> Settings:
                 "run.export_formats has tflite with model.quantization.backend=x86: x86-quantized "
                 "graphs convert but crash the TFLite interpreter; use backend=xnnpack for TFLite"
             )
+    quantization = settings.model.quantization
+    if settings.run.quantise and not quantization.per_channel and quantization.backend != "xnnpack":
+        raise ConfigError("model.quantization.per_channel=false needs backend=xnnpack")
     if settings.run.folds is not None:
         if data.format != "manifest":
             raise ConfigError("run.folds needs data=manifest with a fold column")
