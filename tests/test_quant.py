@@ -353,3 +353,23 @@ def test_per_tensor_weights_with_x86_are_refused_at_start(compose_config):
     )
     with pytest.raises(ConfigError, match="per_channel=false needs backend=xnnpack"):
         run(config)
+
+
+def test_quantising_a_float_checkpoint_follows_the_command_line(compose_config, tmp_path):
+    """The checkpoint gives the architecture; how to quantise it is this run's choice."""
+    common = [*tiny_split_manifest(tmp_path), "model.params.width_mult=0.25"]
+    common.append("model.params.depth_mult=0.25")
+    run(compose_config(*common, "run.train=true", "training.epochs=1"))
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    run(
+        compose_config(
+            *common,
+            "run.quantise=true",
+            "model.quantization.per_channel=false",
+            "model.quantization.calibration_clips=4",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'int8'}",
+        )
+    )
+    spec = load_checkpoint(tmp_path / "int8" / "checkpoints" / "int8.pth")["quantized"]["spec"]
+    assert spec["per_channel"] is False

@@ -110,7 +110,8 @@ def from_checkpoint(
     settings: Settings, path: str, checkpoint: dict[str, Any] | None = None
 ) -> tuple[Settings, dict[str, Any]]:
     """The run's settings with the checkpoint's model, features, sample rate and clip length
-    (its own config), and the checkpoint (read from `path` unless given)."""
+    (its own config), and the checkpoint (read from `path` unless given). How to quantise
+    (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job."""
     checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
     if not isinstance(checkpoint.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
@@ -123,9 +124,8 @@ def from_checkpoint(
         sample_rate=trained.data.sample_rate,
         clip_seconds=trained.data.clip_seconds,
     )
-    adopted = dataclasses.replace(
-        settings, data=data, features=trained.features, model=trained.model
-    )
+    model = dataclasses.replace(trained.model, quantization=settings.model.quantization)
+    adopted = dataclasses.replace(settings, data=data, features=trained.features, model=model)
     return adopted, checkpoint
 
 
