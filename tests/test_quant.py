@@ -373,3 +373,27 @@ def test_quantising_a_float_checkpoint_follows_the_command_line(compose_config, 
     )
     spec = load_checkpoint(tmp_path / "int8" / "checkpoints" / "int8.pth")["quantized"]["spec"]
     assert spec["per_channel"] is False
+
+
+def test_qat_fine_tuning_distils_from_the_teacher(compose_config, tmp_path):
+    """A distilled QAT student: from the same float checkpoint, QAT with a teacher trains on
+    another loss (and so to other weights) than QAT without one."""
+    common = [
+        *tiny_split_manifest(tmp_path),
+        "model.params.width_mult=0.25",
+        "model.params.depth_mult=0.25",
+        "training.batch_size=4",
+    ]
+    run(compose_config(*common, "run.train=true", "training.epochs=1"))
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    qat = [*common, "run.quantise=true", "model.quantization.mode=qat"]
+    qat += ["model.quantization.epochs=1", f"run.checkpoint_path={best}"]
+    teacher = ["teacher_model=efficientnet_v2", f"teacher_model.checkpoint_path={best}"]
+    teacher += ["teacher_model.params.width_mult=0.25", "teacher_model.params.depth_mult=0.25"]
+    losses = {}
+    for name, extra in (("alone", []), ("distilled", teacher)):
+        summary = run(compose_config(*qat, *extra, f"system.output_dir={tmp_path / name}"))
+        history = load_checkpoint(tmp_path / name / "qat" / "checkpoints" / "last.pth")["history"]
+        losses[name] = history[0]["train_loss"]
+        assert ("distillation" in summary) is (name == "distilled")
+    assert losses["alone"] != pytest.approx(losses["distilled"], rel=1e-3)

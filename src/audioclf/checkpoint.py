@@ -3,7 +3,7 @@
 A checkpoint is a plain dict: `model` (the state_dict, as PANNs users expect it), `optimizer`,
 `scheduler`, `scaler`, `epoch`, `rng` (every generator's state), `metrics`, `classes`,
 `normalization`, `config` (the resolved run config) and `features` (the log-mel parameters):
-test, predict and export need nothing else.
+test, predict and export need nothing else. `resume_paths` finds the ones `run.resume` means.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
+from audioclf.settings import ConfigError
 
 #: Bumped when the layout changes in a way older readers would misread.
 CHECKPOINT_VERSION = 1
@@ -109,3 +110,44 @@ def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNo
         return FeatureNormalization.from_lists(stored)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unusable normalisation statistics ({error})") from error
+
+
+def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:
+    """`run.resume` as the checkpoints to continue from: the training run's `last.pth` and
+    the QAT fine-tuning's (`qat/checkpoints/last.pth` beside it), each None when absent.
+
+    A path may name either; true takes this run's folder or the newest run under the same
+    outputs/ root. (None, None) for false.
+    """
+    if resume is False:
+        return None, None
+    if isinstance(resume, str) and Path(resume).parent.parent.name == "qat":
+        qat = Path(resume)
+        if not qat.is_file():
+            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
+        float_last = qat.parent.parent.parent / "checkpoints" / "last.pth"
+        return (float_last if float_last.is_file() else None), qat
+    path = resume_path(resume, output_dir)
+    qat = path.parent.parent / "qat" / "checkpoints" / "last.pth"
+    return path, (qat if qat.is_file() else None)
+
+
+def resume_path(resume: bool | str, output_dir: Path) -> Path:
+    """`run.resume` (not false): a path, or for true the newest `checkpoints/last.pth` of
+    this run's folder or of the other runs under the same outputs/ root."""
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
+        return path
+    own = output_dir / "checkpoints" / "last.pth"
+    if own.is_file():
+        return own
+    # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
+    candidates = list(output_dir.parent.parent.glob("*/*/checkpoints/last.pth"))
+    if not candidates:
+        raise ConfigError(
+            f"run.resume=true: no checkpoints/last.pth under {output_dir.parent.parent}; "
+            "give the file with run.resume=PATH"
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)

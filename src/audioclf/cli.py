@@ -25,7 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from audioclf.audio import BadAudioError
-from audioclf.checkpoint import load_checkpoint, stored_normalization
+from audioclf.checkpoint import load_checkpoint, resume_paths, stored_normalization
 from audioclf.dataset import (
     SpectrogramDataset,
     prepare,
@@ -269,7 +269,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
         )
     device = resolve_device(settings.system.device)
     teacher = None
-    if settings.teacher_model is not None and settings.run.train:
+    qat = settings.run.quantise and settings.model.quantization.effective_mode == "qat"
+    if settings.teacher_model is not None and (settings.run.train or qat):
+        # QAT fine-tuning distils too: a distilled QAT student.
         teacher, logits, how = build_teacher(settings, datasets["train"], normalization, device)
         summary["distillation"] = {"teacher": settings.teacher_model.name, "how": how}
         log.info("distilling from %s (%s)", settings.teacher_model.name, how)
@@ -325,6 +327,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             output_dir,
             trainer.checkpoint_extra,
             qat_resume=qat_resume,
+            teacher=trainer.teacher,
         )
         if settings.run.test and datasets["test"].clips:
             int8_trainer = Trainer(
@@ -345,47 +348,6 @@ def _run(config: DictConfig) -> dict[str, Any]:
         float_model = None if isinstance(trainer.model, QuantizedModel) else trainer.model
         summary["export"] = export_run(settings, float_model, datasets, output_dir, quantized)
     return summary
-
-
-def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:
-    """`run.resume` as the checkpoints to continue from: the training run's `last.pth` and
-    the QAT fine-tuning's (`qat/checkpoints/last.pth` beside it), each None when absent.
-
-    A path may name either; true takes this run's folder or the newest run under the same
-    outputs/ root. (None, None) for false.
-    """
-    if resume is False:
-        return None, None
-    if isinstance(resume, str) and Path(resume).parent.parent.name == "qat":
-        qat = Path(resume)
-        if not qat.is_file():
-            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
-        float_last = qat.parent.parent.parent / "checkpoints" / "last.pth"
-        return (float_last if float_last.is_file() else None), qat
-    path = resume_path(resume, output_dir)
-    qat = path.parent.parent / "qat" / "checkpoints" / "last.pth"
-    return path, (qat if qat.is_file() else None)
-
-
-def resume_path(resume: bool | str, output_dir: Path) -> Path:
-    """`run.resume` (not false): a path, or for true the newest `checkpoints/last.pth` of
-    this run's folder or of the other runs under the same outputs/ root."""
-    if isinstance(resume, str):
-        path = Path(resume)
-        if not path.is_file():
-            raise ConfigError(f"run.resume: no such checkpoint {resume!r}")
-        return path
-    own = output_dir / "checkpoints" / "last.pth"
-    if own.is_file():
-        return own
-    # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
-    candidates = list(output_dir.parent.parent.glob("*/*/checkpoints/last.pth"))
-    if not candidates:
-        raise ConfigError(
-            f"run.resume=true: no checkpoints/last.pth under {output_dir.parent.parent}; "
-            "give the file with run.resume=PATH"
-        )
-    return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
 @contextlib.contextmanager

@@ -38,10 +38,12 @@ def quantise_run(
     output_dir: Path,
     checkpoint_extra: dict[str, Any],
     qat_resume: Path | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> QuantizedModel:
     """`run.quantise`: the int8 model of `model` (trained, loaded or, for QAT, fresh) by
     `model.quantization`, saved to `<run>/checkpoints/int8.pth`. QAT continues from
-    `qat_resume` (an interrupted fine-tuning's `qat/checkpoints/last.pth`) when given."""
+    `qat_resume` (an interrupted fine-tuning's `qat/checkpoints/last.pth`) when given, and
+    distils from `teacher` (or from the teacher logits the training loader carries)."""
     options = settings.model.quantization
     mode = options.effective_mode
     train = datasets["train"]
@@ -69,6 +71,7 @@ def quantise_run(
             multi_label=settings.data.multi_label,
             checkpoint_extra={**checkpoint_extra, "quantized_prepared": True},
             seed=settings.system.seed,
+            teacher=teacher,
             on_epoch_start=lambda epoch: prepared.start_epoch(
                 epoch, options.freeze_bn_epoch, options.freeze_observer_epoch
             ),
