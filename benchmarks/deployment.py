@@ -30,10 +30,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from audioclf.checkpoint import load_checkpoint, stored_normalization
-from audioclf.cli import CONFIG_DIR, run
-from audioclf.export import ExportError, InferenceModel, Int8Model, inference_model, load_runner
-from audioclf.model import create_model, load_state
+from audioclf.cli import CONFIG_DIR, build_model, run
+from audioclf.export import ExportError, InferenceModel, Int8Model, inference_model
+from audioclf.model import load_state
 from audioclf.pipeline import build_datasets
+from audioclf.predict import load_predictor
 from audioclf.quant import load_quantized
 from audioclf.settings import load_settings
 from readme_table import write_table
@@ -109,24 +110,21 @@ def _torch_runner(module: torch.nn.Module, normalise: Callable | None = None) ->
 
 
 def _file_runner(path: Path) -> Callable:
-    runner = load_runner(path)
-    stats = json.loads(Path(f"{path}.json").read_text())["normalization"]
-    if not stats or stats["inside_model"]:
-        return runner
-    mean, std = np.float32(stats["mean"]), np.float32(stats["std"])
-    return lambda features: runner(((features - mean) / std).astype(np.float32))
+    """features -> logits for an exported file, normalised first where its sidecar says so."""
+    return load_predictor(path).logits
 
 
 def runtimes(directory: Path) -> tuple[list[tuple[str, str, Callable, int | None]], dict]:
     """(format, precision, features -> logits, size in bytes) for every runtime of a run."""
     content = load_checkpoint(directory / "checkpoints" / "best.pth")
     settings = load_settings(OmegaConf.create(content["config"]))
-    model = create_model(settings.model.name, len(content["classes"]), **_params(settings))
+    classes, n_mels = len(content["classes"]), content["features"]["n_mels"]
+    model = build_model(settings.model, classes, n_mels)
     load_state(model, content["model"], "best.pth", strict=True)
     model.eval()
     normalization = stored_normalization(content, "best.pth")
     int8_content = load_checkpoint(directory / "checkpoints" / "int8.pth")
-    fresh = create_model(settings.model.name, len(content["classes"]), **_params(settings))
+    fresh = build_model(settings.model, classes, n_mels)
     int8 = Int8Model(load_quantized(fresh, int8_content["quantized"]))
     export = directory / "export"
     rows = [
@@ -160,13 +158,6 @@ def runtimes(directory: Path) -> tuple[list[tuple[str, str, Callable, int | None
         "settings": settings,
         "params": sum(p.numel() for p in model.parameters()),
     }
-
-
-def _params(settings) -> dict:
-    params = dict(settings.model.params)
-    for key in ("pretrained_path", "freeze_backbone"):
-        params.pop(key, None)
-    return params
 
 
 def test_set(settings) -> tuple[np.ndarray, np.ndarray]:

@@ -63,6 +63,17 @@ class Predictor:
     def clip_samples(self) -> int:
         return round(self.clip_seconds * self.sample_rate)
 
+    def check_window(self, window_seconds: float | None) -> None:
+        """PredictError when a waveform-in model is asked for windows of another length."""
+        if (
+            self.waveform_input
+            and window_seconds is not None
+            and round(window_seconds * self.sample_rate) != self.clip_samples
+        ):
+            raise PredictError(
+                f"--window: a waveform-in export takes clips of {self.clip_seconds:g} s exactly"
+            )
+
 
 def load_predictor(path: str | Path) -> Predictor:
     """A Predictor for a trainer checkpoint (.pth, float or int8) or an export (.onnx, .pt,
@@ -211,11 +222,7 @@ def predict_file(
     hop = round(hop_seconds * predictor.sample_rate)
     parts = windows(waveform, clip, max(hop, 1))
     if predictor.waveform_input:
-        if clip != predictor.clip_samples:
-            raise PredictError(
-                f"--window: a waveform-in export takes clips of {predictor.clip_seconds:g} s "
-                "exactly"
-            )
+        predictor.check_window(window_seconds)
         logits = predictor.logits(np.stack([window for _, window in parts]).astype(np.float32))
     else:
         features = np.stack([log_mel(window, predictor.feature_params) for _, window in parts])
@@ -336,16 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.embeddings is not None and predictor.embeddings is None:
         print("audioclf-predict: --embeddings needs a trainer checkpoint (.pth)", file=sys.stderr)
         return 2
-    if (
-        predictor.waveform_input
-        and arguments.window is not None
-        and round(arguments.window * predictor.sample_rate) != predictor.clip_samples
-    ):
-        print(
-            f"audioclf-predict: --window: {arguments.model} takes clips of "
-            f"{predictor.clip_seconds:g} s exactly (a waveform-in export)",
-            file=sys.stderr,
-        )
+    try:
+        predictor.check_window(arguments.window)
+    except PredictError as error:
+        print(f"audioclf-predict: {arguments.model}: {error}", file=sys.stderr)
         return 2
     results = []
     for path in audio_files(arguments.inputs):

@@ -3,8 +3,9 @@ TensorFlow install. Needs the `tflite` extra: pip install -e ".[tflite]".
 
 An int8 PT2E graph (`audioclf.quant`, XNNPACK rules) converts to a full-int8 file: int8 input
 and output, with their scale and zero point in the file, and int8 ops throughout, as
-microcontroller runtimes need. The batch dimension stays dynamic: the interpreter is resized
-to each batch (a file converted with a fixed batch fails at batch 1).
+microcontroller runtimes need. The batch dimension stays dynamic where the converter allows it
+(a file converted with a fixed batch of 2 fails at batch 1): the interpreter is resized to each
+batch. Waveform-in files have a fixed batch of one, and run one clip at a time.
 """
 
 from __future__ import annotations

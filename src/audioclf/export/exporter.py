@@ -3,6 +3,7 @@ each written with its sidecar and checked against PyTorch."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -158,32 +159,36 @@ class _Variants:
         self.normalised = raw if normalization is None else normalization(raw)
         self.waveforms = None if waveforms is None else np.ascontiguousarray(waveforms, np.float32)
         self.feature_params = feature_params
+        self.model = model
         self.inside = None if model is None else inference_model(model, normalization)
-        # Without the normalisation (TFLite, waveform-in), when there is one.
-        self.bare = self.inside
-        if model is not None and normalization is not None:
-            self.bare = inference_model(model, None)
         self.int8 = None if quantized is None else Int8Model(quantized)
         self._frontends: dict[torch.dtype, tuple[LogMelFrontEnd, float]] = {}
 
+    @functools.cached_property
+    def bare(self) -> nn.Module | None:
+        """The float model without the normalisation (TFLite, waveform-in): built only when
+        one of those is exported."""
+        if self.model is None or self.normalization is None:
+            return self.inside
+        return inference_model(self.model, None)
+
     def of(self, fmt: str, input_kind: str) -> list[tuple[str, nn.Module, np.ndarray, bool]]:
         """(file stem, module, check inputs, int8) for each model in `fmt` with `input_kind`."""
-        models = [("model", None if self.inside is None else self.bare, False)]
-        models.append(("model_int8", self.int8, True))
+        stems = [] if self.inside is None else [("model", False)]
+        stems += [] if self.int8 is None else [("model_int8", True)]
         result = []
-        for stem, module, int8 in models:
-            if module is None:
-                continue
+        for stem, int8 in stems:
             if input_kind == "waveform":
                 # TFLite has no float64 kernels: its front end computes in float32.
                 dtype = torch.float32 if fmt == "tflite" else torch.float64
+                module = self.int8 if int8 else self.bare
                 wrapped = WaveformModel(self._frontend(dtype), self.normalization, module)
                 result.append((f"{stem}_waveform", wrapped.eval(), self.waveforms, int8))
             elif int8 or fmt == "tflite":
                 # TFLite and int8 files take normalised features (the sidecar has the
                 # statistics): litert-torch cannot convert a broadcast against a dynamic
                 # batch, and an int8 input is quantised after normalising.
-                result.append((stem, module, self.normalised, int8))
+                result.append((stem, self.int8 if int8 else self.bare, self.normalised, int8))
             else:
                 # ONNX and TorchScript normalise inside.
                 result.append((stem, self.inside, self.raw, int8))
