@@ -6,16 +6,21 @@ Batches: 64 clips of real FSDD features (1 s at 8 kHz, the default preset: 101 f
 bins), held in memory, so the figures are the training step's and not the data pipeline's.
 Per model, in one run and in alternating rounds (best of three, the machine is shared):
 
-- plain: fp32, eager, contiguous tensors: forward, cross-entropy, backward, AdamW step;
-- bf16: the same under CPU bf16 autocast; channels_last; compile (torch.compile, after a
-  warm-up that pays the compilation, reported separately);
-- default: the trainer's default configuration (`TrainingConfig()`), in a bare loop;
+- plain: fp32, eager, contiguous tensors: forward, cross-entropy, backward, gradient clipping,
+  an AdamW step (PyTorch's default foreach kernels);
+- one switch at a time: bf16 (CPU bf16 autocast as `training.amp=true` runs it, strided
+  grouped convolutions in float32: audioclf.runtime), channels_last, compile (torch.compile,
+  after a warm-up that pays the compilation, reported separately), fused (the fused AdamW
+  kernel that the trainer's optimizers use);
+- default: the trainer's default configuration (`TrainingConfig()`, `amp=auto` resolved on
+  this machine), in a bare loop;
 - trainer: `Trainer` itself with the default configuration, one epoch over the same batches,
   against the bare loop with identical settings (its overhead).
 
-Then the default model is trained on FSDD with the plain settings, to compare its accuracy
-with the default configuration's run in benchmarks/results/fsdd_accuracy.json. Writes
-benchmarks/results/train_speed.json and the table in README.md.
+Then the default model is trained on FSDD by the main job with the default configuration and
+with the plain settings (amp and channels_last off), three seeds each, and the mean test
+accuracies are compared: one seed moves it by a clip or two (0.3-0.7 points) either way.
+Writes benchmarks/results/train_speed.json and the table in README.md.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,7 +45,8 @@ from audioclf.cli import CONFIG_DIR, run
 from audioclf.dataset import prepare
 from audioclf.model import create_model
 from audioclf.pipeline import build_datasets
-from audioclf.schedules import Schedule, ScheduleSpec
+from audioclf.runtime import autocast_dtype, cpu_has_native_bf16, keep_strided_grouped_convs_fp32
+from audioclf.schedules import Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig, load_settings
 from audioclf.train import Trainer
 from readme_table import write_table
@@ -48,13 +55,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 STEPS = 8
 ROUNDS = 3
+SEEDS = (0, 1, 2)
 MODELS = ["efficientnet_v2", "ghost_efficientnet_v2", "panns_mobilenetv1", "panns_mobilenetv2"]
+PLAIN = {"amp": False, "channels_last": False, "compile": False, "fused": False}
 SWITCHES = {
-    "plain": {"amp": False, "channels_last": False, "compile": False},
-    "bf16": {"amp": True, "channels_last": False, "compile": False},
-    "channels_last": {"amp": False, "channels_last": True, "compile": False},
-    "compile": {"amp": False, "channels_last": False, "compile": True},
+    "plain": PLAIN,
+    "bf16": {**PLAIN, "amp": True},
+    "channels_last": {**PLAIN, "channels_last": True},
+    "compile": {**PLAIN, "compile": True},
+    "fused": {**PLAIN, "fused": True},
 }
+CPU = torch.device("cpu")
 
 
 def fsdd_batches() -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,13 +89,20 @@ def make_step(
     model.train()
     memory_format = torch.channels_last if switches["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    dtype = autocast_dtype(switches["amp"], CPU)
+    if dtype is not None:
+        keep_strided_grouped_convs_fp32(model)  # as the Trainer does under CPU autocast
     forward = torch.compile(model) if switches["compile"] else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
-        if switches["amp"]
-        else contextlib.nullcontext
-    )
+    weight_decay = TrainingConfig().weight_decay
+    if switches["fused"]:
+        optimizer = make_optimizer(model.parameters(), "adamw", 1e-3, weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=dtype)
 
     def step(index: int) -> None:
         batch = slice((index % STEPS) * BATCH, (index % STEPS + 1) * BATCH)
@@ -119,7 +137,9 @@ def trainer_clips_per_second(name: str, features: torch.Tensor, labels: torch.Te
     loader = DataLoader(TensorDataset(features, labels), batch_size=BATCH)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(model, options, [str(i) for i in range(10)], folder)
-        trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        trainer.optimizer = make_optimizer(
+            model.parameters(), "adamw", 1e-3, TrainingConfig().weight_decay
+        )
         trainer.schedule = Schedule(trainer.optimizer, ScheduleSpec("cosine", STEPS, STEPS))
         trainer._train_epoch(loader, 1)  # warm-up epoch
         return max(trainer._train_epoch(loader, 1).clips_per_second for _ in range(2))
@@ -130,14 +150,15 @@ def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     configurations = {
         **SWITCHES,
         "default": {
-            "amp": default.amp is True,
+            "amp": default.amp,
             "channels_last": default.channels_last,
             "compile": default.compile,
+            "fused": True,
         },
     }
     rows = []
     for name in MODELS:
-        steps, compile_seconds = {}, None
+        steps, compile_seconds = {}, 0.0
         for label, switches in configurations.items():
             steps[label], seconds = make_step(name, switches, features, labels)
             if switches["compile"]:
@@ -164,23 +185,31 @@ def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     return rows
 
 
-def plain_accuracy() -> dict:
-    """The default model trained on FSDD with the plain settings (channels_last off)."""
-    with tempfile.TemporaryDirectory() as folder:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            config = compose(
-                "config",
-                overrides=[f"system.output_dir={folder}", "training.channels_last=false"],
-            )
-        summary = run(config)
-    return {"test_accuracy": summary["test"]["accuracy"], "macro_f1": summary["test"]["f1"]}
+def fsdd_accuracy(settings: list[str]) -> dict:
+    """The default model trained and tested on FSDD by the main job, once per seed."""
+    runs = []
+    for seed in SEEDS:
+        with tempfile.TemporaryDirectory() as folder:
+            overrides = [f"system.output_dir={folder}", f"system.seed={seed}", "run.export=false"]
+            with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+                config = compose("config", overrides=overrides + settings)
+            summary = run(config)
+        runs.append({"seed": seed, **{k: summary["test"][k] for k in ("accuracy", "f1")}})
+        print(json.dumps({"settings": settings, **runs[-1]}))
+    accuracies = [r["accuracy"] for r in runs]
+    return {
+        "settings": settings,
+        "runs": runs,
+        "mean_accuracy": statistics.mean(accuracies),
+        "std_accuracy": statistics.stdev(accuracies),
+    }
 
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| model | plain fp32 eager | bf16 | channels_last | compile (compile s) | default "
-        "| trainer overhead |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | plain fp32 eager | bf16 | channels_last | compile (compile s) | fused AdamW "
+        "| default | trainer overhead |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
@@ -189,6 +218,7 @@ def table(rows: list[dict]) -> list[str]:
             f"| {row['channels_last_clips_per_second']:.0f} ({row['channels_last_speedup']:.2f}x) "
             f"| {row['compile_clips_per_second']:.0f} ({row['compile_speedup']:.2f}x, "
             f"{row['compile_seconds']:.0f} s) "
+            f"| {row['fused_clips_per_second']:.0f} ({row['fused_speedup']:.2f}x) "
             f"| {row['default_clips_per_second']:.0f} ({row['default_speedup']:.2f}x) "
             f"| {row['trainer_overhead']:.3f} |"
         )
@@ -207,19 +237,19 @@ def main() -> None:
         "trainer_overhead": rows[0]["trainer_overhead"],
         "batch": BATCH,
         "threads": torch.get_num_threads(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "default_amp": str(autocast_dtype(TrainingConfig().amp, CPU)),
         "rows": rows,
     }
     if not arguments.skip_accuracy:
-        plain = plain_accuracy()
-        accuracy_file = RESULTS / "fsdd_accuracy.json"
-        default_rows = json.loads(accuracy_file.read_text()) if accuracy_file.exists() else []
-        default = next((r for r in default_rows if r["model"] == MODELS[0]), None)
+        default = fsdd_accuracy([])
+        plain = fsdd_accuracy(["training.amp=false", "training.channels_last=false"])
         result["accuracy"] = {
+            "default": default,
             "plain": plain,
-            "default": None if default is None else default["test_accuracy"],
-            "difference_points": None
-            if default is None
-            else round(100 * (default["test_accuracy"] - plain["test_accuracy"]), 2),
+            "difference_points": round(
+                100 * (default["mean_accuracy"] - plain["mean_accuracy"]), 2
+            ),
         }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_speed.json").write_text(json.dumps(result, indent=1) + "\n")

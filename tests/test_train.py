@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from audioclf import runtime
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
 from audioclf.checkpoint import load_checkpoint, save_checkpoint
@@ -28,9 +29,9 @@ from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import multiclass_metrics, multilabel_metrics
 from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
-from audioclf.schedules import Schedule, ScheduleSpec, lr_factor
+from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import DistillationConfig, TrainingConfig
-from audioclf.train import EarlyStopping, Trainer
+from audioclf.train import Trainer
 from conftest import FSDD, fsdd_clip, tiny_split_manifest, write_manifest
 
 
@@ -103,8 +104,13 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     assert math.isfinite(trainer.history[-1]["train_loss"])
 
 
-def test_amp_auto_is_off_on_the_cpu(tmp_path):
-    assert _trainer(tmp_path, _options(amp="auto")).amp is False
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_on_the_cpu_is_bf16_where_the_cpu_has_it(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    trainer = _trainer(tmp_path, _options(amp="auto"))
+    assert (trainer.amp, trainer.amp_dtype) == (
+        (True, torch.bfloat16) if native else (False, torch.float32)
+    )
 
 
 def test_clipping_by_norm_bounds_the_gradient_norm(tmp_path):
@@ -645,6 +651,7 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port: not 29500, which another run may hold
             "--nproc_per_node=2",
             str(REPO / "main.py"),
             *manifest,

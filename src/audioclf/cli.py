@@ -54,9 +54,10 @@ from audioclf.pipeline import (
     normalization_for,
 )
 from audioclf.quant import QuantizationError, QuantizedModel
+from audioclf.runtime import is_main_process, resolve_device
 from audioclf.settings import ConfigError, ModelConfig, Settings, load_settings
 from audioclf.summary import format_summary, prepare_splits
-from audioclf.train import Trainer, is_main_process, resolve_device
+from audioclf.train import Trainer
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
@@ -332,7 +333,8 @@ def _run(config: DictConfig) -> dict[str, Any]:
         if settings.run.test and datasets["test"].clips:
             int8_trainer = Trainer(
                 quantized,
-                settings.training,
+                # The int8 graph is tested as it runs once exported: no autocast.
+                dataclasses.replace(settings.training, amp=False),
                 index.classes,
                 output_dir,
                 multi_label=settings.data.multi_label,

@@ -1,4 +1,7 @@
-"""The Trainer: fit / validate / test, checkpoints, early stopping, logging.
+"""The Trainer: fit / validate / test, checkpoints and resume.
+
+TensorBoard and console output are in `train_log`; device, processes and mixed precision in
+`runtime`; optimizers, LR schedules and early stopping in `schedules`.
 
 The loop reads top to bottom; every optional feature (AMP, channels_last, torch.compile,
 mixup, clipping, a plateau schedule) is a few visible lines that do nothing when off.
@@ -14,7 +17,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from audioclf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import (
-    confusion_matrix_figure,
     format_report,
     multiclass_metrics,
     multilabel_metrics,
@@ -37,73 +37,17 @@ from audioclf.metrics import (
 )
 from audioclf.model import CheckpointError, Model, load_state
 from audioclf.quant import QuantizedModel, load_graph_state
-from audioclf.schedules import Schedule, ScheduleSpec, make_optimizer
+from audioclf.runtime import (
+    autocast_dtype,
+    has_compiler,
+    is_main_process,
+    keep_strided_grouped_convs_fp32,
+)
+from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
+from audioclf.train_log import EpochStats, TrainingLog
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when there is one, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist.is_initialized():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed run, or the only process."""
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def has_compiler() -> bool:
-    """Whether torch.compile's CPU backend finds a C++ compiler."""
-    return any(shutil.which(name) for name in ("c++", "g++", "clang++", "cl"))
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after `patience` epochs without an improvement of more than `min_delta`."""
-
-    mode: str
-    patience: int | None
-    min_delta: float = 0.0
-    best: float | None = None
-    bad_epochs: int = 0
-
-    def update(self, value: float) -> bool:
-        """Record an epoch's monitored value; return whether it is a new best."""
-        sign = 1.0 if self.mode == "max" else -1.0
-        if self.best is None or sign * (value - self.best) > self.min_delta:
-            self.best = value
-            self.bad_epochs = 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_epochs > self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state["best"]
-        self.bad_epochs = state["bad_epochs"]
-
-
-@dataclass
-class EpochStats:
-    """What one training epoch measured."""
-
-    loss: float = 0.0
-    accuracy: float = 0.0
-    grad_norm: float = 0.0
-    clips_per_second: float = 0.0
-    seconds: float = 0.0
-    clips: int = 0
 
 
 class Trainer:
@@ -164,13 +108,16 @@ class Trainer:
         if self.mode == "auto":
             self.mode = "min" if self.monitor.endswith("loss") else "max"
         # AMP: fp16 with a GradScaler on CUDA (bf16 where asked), bf16 on the CPU; `auto` is on
-        # for CUDA only, since bf16 made the default model's CPU training step 13x slower.
-        self.amp = options.amp is True or (options.amp == "auto" and self.device.type == "cuda")
-        self.amp_dtype = (
-            torch.bfloat16
-            if self.device.type == "cpu" or options.amp_dtype == "bfloat16"
-            else torch.float16
-        )
+        # for CUDA and for CPUs with bf16 in hardware (audioclf.runtime says what was measured).
+        dtype = autocast_dtype(options.amp, self.device, options.amp_dtype)
+        self.amp = dtype is not None
+        self.amp_dtype = dtype or torch.float32
+        if self.amp and self.device.type == "cpu":
+            kept = keep_strided_grouped_convs_fp32(self.model)
+            if self.teacher is not None:
+                keep_strided_grouped_convs_fp32(self.teacher)
+            if kept:
+                log.info("bf16 autocast: %d strided grouped convolutions kept in float32", kept)
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp and self.amp_dtype == torch.float16
         )
@@ -199,7 +146,7 @@ class Trainer:
         self.test_metrics: dict[str, Any] | None = None
         self.best_path = self.output_dir / "checkpoints" / "best.pth"
         self.last_path = self.output_dir / "checkpoints" / "last.pth"
-        self._writer: SummaryWriter | None = None
+        self.run_log = TrainingLog(self.output_dir / "tensorboard", self.classes)
 
     # ------------------------------------------------------------ the loop
 
@@ -236,7 +183,15 @@ class Trainer:
         start_epoch = 0
         if resume_from is not None:
             start_epoch = self._resume(Path(resume_from))
-        self._log_start(train_loader)
+        self.run_log.start(
+            self.model,
+            self.device,
+            len(train_loader.dataset) if hasattr(train_loader, "dataset") else -1,
+            len(train_loader),
+            self.amp_dtype if self.amp else None,
+            self.channels_last,
+            self.step_model is not self.eager_model,
+        )
         if self.early_stopping.should_stop:
             log.info("the resumed run had stopped early: nothing left to train")
             start_epoch = options.epochs
@@ -251,7 +206,9 @@ class Trainer:
             improved = self.early_stopping.update(monitored)
             record = self._record(epoch, stats, val)
             self._save(epoch, record, improved)
-            self._log_epoch(epoch, stats, val, improved)
+            self.run_log.epoch_line(
+                options.epochs, record, val, stats.seconds, improved, self.device
+            )
             if self.early_stopping.should_stop:
                 log.info(
                     "early stopping: %s has not improved for %d epochs (best %.4f)",
@@ -265,7 +222,7 @@ class Trainer:
         if self.best_path.exists():
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best["model"])
-        self._close_writer(hparams=True)
+        self._close_log()
         return {
             "best": self.early_stopping.best,
             "monitor": self.monitor,
@@ -291,7 +248,7 @@ class Trainer:
             features, targets = self._to_device(features, targets)
             teacher_logits = given[0].to(self.device) if given else None
             if epoch == 0 and step == 0:
-                self._log_spectrograms(features)
+                self.run_log.spectrograms(features)
             head_labels = targets if not self.multi_label else None
             loss_targets = targets
             if options.mixup_alpha > 0:
@@ -471,21 +428,7 @@ class Trainer:
             **{f"val_{k}": v for k, v in val.items() if isinstance(v, float)},
         }
         self.history.append(record)
-        writer = self._tensorboard()
-        if writer is not None:
-            step = epoch + 1
-            writer.add_scalar("train/loss", stats.loss, step)
-            writer.add_scalar("train/accuracy", stats.accuracy, step)
-            writer.add_scalar("train/grad_norm", stats.grad_norm, step)
-            writer.add_scalar("train/clips_per_second", stats.clips_per_second, step)
-            writer.add_scalar("train/lr", record["lr"], step)
-            for name, value in val.items():
-                if isinstance(value, float):
-                    writer.add_scalar(f"val/{name}", value, step)
-            if "confusion_matrix" in val:
-                figure = confusion_matrix_figure(val["confusion_matrix"], self.classes)
-                writer.add_figure("val/confusion_matrix", figure, step)
-            writer.flush()
+        self.run_log.epoch(record, val)
         return record
 
     def _save(self, epoch: int, record: dict[str, float], improved: bool) -> None:
@@ -547,22 +490,13 @@ class Trainer:
 
     # ------------------------------------------------------------ logging
 
-    def _tensorboard(self) -> SummaryWriter | None:
-        if self._writer is None and is_main_process():
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-        return self._writer
-
-    def _close_writer(self, hparams: bool) -> None:
-        writer = self._tensorboard()
-        if writer is None:
-            return
-        if hparams and self.history:
+    def _close_log(self) -> None:
+        final = {}
+        if self.history:
             final = {f"hparam/{k}": v for k, v in self.history[-1].items() if k != "epoch"}
             if self.early_stopping.best is not None:
                 final[f"hparam/best_{self.monitor}"] = self.early_stopping.best
-            writer.add_hparams(self._hparams(), final, run_name="hparams")
-        writer.close()
-        self._writer = None
+        self.run_log.close(self._hparams(), final)
 
     def _hparams(self) -> dict[str, Any]:
         options = self.options
@@ -579,57 +513,3 @@ class Trainer:
             "channels_last": self.channels_last,
             "compile": self.options.compile,
         }
-
-    def _log_spectrograms(self, features: torch.Tensor) -> None:
-        writer = self._tensorboard()
-        if writer is None:
-            return
-        images = features[:4].detach().float().cpu()
-        # (B, 1, frames, mels) -> mels up, frames across, scaled to [0, 1] per image.
-        images = images.transpose(2, 3).flip(2)
-        low = images.amin(dim=(1, 2, 3), keepdim=True)
-        high = images.amax(dim=(1, 2, 3), keepdim=True)
-        writer.add_images("train/spectrograms", (images - low) / (high - low + 1e-9), 0)
-
-    def _log_start(self, loader: DataLoader) -> None:
-        parameters = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info(
-            "training %s: %s parameters (%s trainable) on %s%s, %d threads; %d clips in %d "
-            "batches per epoch; amp %s, channels_last %s, compile %s",
-            type(self.model).__name__,
-            f"{parameters:,}",
-            f"{trainable:,}",
-            self.device,
-            f" x {dist.get_world_size()} processes (DDP)" if dist.is_initialized() else "",
-            torch.get_num_threads(),
-            len(loader.dataset) if hasattr(loader, "dataset") else -1,
-            len(loader),
-            f"on ({str(self.amp_dtype).removeprefix('torch.')})" if self.amp else "off",
-            "on" if self.channels_last else "off",
-            "on" if self.step_model is not self.eager_model else "off",
-        )
-
-    def _log_epoch(
-        self, epoch: int, stats: EpochStats, val: dict[str, Any], improved: bool
-    ) -> None:
-        memory = ""
-        if self.device.type == "cuda":
-            memory = f" | peak GPU {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
-            torch.cuda.reset_peak_memory_stats(self.device)
-        log.info(
-            "epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f f1 %.4f | lr %.2e | "
-            "%.0f clips/s, %.1f s%s%s",
-            epoch + 1,
-            self.options.epochs,
-            stats.loss,
-            stats.accuracy,
-            val["loss"],
-            val["accuracy"],
-            val["f1"],
-            self.optimizer.param_groups[0]["lr"],
-            stats.clips_per_second,
-            stats.seconds,
-            memory,
-            " *" if improved else "",
-        )

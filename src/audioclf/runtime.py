@@ -1,0 +1,92 @@
+"""Where and how a training step runs: device, processes, compiler and mixed precision.
+
+Mixed precision, as measured on a 2-core AVX512-BF16 CPU (benchmarks/train_speed.py): bf16
+autocast speeds every model of the zoo up (PANNs CNN14 about 2x, the MobileNets about 1.5x,
+EfficientNetV2 about 1.2x), except for one kernel. oneDNN computes the input gradient of a
+strided grouped (depthwise) convolution in bf16 with a generic strided kernel: 27 ms against
+0.03 ms in float32 for EfficientNetV2's 480-channel stride-2 depthwise convolution, which made
+the whole step slower than float32. `keep_strided_grouped_convs_fp32` runs those few layers in
+float32 under CPU autocast, and the rest stays bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from types import MethodType
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA when there is one, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed run, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def has_compiler() -> bool:
+    """Whether torch.compile's CPU backend finds a C++ compiler."""
+    return any(shutil.which(name) for name in ("c++", "g++", "clang++", "cl"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is
+    emulated and slower than float32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(
+    amp: bool | Literal["auto"], device: torch.device, amp_dtype: str = "float16"
+) -> torch.dtype | None:
+    """The autocast dtype of a run on `device`, or None for float32.
+
+    `amp=True` is fp16 on CUDA (bf16 where `amp_dtype` says so) and bf16 on the CPU. `auto` is
+    on for CUDA, and on the CPU where it computes bf16 in hardware; it stays off elsewhere
+    (MPS, emulated bf16), where nothing was measured.
+    """
+    if amp == "auto":
+        amp = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if not amp:
+        return None
+    if device.type == "cpu" or amp_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.float16
+
+
+def _float32_under_cpu_autocast(self: nn.Conv2d, features: torch.Tensor) -> torch.Tensor:
+    forward = type(self).forward
+    if features.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return forward(self, features)
+    with torch.autocast("cpu", enabled=False):
+        return forward(self, features.float())
+
+
+def keep_strided_grouped_convs_fp32(model: nn.Module) -> int:
+    """Make every strided grouped Conv2d of `model` run in float32 under CPU autocast (see the
+    module docstring); return how many. Outside CPU autocast they run as before, and the
+    state_dict does not change."""
+    kept = 0
+    for module in model.modules():
+        if (
+            isinstance(module, nn.Conv2d)
+            and module.groups > 1
+            and any(stride > 1 for stride in module.stride)
+        ):
+            if "forward" not in module.__dict__:
+                module.forward = MethodType(_float32_under_cpu_autocast, module)
+            kept += 1
+    return kept
