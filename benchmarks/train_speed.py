@@ -66,6 +66,7 @@ SWITCHES = {
     "fused": {**PLAIN, "fused": True},
 }
 CPU = torch.device("cpu")
+WEIGHT_DECAY = TrainingConfig().weight_decay
 
 
 def fsdd_batches() -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,11 +94,10 @@ def make_step(
     if dtype is not None:
         keep_strided_grouped_convs_fp32(model)  # as the Trainer does under CPU autocast
     forward = torch.compile(model) if switches["compile"] else model
-    weight_decay = TrainingConfig().weight_decay
     if switches["fused"]:
-        optimizer = make_optimizer(model.parameters(), "adamw", 1e-3, weight_decay)
+        optimizer = make_optimizer(model.parameters(), "adamw", 1e-3, WEIGHT_DECAY)
     else:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=WEIGHT_DECAY)
 
     def autocast() -> contextlib.AbstractContextManager:
         if dtype is None:
@@ -137,9 +137,7 @@ def trainer_clips_per_second(name: str, features: torch.Tensor, labels: torch.Te
     loader = DataLoader(TensorDataset(features, labels), batch_size=BATCH)
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(model, options, [str(i) for i in range(10)], folder)
-        trainer.optimizer = make_optimizer(
-            model.parameters(), "adamw", 1e-3, TrainingConfig().weight_decay
-        )
+        trainer.optimizer = make_optimizer(model.parameters(), "adamw", 1e-3, WEIGHT_DECAY)
         trainer.schedule = Schedule(trainer.optimizer, ScheduleSpec("cosine", STEPS, STEPS))
         trainer._train_epoch(loader, 1)  # warm-up epoch
         return max(trainer._train_epoch(loader, 1).clips_per_second for _ in range(2))

@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,21 @@ from audioclf.runtime import (
 )
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
-from audioclf.train_log import EpochStats, TrainingLog
+from audioclf.train_log import TrainingLog
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochStats:
+    """What one training epoch measured."""
+
+    loss: float = 0.0
+    accuracy: float = 0.0
+    grad_norm: float = 0.0
+    clips_per_second: float = 0.0
+    seconds: float = 0.0
+    clips: int = 0
 
 
 class Trainer:

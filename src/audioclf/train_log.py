@@ -8,7 +8,6 @@ confusion matrix, a few input spectrograms and the hparams with the final metric
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,14 @@ from audioclf.runtime import is_main_process
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EpochStats:
-    """What one training epoch measured."""
-
-    loss: float = 0.0
-    accuracy: float = 0.0
-    grad_norm: float = 0.0
-    clips_per_second: float = 0.0
-    seconds: float = 0.0
-    clips: int = 0
+#: TensorBoard tag -> key of the Trainer's per-epoch record.
+_TRAIN_SCALARS = {
+    "train/loss": "train_loss",
+    "train/accuracy": "train_accuracy",
+    "train/grad_norm": "grad_norm",
+    "train/clips_per_second": "clips_per_second",
+    "train/lr": "lr",
+}
 
 
 class TrainingLog:
@@ -98,9 +95,8 @@ class TrainingLog:
         if writer is None:
             return
         step = int(record["epoch"])
-        for name in ("loss", "accuracy", "grad_norm", "clips_per_second", "lr"):
-            key = name if name in ("grad_norm", "clips_per_second", "lr") else f"train_{name}"
-            writer.add_scalar(f"train/{name}", record[key], step)
+        for tag, key in _TRAIN_SCALARS.items():
+            writer.add_scalar(tag, record[key], step)
         for name, value in val.items():
             if isinstance(value, float):
                 writer.add_scalar(f"val/{name}", value, step)
