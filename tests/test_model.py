@@ -25,6 +25,7 @@ from audioclf.model import (
 )
 from audioclf.model.ghost_effv2 import GhostModule
 from audioclf.model.heads import ArcFaceHead
+from audioclf.model.layers import SqueezeExcite, spatial_mean
 from conftest import TEST_DATA, fsdd_clip
 
 PANNS = {
@@ -160,6 +161,21 @@ def test_model_traces_and_exports_with_dynamic_batch_and_frames(name):
     exported = torch.export.export(model, (x,), dynamic_shapes=(dynamic,))
     other = features(batch=3, frames=150)
     torch.testing.assert_close(exported.module()(other), model(other))
+
+
+def test_spatial_mean_is_the_mean_and_export_captures_it_as_mean():
+    x = torch.randn(3, 8, 7, 5, requires_grad=True)
+    pooled = spatial_mean(x)
+    torch.testing.assert_close(pooled, x.mean((2, 3), keepdim=True))
+    (pooled.square().sum()).backward()
+    expected = torch.autograd.grad(x.mean((2, 3), keepdim=True).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+    # Quantizers know mean as an int8 pool; a sum would leave a float op in the int8 graph.
+    se = SqueezeExcite(8, 2).eval()
+    graph = torch.export.export(se, (x.detach(),)).graph
+    targets = {node.target for node in graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.mean.dim in targets
+    assert torch.ops.aten.sum.dim_IntList not in targets
 
 
 # --- ArcFace -------------------------------------------------------------------------------

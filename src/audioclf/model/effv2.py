@@ -26,6 +26,7 @@ from audioclf.model.layers import (
     SqueezeExcite,
     make_divisible,
     pointwise_conv,
+    spatial_mean,
 )
 from audioclf.model.registry import register_model
 
@@ -256,7 +257,7 @@ class EfficientNetV2(Model):
         x = self.stem(x)
         for block in self.blocks:
             x = self.run_block(block, x)
-        return self.head(x).mean((2, 3))
+        return spatial_mean(self.head(x)).flatten(1)
 
 
 register_model("efficientnet_v2_s")(partial(EfficientNetV2, size="s"))

@@ -62,8 +62,21 @@ class SqueezeExcite(nn.Module):
         self.expand = nn.Conv2d(squeeze_channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True))))
+        scale = self.expand(self.act(self.reduce(spatial_mean(x))))
         return x * torch.sigmoid(scale)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over height and width (kept as 1x1).
+
+    In eager mode and under torch.compile a sum times 1/(H*W): the backward of `x.mean` writes
+    a full-size quotient that autograd then adds to x's other gradient, which doubled
+    squeeze-excitation's training time (bf16, channels_last). Graphs captured by torch.export
+    (quantization, TFLite) keep `mean`, which quantizers and XNNPACK take as an int8 pool.
+    """
+    if torch.compiler.is_exporting():
+        return x.mean((2, 3), keepdim=True)
+    return x.sum((2, 3), keepdim=True) * (1.0 / (x.shape[2] * x.shape[3]))
 
 
 class DropPath(nn.Module):
