@@ -4,7 +4,9 @@
 
 Batches: 64 clips of real FSDD features (1 s at 8 kHz, the default preset: 101 frames x 64 mel
 bins), held in memory, so the figures are the training step's and not the data pipeline's.
-Per model, in one run and in alternating rounds (best of three, the machine is shared):
+Per model, in one run and in five alternating rounds (the machine is shared and its speed
+drifts): clips/s are the median over rounds, and each speed-up is the median of the rounds'
+ratios to the plain figure of the same round.
 
 - plain: fp32, eager, contiguous tensors: forward, cross-entropy, backward, gradient clipping,
   an AdamW step (PyTorch's default foreach kernels);
@@ -54,7 +56,7 @@ from readme_table import write_table
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 64
 STEPS = 8
-ROUNDS = 3
+ROUNDS = 5
 SEEDS = (0, 1, 2)
 MODELS = ["efficientnet_v2", "ghost_efficientnet_v2", "panns_mobilenetv1", "panns_mobilenetv2"]
 PLAIN = {"amp": False, "channels_last": False, "compile": False, "fused": False}
@@ -143,6 +145,12 @@ def trainer_clips_per_second(name: str, features: torch.Tensor, labels: torch.Te
         return max(trainer._train_epoch(loader, 1).clips_per_second for _ in range(2))
 
 
+def median_ratio(measured: list[float], plain: list[float]) -> float:
+    """The median over rounds of each round's ratio to the same round's plain figure: the
+    machine's speed drifts over a run, and a ratio within a round cancels most of it."""
+    return statistics.median(m / p for m, p in zip(measured, plain, strict=True))
+
+
 def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     default = TrainingConfig()
     configurations = {
@@ -161,19 +169,23 @@ def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
             steps[label], seconds = make_step(name, switches, features, labels)
             if switches["compile"]:
                 compile_seconds = seconds
-        best = dict.fromkeys(configurations, 0.0)
+        rounds: dict[str, list[float]] = {label: [] for label in configurations}
         for _ in range(ROUNDS):
             for label, step in steps.items():
-                best[label] = max(best[label], clips_per_second(step))
+                rounds[label].append(clips_per_second(step))
         trainer = trainer_clips_per_second(name, features, labels)
         row = {
             "model": name,
-            **{f"{label}_clips_per_second": round(best[label], 1) for label in configurations},
+            **{
+                f"{label}_clips_per_second": round(statistics.median(rounds[label]), 1)
+                for label in configurations
+            },
             "compile_seconds": round(compile_seconds, 1),
             "trainer_clips_per_second": round(trainer, 1),
-            "trainer_overhead": round(best["default"] / trainer, 3),
+            # Best against best: the trainer's figure is its better epoch.
+            "trainer_overhead": round(max(rounds["default"]) / trainer, 3),
             **{
-                f"{label}_speedup": round(best[label] / best["plain"], 2)
+                f"{label}_speedup": round(median_ratio(rounds[label], rounds["plain"]), 2)
                 for label in configurations
                 if label != "plain"
             },
