@@ -167,6 +167,7 @@ def test_spatial_mean_is_the_mean_and_export_captures_it_as_mean():
     x = torch.randn(3, 8, 7, 5, requires_grad=True)
     pooled = spatial_mean(x)
     torch.testing.assert_close(pooled, x.mean((2, 3), keepdim=True))
+    torch.testing.assert_close(spatial_mean(x, keepdim=False), x.mean((2, 3)))
     (pooled.square().sum()).backward()
     expected = torch.autograd.grad(x.mean((2, 3), keepdim=True).square().sum(), x)[0]
     torch.testing.assert_close(x.grad, expected)

@@ -257,7 +257,7 @@ class EfficientNetV2(Model):
         x = self.stem(x)
         for block in self.blocks:
             x = self.run_block(block, x)
-        return spatial_mean(self.head(x)).flatten(1)
+        return spatial_mean(self.head(x), keepdim=False)
 
 
 register_model("efficientnet_v2_s")(partial(EfficientNetV2, size="s"))

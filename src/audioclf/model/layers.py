@@ -66,8 +66,8 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(scale)
 
 
-def spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean over height and width (kept as 1x1).
+def spatial_mean(x: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """The mean over height and width, kept as 1x1 unless `keepdim` is false.
 
     In eager mode and under torch.compile a sum times 1/(H*W): the backward of `x.mean` writes
     a full-size quotient that autograd then adds to x's other gradient, which doubled
@@ -75,8 +75,8 @@ def spatial_mean(x: torch.Tensor) -> torch.Tensor:
     (quantization, TFLite) keep `mean`, which quantizers and XNNPACK take as an int8 pool.
     """
     if torch.compiler.is_exporting():
-        return x.mean((2, 3), keepdim=True)
-    return x.sum((2, 3), keepdim=True) * (1.0 / (x.shape[2] * x.shape[3]))
+        return x.mean((2, 3), keepdim=keepdim)
+    return x.sum((2, 3), keepdim=keepdim) * (1.0 / (x.shape[2] * x.shape[3]))
 
 
 class DropPath(nn.Module):
