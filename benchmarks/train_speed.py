@@ -84,13 +84,17 @@ def fsdd_batches() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([f for f, _ in items]), torch.tensor([label for _, label in items])
 
 
+def fresh_model(name: str) -> torch.nn.Module:
+    """The model `name` for 10 classes and 64 mel bins, with the same initial weights each time."""
+    torch.manual_seed(0)
+    return create_model(name, 10, **({"n_mels": 64} if name.startswith("panns") else {}))
+
+
 def make_step(
     name: str, switches: dict[str, bool], features: torch.Tensor, labels: torch.Tensor
 ) -> tuple[Callable[[int], None], float]:
     """A training step over batch i with these switches, and the seconds compiling took."""
-    torch.manual_seed(0)
-    model = create_model(name, 10, **({"n_mels": 64} if name.startswith("panns") else {}))
-    model.train()
+    model = fresh_model(name).train()
     memory_format = torch.channels_last if switches["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     dtype = autocast_dtype(switches["amp"], CPU)
@@ -137,8 +141,7 @@ def make_trainer_epoch(
 ) -> Callable[[], float]:
     """One `Trainer` epoch (default configuration) over the same in-memory batches, returning
     its clips/s, after a warm-up epoch."""
-    torch.manual_seed(0)
-    model = create_model(name, 10, **({"n_mels": 64} if name.startswith("panns") else {}))
+    model = fresh_model(name)
     options = TrainingConfig(epochs=1, warmup_epochs=0.0)
     loader = DataLoader(TensorDataset(features, labels), batch_size=BATCH)
     trainer = Trainer(model, options, [str(i) for i in range(10)], folder)

@@ -136,12 +136,13 @@ class TrainingLog:
             " *" if improved else "",
         )
 
-    def close(self, hparams: dict[str, Any] | None = None, final: dict[str, float] | None = None):
-        """Write the hparams with the final metrics (when given) and close the events file."""
+    def close(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
+        """Write the hparams with the final metrics (none before a first epoch) and close the
+        events file."""
         writer = self.writer
         if writer is None:
             return
-        if hparams is not None and final:
+        if final:
             writer.add_hparams(hparams, final, run_name="hparams")
         writer.close()
         self._writer = None
