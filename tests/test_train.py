@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -395,6 +396,18 @@ def test_tensorboard_reader_finds_the_runs_events(tmp_path):
         assert scalar in tags["scalars"]
         assert len(accumulator.Scalars(scalar)) == 2
     assert {"val/confusion_matrix", "train/spectrograms"} <= set(tags["images"])
+    # The hparams with the final metrics, as TensorBoard's HPARAMS tab reads them.
+    hparams = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "hparams"))
+    hparams.Reload()
+    content = hparams.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["lr"].number_value == pytest.approx(0.03)
+    assert start.session_start_info.hparams["lr_schedule"].string_value == "cosine"
+    final = hparams.Scalars("hparam/best_val_accuracy")
+    assert final[0].value == pytest.approx(trainer.early_stopping.best)
+    assert hparams.Scalars("hparam/val_loss")[0].value == pytest.approx(
+        trainer.history[-1]["val_loss"]
+    )
 
 
 # ---------------------------------------------------------------- losses

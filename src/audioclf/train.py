@@ -46,7 +46,7 @@ from audioclf.runtime import (
 )
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
-from audioclf.train_log import TrainingLog
+from audioclf.train_log import TrainingLog, run_hparams
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,12 @@ class Trainer:
         if self.best_path.exists():
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best["model"])
-        self._close_log()
+        self.run_log.close(
+            run_hparams(options, self.amp, self.channels_last),
+            self.history,
+            self.monitor,
+            self.early_stopping.best,
+        )
         return {
             "best": self.early_stopping.best,
             "monitor": self.monitor,
@@ -500,29 +505,3 @@ class Trainer:
             shutil.copyfile(earlier_best, self.best_path)
         log.info("resumed from %s after epoch %d", path, state["epoch"])
         return int(state["epoch"])
-
-    # ------------------------------------------------------------ logging
-
-    def _close_log(self) -> None:
-        final = {}
-        if self.history:
-            final = {f"hparam/{k}": v for k, v in self.history[-1].items() if k != "epoch"}
-            if self.early_stopping.best is not None:
-                final[f"hparam/best_{self.monitor}"] = self.early_stopping.best
-        self.run_log.close(self._hparams(), final)
-
-    def _hparams(self) -> dict[str, Any]:
-        options = self.options
-        return {
-            "optimizer": options.optimizer,
-            "lr": options.lr,
-            "weight_decay": options.weight_decay,
-            "lr_schedule": options.lr_schedule,
-            "epochs": options.epochs,
-            "label_smoothing": options.label_smoothing,
-            "mixup_alpha": options.mixup_alpha,
-            "grad_clip_norm": options.grad_clip_norm or 0.0,
-            "amp": self.amp,
-            "channels_last": self.channels_last,
-            "compile": self.options.compile,
-        }

@@ -18,6 +18,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from audioclf.metrics import confusion_matrix_figure
 from audioclf.runtime import is_main_process
+from audioclf.settings import TrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,40 @@ class TrainingLog:
             " *" if improved else "",
         )
 
-    def close(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        """Write the hparams with the final metrics (none before a first epoch) and close the
-        events file."""
+    def close(
+        self,
+        hparams: dict[str, Any],
+        history: list[dict[str, float]],
+        monitor: str,
+        best: float | None,
+    ) -> None:
+        """Write the hparams with the last epoch's metrics and the best monitored value (nothing
+        before a first epoch) and close the events file."""
         writer = self.writer
         if writer is None:
             return
-        if final:
+        if history:
+            final = {f"hparam/{k}": v for k, v in history[-1].items() if k != "epoch"}
+            if best is not None:
+                final[f"hparam/best_{monitor}"] = best
             writer.add_hparams(hparams, final, run_name="hparams")
         writer.close()
         self._writer = None
+
+
+def run_hparams(options: TrainingConfig, amp: bool, channels_last: bool) -> dict[str, Any]:
+    """The hparams TensorBoard shows beside a run's final metrics (`amp` and `channels_last` as
+    resolved for this machine, not as configured)."""
+    return {
+        "optimizer": options.optimizer,
+        "lr": options.lr,
+        "weight_decay": options.weight_decay,
+        "lr_schedule": options.lr_schedule,
+        "epochs": options.epochs,
+        "label_smoothing": options.label_smoothing,
+        "mixup_alpha": options.mixup_alpha,
+        "grad_clip_norm": options.grad_clip_norm or 0.0,
+        "amp": amp,
+        "channels_last": channels_last,
+        "compile": options.compile,
+    }
