@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 
@@ -17,7 +18,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from audioclf import runtime
+from audioclf import runtime, train
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
 from audioclf.checkpoint import load_checkpoint, save_checkpoint
@@ -103,6 +104,51 @@ def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     assert (trainer.amp, trainer.amp_dtype) == (True, torch.bfloat16)
     assert torch.bfloat16 in seen
     assert math.isfinite(trainer.history[-1]["train_loss"])
+
+
+def _fit_without_dropout(tmp_path, **options) -> Trainer:
+    trainer = _trainer(tmp_path, _options(epochs=2, **options))
+    trainer.model.classifier.dropout.p = 0.0  # inductor draws other random numbers than eager
+    trainer.fit(*_loaders())
+    return trainer
+
+
+def test_compiled_training_computes_what_eager_training_does(tmp_path):
+    eager = _fit_without_dropout(tmp_path / "eager")
+    compiled = _fit_without_dropout(tmp_path / "compiled", compile=True)
+    assert compiled.step_model is not compiled.eager_model  # still compiled at the end
+    for ours, theirs in zip(compiled.history, eager.history, strict=True):
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-3)
+
+
+def test_compile_without_a_compiler_trains_eagerly_with_one_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train, "has_compiler", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="audioclf.train"):
+        trainer = _fit_without_dropout(tmp_path, compile=True)
+    assert trainer.step_model is trainer.eager_model
+    warnings = [r.getMessage() for r in caplog.records if "training.compile" in r.getMessage()]
+    assert warnings == ["training.compile: no C++ compiler found; training runs eagerly"]
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch, caplog):
+    def broken(model):
+        def run(*args):
+            raise RuntimeError("C++ compile error\ndetails")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="audioclf.train"):
+        trainer = _fit_without_dropout(tmp_path, compile=True)
+    assert trainer.step_model is trainer.eager_model
+    assert len(trainer.history) == 2
+    assert math.isfinite(trainer.history[-1]["train_loss"])
+    warnings = [r.getMessage() for r in caplog.records if "training.compile" in r.getMessage()]
+    assert warnings == [
+        "training.compile: torch.compile failed (RuntimeError: C++ compile error); "
+        "training runs eagerly"
+    ]
 
 
 @pytest.mark.parametrize("native", [True, False])
