@@ -3,6 +3,7 @@ losses, TensorBoard events, and the main job's train / test / test-from-checkpoi
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -19,12 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from audioclf import runtime, train
+from audioclf.audio import fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
 from audioclf.checkpoint import load_checkpoint, save_checkpoint
 from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset
-from audioclf.features import resolve_params
+from audioclf.features import FeatureNormalization, LogMelParams, log_mel, resolve_params
 from audioclf.index import Clip, DatasetError
 from audioclf.loading import EpochSampler, make_loader
 from audioclf.losses import classification_loss, distillation_loss, mixup
@@ -509,6 +511,52 @@ def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
     assert set(summary["test"]) >= {"accuracy", "precision", "recall", "f1", "confusion_matrix"}
     assert (tmp_path / "outputs" / "checkpoints" / "best.pth").exists()
     assert (tmp_path / "outputs" / "metrics.json").exists()
+
+
+def test_normalisation_statistics_come_from_the_training_split_alone(compose_config, tmp_path):
+    run(
+        compose_config(
+            *tiny_split_manifest(tmp_path), "run.train=true", "run.test=false", "training.epochs=1"
+        )
+    )
+    content = load_checkpoint(tmp_path / "outputs" / "checkpoints" / "last.pth")
+    stored = FeatureNormalization.from_lists(content["normalization"])
+    # Recomputed here from the files: the 8 training clips, centred and padded to the clip.
+    params = LogMelParams(**content["features"])
+    data = content["config"]["data"]
+    clip_samples = round(data["clip_seconds"] * data["sample_rate"])
+    with open(data["manifest"], newline="") as file:
+        rows = list(csv.DictReader(file))
+
+    def split_features(*splits):
+        for row in rows:
+            if row["split"] in splits:
+                waveform = load_audio(FSDD / row["path"], data["sample_rate"])
+                yield log_mel(fix_length(waveform, clip_samples), params)
+
+    expected = FeatureNormalization.fit(split_features("train"))
+    np.testing.assert_allclose(stored.mean, expected.mean, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(stored.std, expected.std, rtol=1e-5, atol=1e-4)
+    with_test_clips = FeatureNormalization.fit(split_features("train", "test"))
+    assert not np.allclose(stored.mean, with_test_clips.mean, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "override", ["features.normalize=false", "model=panns_mobilenetv1"], ids=["off", "panns"]
+)
+def test_no_normalisation_when_off_or_the_model_has_its_own(compose_config, tmp_path, override):
+    summary = run(
+        compose_config(
+            *tiny_split_manifest(tmp_path),
+            "run.train=true",
+            "run.test=false",
+            "training.epochs=1",
+            override,
+        )
+    )
+    assert summary["normalization"] is False
+    content = load_checkpoint(tmp_path / "outputs" / "checkpoints" / "last.pth")
+    assert content["normalization"] is None
 
 
 def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path):
