@@ -19,7 +19,8 @@ def classification_loss(
     targets (multi-hot, B x C) binary cross-entropy on the logits.
 
     `label_smoothing` moves that much of each target's mass to a uniform spread (multi-label:
-    towards 0.5); `class_weights` (C,) weighs each class's term.
+    towards 0.5); `class_weights` (C,) weighs each class's term (multi-label: its positive
+    term, as BCE's `pos_weight`, the usual weighting for rare positive labels).
     """
     logits = logits.float()
     if multi_label:
