@@ -435,6 +435,31 @@ def test_test_returns_the_four_figures_and_writes_its_files(tmp_path):
     assert sum(map(sum, written["confusion_matrix"])) == 30
 
 
+def test_console_reports_start_epochs_and_saves_without_a_progress_bar_off_a_terminal(
+    tmp_path, caplog, capsys
+):
+    trainer = _trainer(tmp_path, _options(epochs=2, amp=False))
+    parameters = sum(p.numel() for p in trainer.model.parameters())
+    with caplog.at_level(logging.INFO, logger="audioclf"):
+        trainer.fit(*_loaders())
+    lines = [record.getMessage() for record in caplog.records]
+    start = next(line for line in lines if line.startswith("training TinyNet"))
+    assert f"{parameters:,} parameters" in start
+    assert f"on cpu, {torch.get_num_threads()} threads" in start
+    assert "48 clips in 3 batches" in start
+    assert "amp off, channels_last off, compile off" in start
+    assert [line.split("  ")[0] for line in lines if line.startswith("epoch ")] == [
+        "epoch 1/2",
+        "epoch 2/2",
+    ]
+    saves = [line for line in lines if line.startswith("saved ")]
+    assert len(saves) == 2
+    best = trainer.history[0]["val_accuracy"]  # the first epoch is always an improvement
+    assert saves[0] == f"saved {trainer.best_path} (val_accuracy {best:.4f}) and last.pth"
+    # pytest's captured stderr is not a terminal: no progress bar is drawn.
+    assert "epoch 1/2:" not in capsys.readouterr().err
+
+
 def test_tensorboard_reader_finds_the_runs_events(tmp_path):
     trainer = _trainer(tmp_path, _options(epochs=2))
     trainer.fit(*_loaders())
