@@ -7,7 +7,9 @@ import json
 import librosa
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
 
+from audioclf import features
 from audioclf.features import PRESETS, compute_log_mel, num_frames, resolve_params
 from conftest import TEST_DATA
 
@@ -133,3 +135,26 @@ def test_frame_longer_than_the_fft_asks_for_a_larger_n_fft():
     with pytest.raises(ValueError, match="override n_fft"):
         compute_log_mel(np.zeros(32000), 32000, "tf_yamnet_style")
     assert compute_log_mel(np.zeros(32000), 32000, "tf_yamnet_style", n_fft=1024).shape[1] == 64
+
+
+def test_the_mel_projection_runs_numpys_blas_on_one_thread(monkeypatch):
+    """OpenBLAS threads it otherwise, and they took cores from torch's in training."""
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    seen = []
+
+    class Filterbank(np.ndarray):
+        def __matmul__(self, other):
+            seen.append(blas_threads())
+            return np.asarray(self) @ other
+
+    real = features.mel_matrix
+    monkeypatch.setattr(features, "mel_matrix", lambda params: real(params).view(Filterbank))
+    waveform = np.random.default_rng(0).standard_normal(8000) * 0.1
+    with threadpool_limits(limits=2, user_api="blas"):
+        compute_log_mel(waveform, 8000, "librosa")
+        after = blas_threads()
+    assert seen == [[1] * len(after)]
+    assert after == [2] * len(after)  # the caller's setting is back
