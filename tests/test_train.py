@@ -116,6 +116,7 @@ def _fit_without_dropout(tmp_path, **options) -> Trainer:
     return trainer
 
 
+@pytest.mark.skipif(not runtime.has_compiler(), reason="torch.compile needs a C++ compiler")
 def test_compiled_training_computes_what_eager_training_does(tmp_path):
     eager = _fit_without_dropout(tmp_path / "eager")
     compiled = _fit_without_dropout(tmp_path / "compiled", compile=True)
