@@ -117,8 +117,9 @@ def main() -> None:
     runs = [train(seed, processes, args.epochs) for seed in args.seeds for processes in (1, 2)]
     results = {"epochs": args.epochs, "batch_size": BATCH, "runs": runs, "summary": summarise(runs)}
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    write_table("ddp_curve", table(results))
-    print("\n".join(table(results)))
+    lines = table(results)
+    write_table("ddp_curve", lines)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

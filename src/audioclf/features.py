@@ -403,8 +403,8 @@ def log_mel(waveform: np.ndarray, params: LogMelParams) -> np.ndarray:
 def _blas() -> ThreadpoolController:
     """NumPy's BLAS, which the mel projection runs on one thread. OpenBLAS threads it, and its
     threads spinning after so small a product took cores from torch's: a training epoch that
-    computed features in its own process ran at half speed on two cores (380 against 720
-    clips/s)."""
+    computed features in its own process ran at half speed on two cores (about 380 against
+    690 clips/s)."""
     return ThreadpoolController()
 
 

@@ -236,7 +236,7 @@ class Trainer:
             best = load_checkpoint(self.best_path)
             self.model.load_state_dict(best["model"])
         self.run_log.close(
-            run_hparams(options, self.amp, self.channels_last),
+            run_hparams(options, self.amp),
             self.history,
             self.monitor,
             self.early_stopping.best,

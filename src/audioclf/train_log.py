@@ -158,9 +158,9 @@ class TrainingLog:
         self._writer = None
 
 
-def run_hparams(options: TrainingConfig, amp: bool, channels_last: bool) -> dict[str, Any]:
-    """The hparams TensorBoard shows beside a run's final metrics (`amp` and `channels_last` as
-    resolved for this machine, not as configured)."""
+def run_hparams(options: TrainingConfig, amp: bool) -> dict[str, Any]:
+    """The hparams TensorBoard shows beside a run's final metrics (`amp` as resolved for this
+    machine, not as configured)."""
     return {
         "optimizer": options.optimizer,
         "lr": options.lr,
@@ -171,6 +171,6 @@ def run_hparams(options: TrainingConfig, amp: bool, channels_last: bool) -> dict
         "mixup_alpha": options.mixup_alpha,
         "grad_clip_norm": options.grad_clip_norm or 0.0,
         "amp": amp,
-        "channels_last": channels_last,
+        "channels_last": options.channels_last,
         "compile": options.compile,
     }
