@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
@@ -34,6 +35,7 @@ from audioclf.metrics import multiclass_metrics, multilabel_metrics
 from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
 from audioclf.pipeline import class_weights
+from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import DistillationConfig, TrainingConfig
 from audioclf.train import Trainer
@@ -651,6 +653,78 @@ def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path
     )
     assert tested["features"]["shape"] == trained["features"]["shape"]
     assert tested["test"]["accuracy"] == trained["test"]["accuracy"]
+    assert tested["test"]["confusion_matrix"] == trained["test"]["confusion_matrix"]
+
+
+def test_a_checkpoint_fine_tuned_from_pretrained_weights_needs_not_that_file(
+    compose_config, tmp_path
+):
+    manifest = tiny_split_manifest(tmp_path)
+    run(compose_config(*manifest, "run.train=true", "training.epochs=1"))
+    pretrained = tmp_path / "pretrained.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", pretrained)
+    fine_tuned = tmp_path / "tuned"
+    run(
+        compose_config(
+            *manifest,
+            "run.train=true",
+            "training.epochs=1",
+            f"model.params.pretrained_path={pretrained}",
+            f"system.output_dir={fine_tuned}",
+        )
+    )
+    pretrained.unlink()  # as on another machine: the checkpoint's weights are all it needs
+    best = fine_tuned / "checkpoints" / "best.pth"
+    tested = run(
+        compose_config(
+            *manifest,
+            "run.test=true",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert 0.0 <= tested["test"]["accuracy"] <= 1.0
+    assert load_predictor(best).classes == ["1", "2"]
+    taught = _student_run(compose_config, tmp_path, str(best))
+    assert taught["distillation"]["how"] == "online, on the student's features"
+
+
+def test_a_checkpoint_trained_further_stores_the_config_it_was_trained_with(
+    compose_config, tmp_path
+):
+    manifest = tiny_split_manifest(tmp_path)
+    first_run = compose_config(
+        *manifest, "run.train=true", "training.epochs=1", "model=panns_mobilenetv1"
+    )
+    run(first_run)
+    first = tmp_path / "first.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", first)
+    # This run's config names another model and features: the checkpoint's are trained on.
+    further = tmp_path / "further"
+    trained = run(
+        compose_config(
+            *manifest,
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+            "features.n_mels=40",
+            f"run.checkpoint_path={first}",
+            f"system.output_dir={further}",
+        )
+    )
+    best = further / "checkpoints" / "best.pth"
+    stored = load_checkpoint(best)["config"]
+    assert stored["model"]["name"] == "panns_mobilenetv1"
+    assert stored["features"] == OmegaConf.to_container(first_run.features, resolve=True)
+    tested = run(
+        compose_config(
+            *manifest,
+            "run.test=true",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert tested["model"]["name"] == "panns_mobilenetv1"
     assert tested["test"]["confusion_matrix"] == trained["test"]["confusion_matrix"]
 
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
-from audioclf.settings import ConfigError
+from audioclf.settings import ConfigError, load_settings
 
 #: Bumped when the layout changes in a way older readers would misread.
 CHECKPOINT_VERSION = 1
@@ -110,6 +111,25 @@ def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNo
         return FeatureNormalization.from_lists(stored)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unusable normalisation statistics ({error})") from error
+
+
+def stored_config(content: dict[str, Any], path: str | Path) -> DictConfig:
+    """The run config a checkpoint was trained with, checked; a CheckpointError naming the file
+    when it holds none or the config no longer loads.
+
+    `model.params.pretrained_path` is cleared: the checkpoint's weights replace the pretrained
+    ones, and the file it named need not exist where the checkpoint is used.
+    """
+    if not isinstance(content.get("config"), dict):
+        raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
+    config = OmegaConf.create(content["config"])
+    if OmegaConf.select(config, "model.params.pretrained_path") is not None:
+        config.model.params.pretrained_path = None
+    try:
+        load_settings(config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
+    return config
 
 
 def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:

@@ -22,10 +22,15 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from audioclf.audio import BadAudioError
-from audioclf.checkpoint import load_checkpoint, resume_paths, stored_normalization
+from audioclf.checkpoint import (
+    load_checkpoint,
+    resume_paths,
+    stored_config,
+    stored_normalization,
+)
 from audioclf.dataset import (
     SpectrogramDataset,
     prepare,
@@ -107,26 +112,20 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
         raise ConfigError(f"model.params: {error}") from error
 
 
-def from_checkpoint(
-    settings: Settings, path: str, checkpoint: dict[str, Any] | None = None
-) -> tuple[Settings, dict[str, Any]]:
-    """The run's settings with the checkpoint's model, features, sample rate and clip length
-    (its own config), and the checkpoint (read from `path` unless given). How to quantise
-    (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job."""
-    checkpoint = checkpoint if checkpoint is not None else load_checkpoint(path)
-    if not isinstance(checkpoint.get("config"), dict):
-        raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
-    try:
-        trained = load_settings(OmegaConf.create(checkpoint["config"]))
-    except ConfigError as error:
-        raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
-    data = dataclasses.replace(
-        settings.data,
-        sample_rate=trained.data.sample_rate,
-        clip_seconds=trained.data.clip_seconds,
-    )
-    model = dataclasses.replace(trained.model, quantization=settings.model.quantization)
-    adopted = dataclasses.replace(settings, data=data, features=trained.features, model=model)
+def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's config with the checkpoint's model, features, sample rate and clip length
+    (from the config stored in it), and the checkpoint. How to quantise (`model.quantization`)
+    stays the run's: quantising a float checkpoint is this run's job. The checkpoints this run
+    writes store the config as adopted, so they too need no other flags."""
+    checkpoint = load_checkpoint(path)
+    trained = stored_config(checkpoint, path)
+    adopted = copy.deepcopy(config)
+    with open_dict(adopted):
+        adopted.model = trained.model
+        adopted.model.quantization = config.model.quantization
+        adopted.features = trained.features
+        adopted.data.sample_rate = trained.data.sample_rate
+        adopted.data.clip_seconds = trained.data.clip_seconds
     return adopted, checkpoint
 
 
@@ -162,7 +161,7 @@ def build_teacher(
             f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
             f"the student learns {train.classes}"
         )
-    taught, _ = from_checkpoint(settings, path, content)
+    taught = load_settings(stored_config(content, path))
     model = build_model(taught.model, len(train.classes), train.feature_params.n_mels)
     load_state(model, content["model"], path, strict=True)
     own_normalization = stored_normalization(content, path)
@@ -224,7 +223,8 @@ def _run(config: DictConfig) -> dict[str, Any]:
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     checkpoint = None
     if settings.run.checkpoint_path:
-        settings, checkpoint = from_checkpoint(settings, settings.run.checkpoint_path)
+        config, checkpoint = from_checkpoint(config, settings.run.checkpoint_path)
+        settings = load_settings(config)
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
         index, datasets, bad_files = build_datasets(settings)

@@ -26,16 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from audioclf.audio import BadAudioError, fix_length, load_audio
-from audioclf.checkpoint import load_checkpoint, stored_normalization
+from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.export import ExportError, load_runner
 from audioclf.features import FeatureNormalization, LogMelParams, log_mel
 from audioclf.index import AUDIO_EXTENSIONS
 from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
-from audioclf.settings import ConfigError, load_settings
+from audioclf.settings import load_settings
 
 
 class PredictError(ValueError):
@@ -86,16 +85,11 @@ def load_predictor(path: str | Path) -> Predictor:
 
 def _checkpoint_predictor(path: Path) -> Predictor:
     content = load_checkpoint(path)
-    if not isinstance(content.get("config"), dict) or "features" not in content:
-        raise PredictError(f"{path}: not a checkpoint of the main job (no config or features)")
-    try:
-        settings = load_settings(OmegaConf.create(content["config"]))
-    except ConfigError as error:
-        raise PredictError(f"{path}: its stored config does not load ({error})") from error
+    if "features" not in content:
+        raise PredictError(f"{path}: not a checkpoint of the main job (no features)")
+    settings = load_settings(stored_config(content, path))
     params = LogMelParams(**content["features"])
     model_params = dict(settings.model.params)
-    for key in ("pretrained_path", "freeze_backbone"):
-        model_params.pop(key, None)
     if model_params.get("n_mels", 0) is None:
         model_params["n_mels"] = params.n_mels
     model = create_model(settings.model.name, len(content["classes"]), **model_params)
