@@ -1028,6 +1028,25 @@ def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tm
     assert summary["training"]["monitor"] == "val_mAP"
 
 
+def test_a_multi_label_checkpoint_tests_as_multi_label_with_no_other_flags(
+    compose_config, tmp_path
+):
+    overrides = _multi_labeltiny_split_manifest(tmp_path)
+    run(compose_config(*overrides, "run.train=true", "training.epochs=1"))
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    without_flag = [o for o in overrides if o != "data.multi_label=true"]
+    tested = run(
+        compose_config(
+            *without_flag,
+            "run.test=true",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'again'}",
+        )
+    )
+    assert tested["classes"] == ["even", "odd", "one", "three", "two"]
+    assert "mAP" in tested["test"]
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -113,10 +113,10 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
 
 
 def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str, Any]]:
-    """The run's config with the checkpoint's model, features, sample rate and clip length
-    (from the config stored in it), and the checkpoint. How to quantise (`model.quantization`)
-    stays the run's: quantising a float checkpoint is this run's job. The checkpoints this run
-    writes store the config as adopted, so they too need no other flags."""
+    """The run's config with the checkpoint's model, features, sample rate, clip length and
+    multi-label setting (from the config stored in it), and the checkpoint. How to quantise
+    (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job.
+    The checkpoints this run writes store the config as adopted, so they need no flags either."""
     checkpoint = load_checkpoint(path)
     trained = stored_config(checkpoint, path)
     adopted = copy.deepcopy(config)
@@ -126,6 +126,7 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
         adopted.features = trained.features
         adopted.data.sample_rate = trained.data.sample_rate
         adopted.data.clip_seconds = trained.data.clip_seconds
+        adopted.data.multi_label = trained.data.multi_label
     return adopted, checkpoint
 
 
