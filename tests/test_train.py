@@ -826,6 +826,16 @@ def test_teacher_with_its_own_features_gives_cached_logits(compose_config, tmp_p
     assert summary["training"]["history"][0]["train_loss"] > 0
 
 
+def test_panns_teacher_with_other_mel_bins_is_built_for_its_own_features(compose_config, tmp_path):
+    # bn0 of a PANNs model has one channel per mel bin: 40 for this teacher, 64 for the student.
+    teacher = _teacher_run(
+        compose_config, tmp_path, "model=panns_mobilenetv1", "features.n_mels=40"
+    )
+    summary = _student_run(compose_config, tmp_path, teacher)
+    assert summary["features"]["shape"][-1] == 64
+    assert summary["distillation"]["how"].startswith("logits of 8 clean clips at 8000 Hz")
+
+
 def test_teacher_for_other_classes_is_refused_naming_them(compose_config, tmp_path):
     rows = [(f"{d}_jackson_{i}.wav", str(d)) for d in (4, 5) for i in range(10, 20)]
     other = write_manifest(tmp_path / "other.csv", ["path", "label"], rows)

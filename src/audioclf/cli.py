@@ -163,10 +163,11 @@ def build_teacher(
             f"the student learns {train.classes}"
         )
     taught = load_settings(stored_config(content, path))
-    model = build_model(taught.model, len(train.classes), train.feature_params.n_mels)
+    params = feature_params(taught)
+    # Its own mel bins: a PANNs teacher's bn0 has one channel per bin of its features.
+    model = build_model(taught.model, len(train.classes), params.n_mels)
     load_state(model, content["model"], path, strict=True)
     own_normalization = stored_normalization(content, path)
-    params = feature_params(taught)
     if (
         params == train.feature_params
         and taught.data.clip_seconds == train.clip_seconds
