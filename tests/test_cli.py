@@ -12,6 +12,7 @@ import pytest
 
 from audioclf.audio import BadAudioError
 from audioclf.cli import build_model, run
+from audioclf.index import DatasetError
 from audioclf.model import create_model
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, REPO
@@ -83,6 +84,15 @@ def test_bad_file_in_error_mode_stops_the_job(compose_config, manifest, tmp_path
 def test_missing_data_root_names_the_key(compose_config, tmp_path):
     with pytest.raises(ConfigError, match="data.root"):
         run(compose_config(f"data.root={tmp_path / 'nowhere'}"))
+
+
+def test_training_without_a_validation_split_stops_at_start_naming_the_key(
+    compose_config, manifest
+):
+    # Fold 1 tests, no val_fold, and val_fraction 0: nothing to validate on.
+    overrides = [o for o in _manifest_overrides(manifest) if o != "data.val_fold=2"]
+    with pytest.raises(DatasetError, match="validation split is empty.*data.val_fraction"):
+        run(compose_config(*overrides, "data.val_fraction=0", "run.train=true"))
 
 
 def test_main_job_builds_the_configured_model_for_the_dataset(compose_config, manifest):

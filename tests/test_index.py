@@ -67,6 +67,21 @@ def test_manifest_with_split_column(tmp_path):
     assert index.splits["test"][0].path == FSDD / "3_jackson_1.wav"
 
 
+def test_manifest_with_train_and_test_rows_only_holds_validation_out_of_training(tmp_path):
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), s)
+        for d in (3, 4)
+        for i, s in [(10, "train"), (11, "train"), (12, "train"), (13, "train"), (1, "test")]
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    index = split_listing(index_manifest(manifest, FSDD, 0.25, 0.5), seed=0)
+    # val_fraction of each class's training rows; the test rows stay as written.
+    assert index.counts() == {"train": 6, "val": 2, "test": 2}
+    assert sorted(clip.label for clip in index.splits["val"]) == ["3", "4"]
+    assert {clip.path.stem for clip in index.splits["test"]} == {"3_jackson_1", "4_jackson_1"}
+    assert {int(clip.path.stem.split("_")[2]) for clip in index.splits["val"]} <= {10, 11, 12, 13}
+
+
 def test_manifest_with_folds(tmp_path, manifest_rows):
     manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
     index = split_listing(index_manifest(manifest, FSDD, 0.1, 0.1, val_fold=2, test_fold=1), seed=0)

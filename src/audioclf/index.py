@@ -173,8 +173,10 @@ def index_manifest(
 
     Paths are relative to `root`, or to the manifest's folder when `root` is None. With
     `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
-    validation split; otherwise a `split` column decides; otherwise a ratio split. A short or
-    long row, an empty path or label, or an unknown split names the manifest and the line.
+    validation split; otherwise a `split` column decides (with no `val` row, `val_fraction`
+    of the training rows are held out, as for a folder without val/); otherwise a ratio
+    split. A short or long row, an empty path or label, or an unknown split names the
+    manifest and the line.
     """
     base = root if root is not None else manifest.parent
     rows = _read_manifest(manifest)
@@ -226,6 +228,11 @@ def index_manifest(
         clips.append(Clip(base / row["path"], row["label"], split, where))
     if test_fold is not None:
         fractions = {} if val_fold is not None else {"val": val_fraction}
+    elif "split" in header and not any(clip.split == "val" for clip in clips):
+        # Train and test only (as many datasets ship): validation comes out of the training
+        # rows, as for a folder without val/.
+        clips = [replace(clip, split=None) if clip.split == "train" else clip for clip in clips]
+        fractions = {"val": val_fraction}
     else:
         fractions = {"val": val_fraction, "test": test_fraction}
     return Listing(str(manifest), clips, fractions)

@@ -24,6 +24,7 @@ from audioclf.dataset import (
 )
 from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
 from audioclf.index import (
+    DatasetError,
     DatasetIndex,
     Listing,
     drop_duplicates,
@@ -109,6 +110,11 @@ def build_datasets(
     )
     listing.clips = good
     index = split_listing(listing, data.split_seed, multi_label=data.multi_label)
+    if settings.run.train and not index.splits["val"]:
+        raise DatasetError(
+            f"{listing.source}: the validation split is empty, and training validates every "
+            "epoch; set data.val_fraction above 0 (or add val clips or a data.val_fold)"
+        )
     datasets = {
         split: SpectrogramDataset(
             clips=clips,
