@@ -55,6 +55,15 @@ def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
         split_listing(index_folder(folder_dataset, 0.1, 0.1), seed=0)
 
 
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_a_single_class_is_an_error_naming_it(tmp_path, multi_label):
+    rows = [(f"1_jackson_{i}.wav", "one", s) for i, s in [(10, "train"), (11, "train"), (5, "val")]]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    listing = index_manifest(manifest, FSDD, 0.1, 0.1, multi_label=multi_label)
+    with pytest.raises(DatasetError, match=r"m.csv: the training clips have one class \('one'\)"):
+        split_listing(listing, seed=0, multi_label=multi_label)
+
+
 def test_manifest_with_split_column(tmp_path):
     rows = [
         (f"{d}_jackson_{i}.wav", str(d), s)

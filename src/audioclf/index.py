@@ -378,6 +378,11 @@ def _finish_index(splits: dict[str, list[Clip]], source: str, multi_label: bool)
         return {clip.label for clip in clips}
 
     classes = sorted(labels_in(splits["train"]))
+    if len(classes) < 2:
+        raise DatasetError(
+            f"{source}: the training clips have one class ({classes[0]!r}); a classifier "
+            "needs at least 2"
+        )
     for split in ("val", "test"):
         labels = labels_in(splits[split])
         unknown = sorted(labels - set(classes))
