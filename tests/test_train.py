@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 
 import numpy as np
@@ -24,7 +25,7 @@ from audioclf import runtime, train
 from audioclf.audio import fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.checkpoint import load_checkpoint, save_checkpoint
+from audioclf.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset
 from audioclf.features import FeatureNormalization, LogMelParams, log_mel, resolve_params
@@ -37,7 +38,7 @@ from audioclf.model.heads import LinearHead
 from audioclf.pipeline import class_weights
 from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
-from audioclf.settings import DistillationConfig, TrainingConfig
+from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
 from audioclf.train import Trainer
 from conftest import FSDD, fsdd_clip, tiny_split_manifest, write_manifest
 
@@ -290,6 +291,36 @@ def test_checkpoint_holds_what_test_predict_and_export_need(tmp_path):
     assert (content["config"], content["features"]) == ({"a": 1}, {"n_mels": 8})
     fresh = TinyNet(3)
     fresh.load_state_dict(content["model"])
+
+
+def _last(folder, mtime: int):
+    path = folder / "checkpoints" / "last.pth"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_resume_true_finds_this_runs_last_or_the_newest_under_outputs(tmp_path):
+    outputs = tmp_path / "outputs"
+    older = _last(outputs / "2026-11-23" / "10-00-00", 1_000)
+    newer = _last(outputs / "2026-11-24" / "09-00-00", 2_000)
+    here = outputs / "2026-11-25" / "08-00-00"
+    assert resume_path(True, here) == newer  # other days are searched too
+    own = _last(here, 500)
+    assert resume_path(True, here) == own  # this run's own, even when older
+    assert resume_path(str(older), here) == older
+    with pytest.raises(ConfigError, match="run.resume=true: no .*last.pth under"):
+        resume_path(True, tmp_path / "elsewhere" / "day" / "time")
+
+
+def test_resume_true_in_a_sweep_takes_the_same_job_number(tmp_path):
+    sweeps = tmp_path / "multirun"
+    job_0 = _last(sweeps / "2026-11-24" / "10-00-00" / "0", 1_000)
+    _last(sweeps / "2026-11-24" / "10-00-00" / "1", 2_000)  # newer, but another job's run
+    assert resume_path(True, sweeps / "2026-11-25" / "08-00-00" / "0") == job_0
+    with pytest.raises(ConfigError, match=r"\*/\*/2/checkpoints/last.pth"):
+        resume_path(True, sweeps / "2026-11-25" / "08-00-00" / "2")
 
 
 def test_a_checkpoint_for_another_architecture_names_the_differing_keys(tmp_path):

@@ -154,7 +154,8 @@ def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Pat
 
 def resume_path(resume: bool | str, output_dir: Path) -> Path:
     """`run.resume` (not false): a path, or for true the newest `checkpoints/last.pth` of
-    this run's folder or of the other runs under the same outputs/ root."""
+    this run's folder or of the other runs under the same outputs/ root (in a sweep, of the
+    same job number)."""
     if isinstance(resume, str):
         path = Path(resume)
         if not path.is_file():
@@ -163,11 +164,18 @@ def resume_path(resume: bool | str, output_dir: Path) -> Path:
     own = output_dir / "checkpoints" / "last.pth"
     if own.is_file():
         return own
-    # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
-    candidates = list(output_dir.parent.parent.glob("*/*/checkpoints/last.pth"))
+    if output_dir.name.isdigit():
+        # A sweep job, multirun/DATE/TIME/N: the same job number of an earlier sweep (the
+        # same command gives job N the same overrides), never another job's run.
+        root = output_dir.parent.parent.parent
+        pattern = f"*/*/{output_dir.name}/checkpoints/last.pth"
+    else:
+        # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
+        root = output_dir.parent.parent
+        pattern = "*/*/checkpoints/last.pth"
+    candidates = list(root.glob(pattern))
     if not candidates:
         raise ConfigError(
-            f"run.resume=true: no checkpoints/last.pth under {output_dir.parent.parent}; "
-            "give the file with run.resume=PATH"
+            f"run.resume=true: no {pattern} under {root}; give the file with run.resume=PATH"
         )
     return max(candidates, key=lambda path: path.stat().st_mtime)
