@@ -30,10 +30,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from audioclf.checkpoint import load_checkpoint, stored_normalization
-from audioclf.cli import CONFIG_DIR, build_model, run
+from audioclf.cli import CONFIG_DIR, run
 from audioclf.export import ExportError, InferenceModel, Int8Model, inference_model
 from audioclf.model import load_state
-from audioclf.pipeline import build_datasets
+from audioclf.pipeline import build_datasets, build_model
 from audioclf.predict import load_predictor
 from audioclf.quant import load_quantized
 from audioclf.settings import load_settings

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from audioclf.audio import BadAudioError
-from audioclf.cli import build_model, run
+from audioclf.cli import run
 from audioclf.index import DatasetError
 from audioclf.model import create_model
+from audioclf.pipeline import build_model
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, REPO
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from audioclf.cli import CONFIG_DIR, build_model, normalise_override
-from audioclf.pipeline import feature_params
+from audioclf.cli import CONFIG_DIR, normalise_override
+from audioclf.pipeline import build_model, feature_params
 from audioclf.settings import ConfigError, load_settings
 from conftest import REPO
 

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from audioclf import quant, tflite
 from audioclf.checkpoint import load_checkpoint
-from audioclf.cli import build_model, run
+from audioclf.cli import run
 from audioclf.export import ExportError, Int8Model, export_model
 from audioclf.export.formats import export_tflite
 from audioclf.features import FeatureNormalization, resolve_params
 from audioclf.model import create_model
+from audioclf.pipeline import build_model
 from audioclf.predict import main as predict_main
 from audioclf.settings import ConfigError, load_settings
 from conftest import fsdd_clip, tiny_split_manifest

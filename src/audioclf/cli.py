@@ -5,16 +5,13 @@ The configuration is read here and only here; the library below takes plain argu
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
-import os
 import random
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,36 +28,34 @@ from audioclf.checkpoint import (
     stored_config,
     stored_normalization,
 )
-from audioclf.dataset import (
-    SpectrogramDataset,
-    prepare,
-)
 from audioclf.deploy import export_run, int8_model, quantise_run
-from audioclf.distill import WithTeacherLogits, compute_teacher_logits
+from audioclf.distill import WithTeacherLogits, build_teacher
 from audioclf.export import ExportError
-from audioclf.features import FeatureNormalization
 from audioclf.index import (
     DatasetError,
     manifest_folds,
 )
 from audioclf.model import (
     CheckpointError,
-    Model,
     ModelError,
-    create_model,
     load_state,
-    read_state_dict,
 )
 from audioclf.pipeline import (
     build_datasets,
     build_loaders,
+    build_model,
     class_weights,
-    feature_params,
     normalization_for,
 )
 from audioclf.quant import QuantizationError, QuantizedModel
-from audioclf.runtime import is_main_process, resolve_device
-from audioclf.settings import ConfigError, ModelConfig, Settings, load_settings
+from audioclf.runtime import (
+    is_main_process,
+    process_group,
+    rank_zero_first,
+    resolve_device,
+    shared_output_dir,
+)
+from audioclf.settings import ConfigError, load_settings
 from audioclf.summary import format_summary, prepare_splits
 from audioclf.train import Trainer
 
@@ -101,17 +96,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
-    """The `model` section's architecture; `params.n_mels: null` takes the features' mel bins."""
-    params = dict(model.params)
-    if "n_mels" in params and params["n_mels"] is None:
-        params["n_mels"] = n_mels
-    try:
-        return create_model(model.name, num_classes, **params)
-    except (ModelError, CheckpointError) as error:
-        raise ConfigError(f"model.params: {error}") from error
-
-
 def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str, Any]]:
     """The run's config with the checkpoint's model, features, sample rate, clip length and
     multi-label setting (from the config stored in it), and the checkpoint. How to quantise
@@ -128,72 +112,6 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
         adopted.data.clip_seconds = trained.data.clip_seconds
         adopted.data.multi_label = trained.data.multi_label
     return adopted, checkpoint
-
-
-def build_teacher(
-    settings: Settings,
-    train: SpectrogramDataset,
-    normalization: FeatureNormalization | None,
-    device: torch.device,
-) -> tuple[Model | None, torch.Tensor | None, str]:
-    """The `teacher_model`: (teacher for every batch, None, how) when it takes the student's
-    features, else (None, its logits for each training clip, how).
-
-    A trainer checkpoint brings its own features, clip length and normalisation and must know
-    the student's classes; any other state_dict (official PANNs weights fine-tuned elsewhere,
-    say) shares the student's features and must have the student's class count.
-    """
-    teacher_config = settings.teacher_model
-    path = teacher_config.checkpoint_path
-    try:
-        content = load_checkpoint(path)
-    except CheckpointError:
-        content = None  # not one of ours: read below as a bare state_dict, or named there
-    if content is None:
-        model = build_model(teacher_config, len(train.classes), train.feature_params.n_mels)
-        load_state(model, read_state_dict(path), path, strict=True)
-        return model, None, "online, on the student's features"
-    if "quantized" in content:
-        raise CheckpointError(
-            f"teacher_model.checkpoint_path {path} is an int8 checkpoint; teach with its float one"
-        )
-    if content["classes"] != train.classes:
-        raise CheckpointError(
-            f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
-            f"the student learns {train.classes}"
-        )
-    taught = load_settings(stored_config(content, path))
-    params = feature_params(taught)
-    # Its own mel bins: a PANNs teacher's bn0 has one channel per bin of its features.
-    model = build_model(taught.model, len(train.classes), params.n_mels)
-    load_state(model, content["model"], path, strict=True)
-    own_normalization = stored_normalization(content, path)
-    if (
-        params == train.feature_params
-        and taught.data.clip_seconds == train.clip_seconds
-        and _same_normalization(own_normalization, normalization)
-    ):
-        return model, None, "online, on the student's features"
-    view = SpectrogramDataset(
-        clips=train.clips,
-        classes=train.classes,
-        sample_rate=taught.data.sample_rate,
-        clip_seconds=taught.data.clip_seconds,
-        feature_params=params,
-        cache=train.cache,
-        normalization=own_normalization,
-    )
-    prepare(view, num_workers=settings.system.num_workers)
-    logits = compute_teacher_logits(model, view, settings.training.batch_size, device)
-    return None, logits, f"logits of {len(logits)} clean clips at {params.sample_rate} Hz, cached"
-
-
-def _same_normalization(
-    first: FeatureNormalization | None, second: FeatureNormalization | None
-) -> bool:
-    if first is None or second is None:
-        return first is second
-    return np.array_equal(first.mean, second.mean) and np.array_equal(first.std, second.std)
 
 
 def run(config: DictConfig) -> dict[str, Any]:
@@ -352,48 +270,6 @@ def _run(config: DictConfig) -> dict[str, Any]:
         float_model = None if isinstance(trainer.model, QuantizedModel) else trainer.model
         summary["export"] = export_run(settings, float_model, datasets, output_dir, quantized)
     return summary
-
-
-@contextlib.contextmanager
-def process_group(device: str) -> Iterator[None]:
-    """Under torchrun (WORLD_SIZE > 1): a process group for DDP, gloo on the CPU and nccl on
-    CUDA, torn down after a barrier; otherwise nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        yield
-        return
-    nccl = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if nccl else "gloo")
-    if nccl:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    yield
-    # Without this barrier, gloo aborted at exit in about 1 run in 4 ("terminate called
-    # without an active exception"): a rank tore down while another still talked to it.
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def rank_zero_first() -> Iterator[None]:
-    """Rank 0 runs the block first, the other ranks after it (a shared cache is then filled
-    once); without a process group, just the block."""
-    if not dist.is_initialized():
-        yield
-        return
-    if dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if dist.get_rank() == 0:
-        dist.barrier()
-
-
-def shared_output_dir(path: str) -> str:
-    """Rank 0's output folder for every rank (each torchrun process has its own Hydra run
-    folder for its log; checkpoints, events and metrics go to rank 0's)."""
-    if not dist.is_initialized():
-        return path
-    shared = [path]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
 
 
 CV_METRICS = ("accuracy", "precision", "recall", "f1", "mAP", "roc_auc")

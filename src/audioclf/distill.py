@@ -5,6 +5,7 @@ sees it (`Trainer(teacher=...)`). A teacher with features of its own (a PANNs te
 32 kHz for a student at 8 kHz) cannot see the student's batch: its logits are computed once
 per training clip, on the clean clip with its own features, and travel with the student's
 items (`WithTeacherLogits`), the way EfficientAT distils from stored teacher predictions.
+`build_teacher` chooses between the two for a `teacher_model` section.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from audioclf.dataset import SpectrogramDataset
+from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
+from audioclf.dataset import SpectrogramDataset, prepare
+from audioclf.features import FeatureNormalization
+from audioclf.model import CheckpointError, Model, load_state, read_state_dict
+from audioclf.pipeline import build_model, feature_params
+from audioclf.settings import Settings, load_settings
 
 
 @torch.no_grad()
@@ -64,3 +71,69 @@ class WithTeacherLogits(Dataset):
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[tuple]:
         return [self[key] for key in keys]
+
+
+def build_teacher(
+    settings: Settings,
+    train: SpectrogramDataset,
+    normalization: FeatureNormalization | None,
+    device: torch.device,
+) -> tuple[Model | None, torch.Tensor | None, str]:
+    """The `teacher_model`: (teacher for every batch, None, how) when it takes the student's
+    features, else (None, its logits for each training clip, how).
+
+    A trainer checkpoint brings its own features, clip length and normalisation and must know
+    the student's classes; any other state_dict (official PANNs weights fine-tuned elsewhere,
+    say) shares the student's features and must have the student's class count.
+    """
+    teacher_config = settings.teacher_model
+    path = teacher_config.checkpoint_path
+    try:
+        content = load_checkpoint(path)
+    except CheckpointError:
+        content = None  # not one of ours: read below as a bare state_dict, or named there
+    if content is None:
+        model = build_model(teacher_config, len(train.classes), train.feature_params.n_mels)
+        load_state(model, read_state_dict(path), path, strict=True)
+        return model, None, "online, on the student's features"
+    if "quantized" in content:
+        raise CheckpointError(
+            f"teacher_model.checkpoint_path {path} is an int8 checkpoint; teach with its float one"
+        )
+    if content["classes"] != train.classes:
+        raise CheckpointError(
+            f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
+            f"the student learns {train.classes}"
+        )
+    taught = load_settings(stored_config(content, path))
+    params = feature_params(taught)
+    # Its own mel bins: a PANNs teacher's bn0 has one channel per bin of its features.
+    model = build_model(taught.model, len(train.classes), params.n_mels)
+    load_state(model, content["model"], path, strict=True)
+    own_normalization = stored_normalization(content, path)
+    if (
+        params == train.feature_params
+        and taught.data.clip_seconds == train.clip_seconds
+        and _same_normalization(own_normalization, normalization)
+    ):
+        return model, None, "online, on the student's features"
+    view = SpectrogramDataset(
+        clips=train.clips,
+        classes=train.classes,
+        sample_rate=taught.data.sample_rate,
+        clip_seconds=taught.data.clip_seconds,
+        feature_params=params,
+        cache=train.cache,
+        normalization=own_normalization,
+    )
+    prepare(view, num_workers=settings.system.num_workers)
+    logits = compute_teacher_logits(model, view, settings.training.batch_size, device)
+    return None, logits, f"logits of {len(logits)} clean clips at {params.sample_rate} Hz, cached"
+
+
+def _same_normalization(
+    first: FeatureNormalization | None, second: FeatureNormalization | None
+) -> bool:
+    if first is None or second is None:
+        return first is second
+    return np.array_equal(first.mean, second.mean) and np.array_equal(first.std, second.std)

@@ -1,4 +1,4 @@
-"""From checked settings to the run's data: datasets, normalisation, loaders.
+"""From checked settings to the run's data and model: datasets, normalisation, loaders.
 
 The main job (`audioclf.cli.run`) calls these in order; each takes the settings dataclasses
 (never a DictConfig) and works from Python as well.
@@ -34,8 +34,8 @@ from audioclf.index import (
     split_listing,
 )
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
-from audioclf.model import Model
-from audioclf.settings import ConfigError, DataConfig, Settings
+from audioclf.model import CheckpointError, Model, ModelError, create_model
+from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings
 
 
 def feature_params(settings: Settings) -> LogMelParams:
@@ -202,3 +202,14 @@ def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
     if dataset.multi_label:
         return (len(dataset) - counts) / counts.clamp_min(1)
     return counts.sum() / (len(counts) * counts.clamp_min(1))
+
+
+def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
+    """The `model` section's architecture; `params.n_mels: null` takes the features' mel bins."""
+    params = dict(model.params)
+    if "n_mels" in params and params["n_mels"] is None:
+        params["n_mels"] = n_mels
+    try:
+        return create_model(model.name, num_classes, **params)
+    except (ModelError, CheckpointError) as error:
+        raise ConfigError(f"model.params: {error}") from error
