@@ -778,6 +778,36 @@ def test_a_dataset_with_other_classes_than_the_checkpoint_is_named(compose_confi
         )
 
 
+def test_fine_tuning_on_other_classes_is_pointed_to_pretrained_path_which_works(
+    compose_config, tmp_path
+):
+    run(compose_config(*tiny_split_manifest(tmp_path), "run.train=true", "training.epochs=1"))
+    best = tmp_path / "best.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), split)
+        for d in (3, 4, 5)
+        for i, split in [(10, "train"), (11, "train"), (5, "val"), (0, "test")]
+    ]
+    other = write_manifest(tmp_path / "other.csv", ["path", "label", "split"], rows)
+    data = ["data=manifest", f"data.manifest={other}", f"data.root={FSDD}", "data.sample_rate=8000"]
+    hint = rf"this dataset has \['3', '4', '5'\]; to fine-tune .*pretrained_path={best}"
+    with pytest.raises(DatasetError, match=hint):
+        run(compose_config(*data, "run.train=true", f"run.checkpoint_path={best}"))
+    tuned = run(
+        compose_config(
+            *data,
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+            f"model.params.pretrained_path={best}",
+            f"system.output_dir={tmp_path / 'tuned'}",
+        )
+    )
+    assert tuned["classes"] == ["3", "4", "5"]
+    assert len(tuned["test"]["confusion_matrix"]) == 3
+
+
 # ---------------------------------------------------------------- distillation
 
 

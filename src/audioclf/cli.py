@@ -149,9 +149,15 @@ def _run(config: DictConfig) -> dict[str, Any]:
     with rank_zero_first():
         index, datasets, bad_files = build_datasets(settings)
         if checkpoint is not None and checkpoint["classes"] != index.classes:
+            hint = (
+                f"; to fine-tune it on these classes (a new head), give it as "
+                f"model.params.pretrained_path={settings.run.checkpoint_path} instead"
+                if settings.run.train
+                else ""
+            )
             raise DatasetError(
                 f"{settings.run.checkpoint_path} was trained for classes "
-                f"{checkpoint['classes']}; this dataset has {index.classes}"
+                f"{checkpoint['classes']}; this dataset has {index.classes}{hint}"
             )
         # Built before the slow data pass, so a bad model parameter or checkpoint fails early.
         n_mels = datasets["train"].feature_shape[-1]
