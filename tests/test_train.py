@@ -778,6 +778,32 @@ def test_a_dataset_with_other_classes_than_the_checkpoint_is_named(compose_confi
         )
 
 
+def test_pretrained_checkpoint_with_other_features_is_warned_about(
+    compose_config, tmp_path, caplog
+):
+    manifest = tiny_split_manifest(tmp_path)
+    run(compose_config(*manifest, "run.train=true", "training.epochs=1", "features.n_mels=40"))
+    pretrained = tmp_path / "outputs" / "checkpoints" / "best.pth"
+
+    def fine_tune(*overrides):
+        caplog.clear()
+        run(
+            compose_config(
+                *manifest,
+                "run.train=false",
+                f"model.params.pretrained_path={pretrained}",
+                f"system.output_dir={tmp_path / 'tuned'}",
+                *overrides,
+            )
+        )
+        return [r.getMessage() for r in caplog.records if "other features" in r.getMessage()]
+
+    (warning,) = fine_tune()
+    assert str(pretrained) in warning
+    assert "n_mels 40 vs 64" in warning
+    assert fine_tune("features.n_mels=40") == []
+
+
 def test_fine_tuning_on_other_classes_is_pointed_to_pretrained_path_which_works(
     compose_config, tmp_path
 ):

@@ -46,6 +46,7 @@ from audioclf.pipeline import (
     build_model,
     class_weights,
     normalization_for,
+    pretrained_feature_differences,
 )
 from audioclf.quant import QuantizationError, QuantizedModel
 from audioclf.runtime import (
@@ -162,6 +163,16 @@ def _run(config: DictConfig) -> dict[str, Any]:
         # Built before the slow data pass, so a bad model parameter or checkpoint fails early.
         n_mels = datasets["train"].feature_shape[-1]
         model = build_model(settings.model, len(index.classes), n_mels)
+        differences = pretrained_feature_differences(
+            settings.model, datasets["train"].feature_params
+        )
+        if differences:
+            log.warning(
+                "model.params.pretrained_path %s was trained on other features than this "
+                "run's (%s): its weights will see other inputs",
+                settings.model.params["pretrained_path"],
+                "; ".join(differences),
+            )
         if checkpoint is not None and "quantized" in checkpoint:
             model = int8_model(settings, model, checkpoint)
         elif checkpoint is not None:

@@ -35,6 +35,7 @@ from audioclf.index import (
 )
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import CheckpointError, Model, ModelError, create_model
+from audioclf.model.pretrained import load_file
 from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings
 
 
@@ -213,3 +214,22 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
         return create_model(model.name, num_classes, **params)
     except (ModelError, CheckpointError) as error:
         raise ConfigError(f"model.params: {error}") from error
+
+
+def pretrained_feature_differences(model: ModelConfig, params: LogMelParams) -> list[str]:
+    """How the features of a trainer checkpoint given as `model.params.pretrained_path` differ
+    from `params`, one "name stored vs this run's" per parameter; empty when they agree or the
+    file holds none (official PANNs files and other bare state_dicts)."""
+    path = model.params.get("pretrained_path")
+    if not path:
+        return []
+    content = load_file(path)
+    stored = content.get("features") if isinstance(content, dict) else None
+    if not isinstance(stored, dict):
+        return []
+    current = params.as_dict()
+    return [
+        f"{name} {stored.get(name)!r} vs {current.get(name)!r}"
+        for name in sorted(set(stored) | set(current))
+        if stored.get(name) != current.get(name)
+    ]
