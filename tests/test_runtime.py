@@ -1,4 +1,4 @@
-"""Mixed precision: the `auto` rule, and strided grouped convolutions kept in float32."""
+"""Devices; mixed precision: the `auto` rule, and strided grouped convolutions kept in float32."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from audioclf import runtime
+from audioclf.cli import run
 from audioclf.model import create_model
-from audioclf.runtime import autocast_dtype, keep_strided_grouped_convs_fp32
+from audioclf.runtime import autocast_dtype, keep_strided_grouped_convs_fp32, resolve_device
 from audioclf.schedules import make_optimizer
+from audioclf.settings import ConfigError
 
 CPU = torch.device("cpu")
 
@@ -117,3 +119,32 @@ def test_optimizers_are_fused_on_the_cpu_and_step_like_the_loop_kernels(name):
             optimizer.step()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- devices
+
+
+def test_auto_and_cpu_resolve_on_this_machine():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_device("cpu") == CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cuda_device_this_machine_lacks_names_the_key(device):
+    with pytest.raises(ConfigError, match=rf"system.device={device}: no CUDA device here"):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_on_a_machine_without_it_names_the_key():
+    with pytest.raises(ConfigError, match="system.device=mps: MPS is not available"):
+        resolve_device("mps")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_main_job_on_a_missing_device_stops_before_reading_data(compose_config, tmp_path):
+    # data.root does not exist: the device error must come first.
+    with pytest.raises(ConfigError, match="system.device=cuda"):
+        run(compose_config("system.device=cuda", f"data.root={tmp_path / 'nowhere'}"))

@@ -142,6 +142,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
     logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
     seed_everything(settings.system.seed)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
+    device = resolve_device(settings.system.device)  # a device this machine lacks fails now
     checkpoint = None
     if settings.run.checkpoint_path:
         config, checkpoint = from_checkpoint(config, settings.run.checkpoint_path)
@@ -205,7 +206,6 @@ def _run(config: DictConfig) -> dict[str, Any]:
             output_dir / "dataset_summary.json",
             format_summary(summary),
         )
-    device = resolve_device(settings.system.device)
     teacher = None
     qat = settings.run.quantise and settings.model.quantization.effective_mode == "qat"
     if settings.teacher_model is not None and (settings.run.train or qat):

@@ -24,16 +24,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from audioclf.settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when there is one, else the CPU."""
+    """`auto` is CUDA when there is one, else the CPU. A device this machine lacks is a
+    ConfigError naming `system.device`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and dist.is_initialized():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"system.device={device}: no CUDA device here; use auto or cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"system.device={device}: this machine has {count} CUDA device(s)")
+        if dist.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"system.device={device}: MPS is not available here; use auto or cpu")
+    return resolved
 
 
 def is_main_process() -> bool:
