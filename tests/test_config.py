@@ -88,6 +88,13 @@ def test_unknown_feature_parameter_is_named(compose_config):
         load_settings(config)
 
 
+@pytest.mark.parametrize("monitor", ["val_mAP", "val_roc_auc"])
+def test_a_multi_label_monitor_on_multi_class_data_is_named(compose_config, monitor):
+    with pytest.raises(ConfigError, match=rf"training.monitor={monitor} .*multi-label data only"):
+        load_settings(compose_config(f"training.monitor={monitor}"))
+    load_settings(compose_config(f"training.monitor={monitor}", "data.multi_label=true"))
+
+
 def test_feature_override_replaces_the_preset_value(compose_config):
     config = compose_config("features=panns", "data.sample_rate=32000", "features.n_mels=128")
     params = feature_params(load_settings(config))

@@ -1142,6 +1142,18 @@ def test_a_multi_label_checkpoint_tests_as_multi_label_with_no_other_flags(
     )
     assert tested["classes"] == ["even", "odd", "one", "three", "two"]
     assert "mAP" in tested["test"]
+    # Training further, monitoring a multi-label metric: checked as adopted, so it runs.
+    further = run(
+        compose_config(
+            *without_flag,
+            "run.train=true",
+            "training.epochs=1",
+            "training.monitor=val_mAP",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'further'}",
+        )
+    )
+    assert further["training"]["monitor"] == "val_mAP"
 
 
 # ---------------------------------------------------------------- sampling

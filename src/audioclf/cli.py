@@ -137,16 +137,17 @@ def _run(config: DictConfig) -> dict[str, Any]:
     checkpoint (trained further when `run.train`). Returns the data summary with the
     training result and test metrics added.
     """
+    checkpoint = None
+    checkpoint_path = OmegaConf.select(config, "run.checkpoint_path")
+    if checkpoint_path:
+        # Adopted before the check: the config is checked as it will run.
+        config, checkpoint = from_checkpoint(config, str(checkpoint_path))
     settings = load_settings(config)
     # Under torchrun, rank 0 logs; the other ranks say only what goes wrong.
     logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
     seed_everything(settings.system.seed)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     device = resolve_device(settings.system.device)  # a device this machine lacks fails now
-    checkpoint = None
-    if settings.run.checkpoint_path:
-        config, checkpoint = from_checkpoint(config, settings.run.checkpoint_path)
-        settings = load_settings(config)
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
         index, datasets, bad_files = build_datasets(settings)

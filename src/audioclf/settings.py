@@ -303,6 +303,11 @@ def load_settings(config: DictConfig) -> Settings:
                 "run.folds: set data.val_fold=null; each fold's validation set is carved from "
                 "its training folds (data.val_fraction)"
             )
+    if settings.training.monitor in ("val_mAP", "val_roc_auc") and not data.multi_label:
+        raise ConfigError(
+            f"training.monitor={settings.training.monitor} is measured on multi-label data only "
+            "(data.multi_label=true); use val_accuracy, val_f1 or val_loss"
+        )
     if settings.teacher_model is not None and not settings.teacher_model.checkpoint_path:
         raise ConfigError("teacher_model.checkpoint_path must be set to the teacher's weights")
     return settings
