@@ -403,7 +403,7 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, audioset_mobilenet, conte
     path = tmp_path / "broken.pth"
     data = good.read_bytes()[: good.stat().st_size // 2] if content == "truncated" else content
     path.write_bytes(data)
-    with pytest.raises(CheckpointError, match=f"{path}: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=f"{path}: not a (readable )?PyTorch checkpoint"):
         tiny_model("panns_mobilenetv1", 527, n_mels=64, pretrained_path=path)
 
 

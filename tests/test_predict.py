@@ -168,9 +168,20 @@ def test_a_waveform_in_export_refuses_another_window_length(trained, wavs, capsy
 
 def test_a_model_file_that_is_not_one_is_named(tmp_path, wavs, capsys):
     fake = tmp_path / "model.pth"
-    fake.write_text("hello")
+    fake.write_text("# Notes\n")  # the unpickler's "unsupported operand" case
     assert main([str(fake), str(wavs[0])]) == 2
-    assert "model.pth" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "model.pth: not a PyTorch checkpoint" in error
+    # torch's own advice (weights_only=False) would let a file run code: not passed on.
+    assert "weights_only=False" not in error
+
+
+def test_a_folder_without_audio_files_is_named(trained, tmp_path, capsys):
+    empty = tmp_path / "clips"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no audio here")
+    assert main([str(trained / "checkpoints" / "best.pth"), str(empty)]) == 2
+    assert f"{empty}: no audio files below it" in capsys.readouterr().err
 
 
 def test_console_script_and_module_both_run(trained, wavs):

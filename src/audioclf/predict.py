@@ -250,14 +250,20 @@ def _top(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tupl
 
 
 def audio_files(arguments: Iterable[str]) -> list[Path]:
-    """Files as given, and the audio files below any folder given."""
+    """Files as given, and the audio files below any folder given; a folder with none is a
+    PredictError naming it (a mistyped folder would otherwise predict nothing, quietly)."""
     paths = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            paths += sorted(
+            found = sorted(
                 p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
             )
+            if not found:
+                raise PredictError(
+                    f"{path}: no audio files below it ({', '.join(sorted(AUDIO_EXTENSIONS))})"
+                )
+            paths += found
         else:
             paths.append(path)
     return paths
@@ -342,8 +348,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PredictError as error:
         print(f"audioclf-predict: {arguments.model}: {error}", file=sys.stderr)
         return 2
+    try:
+        paths = audio_files(arguments.inputs)
+    except PredictError as error:
+        print(f"audioclf-predict: {error}", file=sys.stderr)
+        return 2
     results = []
-    for path in audio_files(arguments.inputs):
+    for path in paths:
         try:
             results.append(
                 predict_file(

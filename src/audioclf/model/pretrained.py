@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +43,15 @@ def load_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message here advises weights_only=False, which could run the file's code.
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint, or one holding objects other than tensors and "
+            "plain containers (read with weights_only=True, which never runs a file's code)"
+        ) from error
     except Exception as error:
         # The unpickler raises almost anything on a file that is not a checkpoint (KeyError,
-        # IndexError, UnpicklingError, ...): each is this file being unreadable.
+        # IndexError, RuntimeError, ...): each is this file being unreadable.
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})"
         ) from error
