@@ -13,10 +13,14 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+from omegaconf import OmegaConf
 
+from audioclf import settings
 from audioclf.audio import load_audio
+from audioclf.checkpoint import load_checkpoint, save_checkpoint
 from audioclf.cli import run
-from audioclf.predict import load_predictor, main, windows
+from audioclf.predict import load_predictor, main, predict_file, windows
+from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, fsdd_clip, write_manifest
 
 
@@ -202,3 +206,19 @@ def test_predictor_reads_features_from_the_sidecar(trained):
     assert predictor.classes == ["1", "2"]
     assert predictor.sample_rate == 8000
     assert predictor.clip_samples == 8000
+
+
+def test_a_checkpoint_predicts_where_its_training_runs_export_extras_are_absent(
+    trained, wavs, tmp_path, monkeypatch
+):
+    # Trained where onnx and litert-torch were installed, with exports on; read on a lean
+    # machine: the stored run's export switches are history, not a job for this machine.
+    content = load_checkpoint(trained / "checkpoints" / "best.pth")
+    content["config"]["run"].update(export=True, export_formats=["onnx", "tflite"])
+    moved = tmp_path / "best.pth"
+    save_checkpoint(moved, content)
+    monkeypatch.setattr(settings, "_installed", lambda module: False)
+    with pytest.raises(ConfigError, match="needs onnx"):
+        load_settings(OmegaConf.create(content["config"]))  # what a check of them would say
+    predictor = load_predictor(moved)
+    assert predict_file(predictor, wavs[0]).top[0][0] in ("1", "2")

@@ -118,13 +118,18 @@ def stored_config(content: dict[str, Any], path: str | Path) -> DictConfig:
     when it holds none or the config no longer loads.
 
     `model.params.pretrained_path` is cleared: the checkpoint's weights replace the pretrained
-    ones, and the file it named need not exist where the checkpoint is used.
+    ones, and the file it named need not exist where the checkpoint is used. So are the
+    stored run's export and quantise switches, which are its history, not this machine's
+    job: checking them would ask for the export extras wherever the checkpoint is read.
     """
     if not isinstance(content.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
     config = OmegaConf.create(content["config"])
     if OmegaConf.select(config, "model.params.pretrained_path") is not None:
         config.model.params.pretrained_path = None
+    for switch in ("run.export", "run.quantise"):
+        if OmegaConf.select(config, switch) is not None:
+            OmegaConf.update(config, switch, False)
     try:
         load_settings(config)
     except ConfigError as error:
