@@ -1218,6 +1218,39 @@ def test_a_run_resumed_in_a_new_folder_keeps_the_earlier_best(tmp_path):
         assert torch.equal(value, earlier["model"][name]), name
 
 
+def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    command = [
+        sys.executable,
+        str(REPO / "main.py"),
+        *tiny_split_manifest(tmp_path),
+        "training.epochs=200",
+        "run.test=false",
+        "run.export=false",
+        "system.num_workers=0",
+        f"system.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "run" / "checkpoints" / "last.pth"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None and not last.exists():
+        time.sleep(0.05)
+    job.send_signal(signal.SIGINT)
+    output, _ = job.communicate(timeout=60)
+    assert job.returncode == 130, output
+    assert "interrupted" in output
+    assert "run.resume=true" in output
+    assert "Traceback" not in output
+    assert load_checkpoint(last)["epoch"] >= 1
+
+
 def test_main_job_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_path):
     import signal
     import subprocess

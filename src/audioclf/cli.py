@@ -353,6 +353,13 @@ def _hydra_main(config: DictConfig) -> float | None:
         log.debug("traceback", exc_info=True)
         log.error("%s", error)
         raise SystemExit(2) from error
+    except KeyboardInterrupt:
+        log.debug("traceback", exc_info=True)
+        log.error(
+            "interrupted; checkpoints are written whole or not at all, so a run that saved "
+            "checkpoints/last.pth continues from its last finished epoch with run.resume=true"
+        )
+        raise SystemExit(130) from None
     # A sweeper (`-m`, Optuna) optimises what the app returns: the best monitored value.
     return summary.get("training", {}).get("best")
 
