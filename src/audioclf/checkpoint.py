@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
-from audioclf.settings import ConfigError, load_settings
+from audioclf.settings import ConfigError, Settings, load_settings
 
 #: Bumped when the layout changes in a way older readers would misread.
 CHECKPOINT_VERSION = 1
@@ -113,9 +113,9 @@ def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNo
         raise CheckpointError(f"{path}: unusable normalisation statistics ({error})") from error
 
 
-def stored_config(content: dict[str, Any], path: str | Path) -> DictConfig:
-    """The run config a checkpoint was trained with, checked; a CheckpointError naming the file
-    when it holds none or the config no longer loads.
+def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig, Settings]:
+    """The run config a checkpoint was trained with and its checked settings; a
+    CheckpointError naming the file when it holds none or the config no longer loads.
 
     `model.params.pretrained_path` is cleared: the checkpoint's weights replace the pretrained
     ones, and the file it named need not exist where the checkpoint is used. So are the
@@ -131,10 +131,9 @@ def stored_config(content: dict[str, Any], path: str | Path) -> DictConfig:
         if OmegaConf.select(config, switch) is not None:
             OmegaConf.update(config, switch, False)
     try:
-        load_settings(config)
+        return config, load_settings(config)
     except ConfigError as error:
         raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
-    return config
 
 
 def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:

@@ -103,7 +103,7 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
     (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job.
     The checkpoints this run writes store the config as adopted, so they need no flags either."""
     checkpoint = load_checkpoint(path)
-    trained = stored_config(checkpoint, path)
+    trained, _ = stored_config(checkpoint, path)
     adopted = copy.deepcopy(config)
     with open_dict(adopted):
         adopted.model = trained.model

@@ -23,7 +23,7 @@ from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError, Model, load_state, read_state_dict
 from audioclf.pipeline import build_model, feature_params
-from audioclf.settings import Settings, load_settings
+from audioclf.settings import Settings
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def build_teacher(
             f"teacher_model.checkpoint_path {path}: trained for classes {content['classes']}, "
             f"the student learns {train.classes}"
         )
-    taught = load_settings(stored_config(content, path))
+    _, taught = stored_config(content, path)
     params = feature_params(taught)
     # Its own mel bins: a PANNs teacher's bn0 has one channel per bin of its features.
     model = build_model(taught.model, len(train.classes), params.n_mels)

@@ -223,7 +223,7 @@ def pretrained_feature_differences(model: ModelConfig, params: LogMelParams) -> 
     path = model.params.get("pretrained_path")
     if not path:
         return []
-    content = load_file(path)
+    content = load_file(path, mmap=True)  # create_model reads the weights; only a look here
     stored = content.get("features") if isinstance(content, dict) else None
     if not isinstance(stored, dict):
         return []

@@ -34,7 +34,6 @@ from audioclf.features import FeatureNormalization, LogMelParams, log_mel
 from audioclf.index import AUDIO_EXTENSIONS
 from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
-from audioclf.settings import load_settings
 
 
 class PredictError(ValueError):
@@ -87,7 +86,7 @@ def _checkpoint_predictor(path: Path) -> Predictor:
     content = load_checkpoint(path)
     if "features" not in content:
         raise PredictError(f"{path}: not a checkpoint of the main job (no features)")
-    settings = load_settings(stored_config(content, path))
+    _, settings = stored_config(content, path)
     params = LogMelParams(**content["features"])
     model_params = dict(settings.model.params)
     if model_params.get("n_mels", 0) is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +36,17 @@ class LoadReport:
     missing_batch_counters: list[str] = field(default_factory=list)
 
 
-def load_file(path: str | Path) -> Any:
+def load_file(path: str | Path, mmap: bool = False) -> Any:
     """What `torch.load(path, weights_only=True)` reads, on the CPU; a missing or unreadable
-    file is a CheckpointError naming it."""
+    file is a CheckpointError naming it. `mmap` maps the tensors instead of reading them, for
+    a look at the rest (files in torch's legacy format, which cannot be mapped, are read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path)
+        )
     except pickle.UnpicklingError as error:
         # torch's message here advises weights_only=False, which could run the file's code.
         raise CheckpointError(
