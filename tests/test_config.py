@@ -46,6 +46,8 @@ def test_every_group_option_composes(compose_config, group, option):
     if option in ("folder", "manifest"):
         overrides.append("data.root=somewhere")
         overrides.append("data.manifest=somewhere.csv")
+    if option in ("esc50", "urbansound8k"):
+        overrides.append("data.root=somewhere")
     config = compose_config(*overrides)
     section = config[group]
     if group in ("model", "teacher_model"):
@@ -54,6 +56,9 @@ def test_every_group_option_composes(compose_config, group, option):
     elif group == "features":
         assert section.preset == option
         assert feature_params(load_settings(config)).n_mels > 0
+    elif group == "data" and section.format == "manifest":
+        assert section.name == option
+        assert load_settings(config).data.manifest.startswith("somewhere")
     else:
         assert section.format == option
 
@@ -86,6 +91,19 @@ def test_unknown_feature_parameter_is_named(compose_config):
     config = compose_config("+features.n_melz=40")
     with pytest.raises(ConfigError, match="n_melz"):
         load_settings(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.columns={path:a,label:b}", "data.columns maps manifest columns; data=fsdd"),
+        ("data.columns={label:b}", "missing key data.columns.path"),
+        ("data.columns={path:a,label:b,speaker:c}", r"unknown key\(s\) \['data.columns.speaker'\]"),
+    ],
+)
+def test_data_columns_are_checked_at_start(compose_config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(compose_config(override))
 
 
 @pytest.mark.parametrize("monitor", ["val_mAP", "val_roc_auc"])

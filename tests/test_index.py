@@ -6,7 +6,14 @@ import shutil
 
 import pytest
 
-from audioclf.index import DatasetError, index_folder, index_fsdd, index_manifest, split_listing
+from audioclf.index import (
+    DatasetError,
+    index_folder,
+    index_fsdd,
+    index_manifest,
+    manifest_folds,
+    split_listing,
+)
 from conftest import FSDD, fsdd_clip, write_manifest
 
 # ---------------------------------------------------------------- indexing
@@ -120,3 +127,95 @@ def test_manifest_without_label_column_is_an_error(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", ["path", "class"], [("a.wav", "5")])
     with pytest.raises(DatasetError, match="label"):
         split_listing(index_manifest(manifest, None, 0.1, 0.1), seed=0)
+
+
+# ---------------------------------------------------------------- manifests as datasets ship them
+
+ESC50_HEADER = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+ESC50_COLUMNS = {"path": "audio/{filename}", "label": "category", "fold": "fold"}
+
+
+def _esc50_like(tmp_path):
+    """meta/esc50.csv with ESC-50's header (as shipped) over FSDD clips in audio/."""
+    root = tmp_path / "ESC-50-master"
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for digit, category in [(3, "dog"), (4, "rooster")]:
+        for n, index in enumerate(range(10, 16)):
+            fold = n % 3 + 1
+            name = f"{fold}-{index}-A-{digit}.wav"
+            shutil.copy(fsdd_clip(digit, index=index), root / "audio" / name)
+            rows.append((name, fold, digit, category, "False", index, "A"))
+    return root, write_manifest(root / "meta" / "esc50.csv", ESC50_HEADER, rows)
+
+
+def test_manifest_columns_map_a_shipped_header_and_fill_path_templates(tmp_path):
+    root, manifest = _esc50_like(tmp_path)
+    listing = index_manifest(manifest, root, 0.0, 0.1, test_fold=2, columns=ESC50_COLUMNS)
+    index = split_listing(listing, seed=0)
+    assert index.classes == ["dog", "rooster"]
+    assert index.counts() == {"train": 8, "val": 0, "test": 4}
+    assert {clip.path for clip in index.splits["test"]} == {
+        root / "audio" / f"2-{index}-A-{digit}.wav" for digit in (3, 4) for index in (11, 14)
+    }
+    assert all(clip.path.is_file() for split in index.splits.values() for clip in split)
+    assert manifest_folds(manifest, ESC50_COLUMNS) == ["1", "2", "3"]
+
+
+def test_a_path_template_may_use_several_columns(tmp_path):
+    # UrbanSound8K: audio/fold{fold}/{slice_file_name}
+    for fold in (1, 2):
+        (tmp_path / "audio" / f"fold{fold}").mkdir(parents=True)
+    rows = [("a.wav", 7, 1, "car_horn"), ("b.wav", 8, 2, "siren")]
+    manifest = write_manifest(
+        tmp_path / "m.csv", ["slice_file_name", "fsID", "fold", "class"], rows
+    )
+    columns = {"path": "audio/fold{fold}/{slice_file_name}", "label": "class", "fold": "fold"}
+    listing = index_manifest(manifest, None, 0.0, 0.0, columns=columns)
+    assert [(clip.path, clip.label) for clip in listing.clips] == [
+        (tmp_path / "audio" / "fold1" / "a.wav", "car_horn"),
+        (tmp_path / "audio" / "fold2" / "b.wav", "siren"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("columns", "named"),
+    [
+        (
+            {"path": "audio/{filename}", "label": "class"},
+            r"data.columns.label='class' .*\['class'\]",
+        ),
+        ({"path": "audio/{name}", "label": "category"}, r"data.columns.path=.*\['name'\]"),
+    ],
+)
+def test_a_column_the_header_lacks_names_the_key(tmp_path, columns, named):
+    _, manifest = _esc50_like(tmp_path)
+    with pytest.raises(DatasetError, match=named + r" that the header \['filename'"):
+        index_manifest(manifest, None, 0.1, 0.1, columns=columns)
+
+
+def test_a_shipped_header_without_columns_points_to_data_columns(tmp_path):
+    _, manifest = _esc50_like(tmp_path)
+    with pytest.raises(DatasetError, match=r"lacks column\(s\) \['path', 'label'\].*data.columns"):
+        index_manifest(manifest, None, 0.1, 0.1)
+
+
+def test_a_test_fold_that_no_row_has_names_the_folds(tmp_path, manifest_rows):
+    # Before: an empty test split, and no test metrics, without a word.
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
+    with pytest.raises(
+        DatasetError, match=r"no row has data.test_fold=0; its folds are 1, 2, 3, 4"
+    ):
+        index_manifest(manifest, FSDD, 0.1, 0.1, test_fold=0)
+    with pytest.raises(DatasetError, match=r"no row has data.val_fold=fold2"):
+        index_manifest(manifest, FSDD, 0.1, 0.1, test_fold=1, val_fold="fold2")
+
+
+def test_one_fold_cannot_be_test_and_validation(tmp_path, manifest_rows):
+    # Before: the fold went to validation and the test split was empty.
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "fold"], manifest_rows)
+    with pytest.raises(
+        DatasetError, match="fold 2 cannot be both data.test_fold and data.val_fold"
+    ):
+        index_manifest(manifest, FSDD, 0.1, 0.1, test_fold=2, val_fold=2)

@@ -977,6 +977,61 @@ def test_folds_all_trains_and_tests_each_fold_and_reports_mean_and_std(
         assert sum(map(sum, tested["test"]["confusion_matrix"])) == 6
 
 
+def test_folds_that_the_manifest_lacks_stop_before_the_first_fold_trains(
+    compose_config, tmp_path, manifest_rows
+):
+    from audioclf.cli import run_folds
+    from audioclf.settings import ConfigError
+
+    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
+    config = compose_config(
+        "data=manifest",
+        f"data.manifest={manifest}",
+        f"data.root={FSDD}",
+        "data.sample_rate=8000",
+        "run.folds=[1,5]",
+        "run.train=true",
+        "run.test=true",
+    )
+    with pytest.raises(ConfigError, match=r"no row of .*folds.csv has fold\(s\) \['5'\]"):
+        run_folds(config)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_esc50_config_reads_the_shipped_metadata_and_cross_validates(compose_config, tmp_path):
+    from audioclf.cli import run_folds
+
+    root = tmp_path / "ESC-50-master"
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for digit, category in [(3, "dog"), (4, "rooster")]:
+        for n, index in enumerate(range(10, 16)):
+            fold = n % 2 + 1
+            name = f"{fold}-{index}-A-{digit}.wav"
+            shutil.copy(FSDD / f"{digit}_jackson_{index}.wav", root / "audio" / name)
+            rows.append((name, fold, digit, category, "False", index, "A"))
+    header = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+    write_manifest(root / "meta" / "esc50.csv", header, rows)
+    result = run_folds(
+        compose_config(
+            "data=esc50",
+            f"data.root={root}",
+            "data.sample_rate=8000",
+            "data.clip_seconds=1.0",
+            "data.val_fraction=0.25",
+            "run.folds=all",
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+        )
+    )
+    assert [fold["fold"] for fold in result["folds"]] == ["1", "2"]
+    tested = json.loads((tmp_path / "outputs" / "fold_2" / "metrics.json").read_text())
+    assert tested["test"]["classes"] == ["dog", "rooster"]
+    assert sum(map(sum, tested["test"]["confusion_matrix"])) == 6
+
+
 def test_folds_without_a_fold_manifest_is_a_config_error(compose_config):
     from audioclf.settings import ConfigError, load_settings
 

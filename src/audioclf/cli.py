@@ -297,9 +297,15 @@ def run_folds(config: DictConfig) -> dict[str, Any]:
     """`run.folds`: the main job once per test fold (each in `fold_<k>/` of the output
     folder); per-fold and mean +- std test metrics in `cv_metrics.json`."""
     settings = load_settings(config)
-    folds = settings.run.folds
-    if folds == "all":
-        folds = manifest_folds(Path(settings.data.manifest))
+    data = settings.data
+    available = manifest_folds(Path(data.manifest), data.column_map())
+    folds = available if settings.run.folds == "all" else [str(f) for f in settings.run.folds]
+    # Checked before the first fold trains, not when a later fold comes to it.
+    unknown = [fold for fold in folds if fold not in available]
+    if unknown:
+        raise ConfigError(
+            f"run.folds: no row of {data.manifest} has fold(s) {unknown}; its folds are {available}"
+        )
     output_dir = make_output_dir(settings.system.output_dir)
     per_fold = []
     for fold in folds:

@@ -72,6 +72,7 @@ def list_dataset(data: DataConfig) -> Listing:
             data.val_fold,
             data.test_fold,
             data.multi_label,
+            data.column_map(),
         )
     elif not data.root or not Path(data.root).is_dir():
         raise ConfigError(

@@ -58,6 +58,16 @@ class SystemConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """`data.columns`: the manifest column (or a `{column}` template) for each of ours."""
+
+    path: str
+    label: str
+    split: str | None = None
+    fold: str | None = None
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The `data` section."""
 
@@ -74,6 +84,11 @@ class DataConfig:
     test_fold: int | str | None
     on_bad_file: Literal["error", "skip"]
     multi_label: bool
+    columns: ColumnsConfig | None = None
+
+    def column_map(self) -> dict[str, str | None] | None:
+        """`columns` as `index_manifest` takes them (None: the manifest's own names)."""
+        return None if self.columns is None else dataclasses.asdict(self.columns)
 
 
 @dataclass(frozen=True)
@@ -270,6 +285,8 @@ def load_settings(config: DictConfig) -> Settings:
             "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
             f"{data.val_fraction} + {data.test_fraction}"
         )
+    if data.columns is not None and data.format != "manifest":
+        raise ConfigError(f"data.columns maps manifest columns; data={data.name} has no manifest")
     if settings.run.export and "onnx" in settings.run.export_formats:
         missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _installed(name)]
         if missing:
