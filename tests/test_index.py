@@ -219,3 +219,76 @@ def test_one_fold_cannot_be_test_and_validation(tmp_path, manifest_rows):
         DatasetError, match="fold 2 cannot be both data.test_fold and data.val_fold"
     ):
         index_manifest(manifest, FSDD, 0.1, 0.1, test_fold=2, val_fold=2)
+
+
+# ---------------------------------------------------------------- groups (speakers, recordings)
+
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+
+
+def test_a_group_column_keeps_each_speaker_in_one_split(tmp_path):
+    rows = [
+        (f"{digit}_{speaker}_{index}.wav", str(digit), speaker)
+        for speaker in SPEAKERS
+        for digit in (0, 1)
+        for index in range(10, 14)
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "group"], rows)
+    for seed in range(4):
+        index = split_listing(index_manifest(manifest, FSDD, 1 / 6, 1 / 6), seed=seed)
+        speakers = {
+            split: {clip.path.stem.split("_")[1] for clip in clips}
+            for split, clips in index.splits.items()
+        }
+        # Each speaker's clips (of both words) sit in one split: 8 clips are a sixth.
+        assert [len(speakers[split]) for split in ("train", "val", "test")] == [4, 1, 1]
+        assert set.union(*speakers.values()) == set(SPEAKERS)
+        assert index.counts() == {"train": 32, "val": 8, "test": 8}
+
+
+def test_validation_carved_from_training_folds_keeps_source_recordings_together(tmp_path):
+    # ESC-50: clips cut from one source recording (src_file) share a fold; the validation
+    # carved from the training folds must not split them either.
+    rows = [
+        (f"{digit}_jackson_{index}.wav", str(digit), index // 2 % 2 + 1, f"{digit}-{index // 2}")
+        for digit in (3, 4)
+        for index in range(10, 26)
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "fold", "group"], rows)
+    for seed in range(4):
+        index = split_listing(index_manifest(manifest, FSDD, 0.25, 0.0, test_fold=2), seed=seed)
+        assert index.counts() == {"train": 12, "val": 4, "test": 16}
+        sources = {split: {clip.group for clip in clips} for split, clips in index.splits.items()}
+        assert not sources["train"] & sources["val"]
+        assert sorted(clip.label for clip in index.splits["val"]) == ["3", "3", "4", "4"]
+
+
+def test_a_group_in_two_fixed_splits_is_an_error_naming_both(tmp_path):
+    rows = [
+        ("3_jackson_10.wav", "3", "train", "jackson"),
+        ("4_jackson_10.wav", "4", "train", "jackson"),
+        ("3_theo_10.wav", "3", "test", "theo"),
+        ("4_jackson_1.wav", "4", "test", "jackson"),
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split", "group"], rows)
+    with pytest.raises(
+        DatasetError, match=r"group 'jackson' is in train and test: .*line 2 .*line 5"
+    ):
+        split_listing(index_manifest(manifest, FSDD, 0.0, 0.0), seed=0)
+
+
+def test_identical_audio_joins_the_groups_of_its_copies(tmp_path):
+    # a.wav (speaker x) and b.wav (speaker y) are one recording: x and y must share a split.
+    for name in ("a", "b"):
+        shutil.copy(fsdd_clip(5, "theo"), tmp_path / f"{name}.wav")
+    rows = [("a.wav", "5", "x"), ("b.wav", "5", "y")]
+    for speaker in ("x", "y", "z", "w"):
+        for n, digit in enumerate((5, 6, 6)):
+            name = f"{speaker}{n}.wav"
+            shutil.copy(fsdd_clip(digit, index=10 + len(rows)), tmp_path / name)
+            rows.append((name, str(digit), speaker))
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "group"], rows)
+    for seed in range(6):
+        index = split_listing(index_manifest(manifest, None, 0.25, 0.0), seed=seed)
+        split_of = {clip.group: split for split, clips in index.splits.items() for clip in clips}
+        assert split_of["x"] == split_of["y"]

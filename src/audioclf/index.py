@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
-MANIFEST_COLUMNS = ("path", "label", "split", "fold")
+MANIFEST_COLUMNS = ("path", "label", "split", "fold", "group")
 MULTI_LABEL_SEPARATOR = ";"
 
 
@@ -39,13 +39,15 @@ class Clip:
     """One labelled audio file.
 
     `split` is the split the dataset's layout puts it in (None: the ratio split decides);
-    `origin` says where it was listed (a manifest line), for messages.
+    `origin` says where it was listed (a manifest line), for messages. Clips of one `group`
+    (a speaker, a source recording) are never split apart.
     """
 
     path: Path
     label: str
     split: str | None = None
     origin: str = field(default="", compare=False)
+    group: str | None = field(default=None, compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -216,8 +218,9 @@ def index_manifest(
     multi_label: bool = False,
     columns: Mapping[str, str | None] | None = None,
 ) -> Listing:
-    """A CSV manifest with a header naming columns `path,label[,split][,fold]`, or others
-    mapped to those by `columns` (see `_manifest_columns`).
+    """A CSV manifest with a header naming columns `path,label[,split][,fold][,group]`, or
+    others mapped to those by `columns` (see `_manifest_columns`). Rows with the same `group`
+    (a speaker, a source recording) land in one split.
 
     With `multi_label`, a label cell holds one or more labels separated by ';' (FSD50K
     style); they are kept sorted and without repeats, so `b;a;a` is `a;b`.
@@ -276,7 +279,7 @@ def index_manifest(
                 raise DatasetError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
         else:
             split = None
-        clips.append(Clip(base / row["path"], row["label"], split, where))
+        clips.append(Clip(base / row["path"], row["label"], split, where, row.get("group") or None))
     absent = [f"data.{name}_fold={fold}" for fold, name in folds.items() if fold not in seen_folds]
     if absent:
         raise DatasetError(
@@ -354,6 +357,41 @@ def _split_name(clip: Clip) -> str:
     return clip.split or "the ratio split"
 
 
+def check_groups(splits: dict[str, list[Clip]]) -> None:
+    """Raise DatasetError naming both clips when one group (a speaker, a source recording)
+    has clips in two splits, as a fixed split (a split or fold column) can put them."""
+    owner: dict[str, tuple[str, Clip]] = {}
+    for split, clips in splits.items():
+        for clip in clips:
+            if clip.group is None:
+                continue
+            first = owner.setdefault(clip.group, (split, clip))
+            if first[0] != split:
+                raise DatasetError(
+                    f"group {clip.group!r} is in {first[0]} and {split}: {first[1].where} and "
+                    f"{clip.where} (a group's clips must share a split)"
+                )
+
+
+def _together(clips: Sequence[Clip], digest: Callable[[Path], str]) -> Callable[[Clip], str]:
+    """A key that is equal for clips that must share a split: identical content or one
+    group, transitively (union-find over both)."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for clip in clips:
+        content = "content:" + digest(clip.path)
+        if clip.group is not None:
+            parent[find("group:" + clip.group)] = find(content)
+        find(content)
+    return lambda clip: find("content:" + digest(clip.path))
+
+
 def check_leakage(splits: dict[str, list[Clip]], digest: Callable[[Path], str]) -> None:
     """Raise DatasetError naming both files when identical audio content sits in two splits."""
     owner: dict[str, tuple[str, Clip]] = {}
@@ -380,16 +418,25 @@ def stratified_split(
 
     What the fractions leave goes to "train". Each class gives about round(n * fraction)
     clips to a split, so small classes keep their proportions; the result depends only on the
-    clips and the seed. Clips with the same `group` key (identical content) stay together.
+    clips and the seed. Clips with the same `group` key (identical content, a speaker) stay
+    together; when a group holds several classes (a speaker's words), whole groups are dealt
+    out by the same shares of all clips, stratified only as far as the groups allow.
     """
     rng = random.Random(seed)
     result: dict[str, list[Clip]] = {"train": [], **{name: [] for name in fractions}}
-    by_label: dict[str, dict[str, list[Clip]]] = {}
+    units: dict[str, list[Clip]] = {}
     for clip in sorted(clips, key=lambda clip: (clip.label, str(clip.path))):
-        key = group(clip) if group is not None else str(clip.path)
-        by_label.setdefault(clip.label, {}).setdefault(key, []).append(clip)
-    for groups in by_label.values():
-        members = list(groups.values())
+        units.setdefault(group(clip) if group is not None else str(clip.path), []).append(clip)
+    pools: list[dict[str, list[Clip]]]
+    if all(len({clip.label for clip in unit}) == 1 for unit in units.values()):
+        by_label: dict[str, dict[str, list[Clip]]] = {}
+        for key, unit in units.items():
+            by_label.setdefault(unit[0].label, {})[key] = unit
+        pools = list(by_label.values())
+    else:
+        pools = [units]
+    for pool in pools:
+        members = list(pool.values())
         rng.shuffle(members)
         total = sum(len(members_) for members_ in members)
         for name, fraction in fractions.items():
@@ -411,9 +458,10 @@ def split_listing(
     """Split a (checked) listing into train / val / test and fix the class order.
 
     Clips with a fixed split keep it; the others are split by `listing.fractions`, stratified
-    by class and seeded, with files of identical content kept together. Then: identical
-    content in two splits, a validation or test label that training lacks, and a non-empty
-    validation or test split that lacks a class are each a DatasetError naming them.
+    by class and seeded, with files of identical content, and clips of one `group`, kept
+    together. Then: identical content or one group in two splits, a validation or test label
+    that training lacks, and a non-empty validation or test split that lacks a class are each
+    a DatasetError naming them.
     `digest` maps a file to a content digest (default: a BLAKE2 digest of its bytes). With
     `multi_label`, classes are the single labels of ';'-joined label sets, and a small split
     missing a class is a warning (rare tags), not an error.
@@ -429,11 +477,12 @@ def split_listing(
             splits[clip.split].append(clip)
     if unassigned:
         carved = stratified_split(
-            unassigned, listing.fractions, seed, lambda clip: digest(clip.path)
+            unassigned, listing.fractions, seed, _together(unassigned, digest)
         )
         for split, clips in carved.items():
             splits[split] += [replace(clip, split=split) for clip in clips]
     check_leakage(splits, digest)
+    check_groups(splits)
     return _finish_index(splits, listing.source, multi_label)
 
 

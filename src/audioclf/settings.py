@@ -65,6 +65,7 @@ class ColumnsConfig:
     label: str
     split: str | None = None
     fold: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
