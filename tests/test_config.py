@@ -154,3 +154,17 @@ def test_typo_on_the_command_line_fails_with_the_key_named():
 )
 def test_list_index_in_an_override_key_becomes_a_dotted_index(argument, expected):
     assert normalise_override(argument) == expected
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        # PANNs' release names its checkpoints so; Hydra's grammar stops at a bare '='.
+        ("model.params.pretrained_path=/m/Cnn14_mAP=0.431.pth", "/m/Cnn14_mAP=0.431.pth"),
+        ("model.params.pretrained_path=/m/a\\=b=c.pth", "/m/a=b=c.pth"),
+        ("model.params.pretrained_path='/m/x=1.pth'", "/m/x=1.pth"),
+    ],
+)
+def test_an_equals_sign_in_a_value_reaches_the_config(compose_config, argument, value):
+    config = compose_config("model=panns_cnn14", normalise_override(argument))
+    assert config.model.params.pretrained_path == value

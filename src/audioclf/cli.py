@@ -371,16 +371,21 @@ def _hydra_main(config: DictConfig) -> float | None:
 
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")
+_BARE_EQUALS = re.compile(r"(?<!\\)=")
 
 
 def normalise_override(argument: str) -> str:
-    """Rewrite list indices in an override key, `a.b[0].c=1` -> `a.b.0.c=1`.
+    """Rewrite an override as Hydra's grammar takes it.
 
-    Hydra's override grammar reaches list items only as `.0`; users write `[0]`.
+    List indices in the key: `a.b[0].c=1` -> `a.b.0.c=1` (Hydra reaches list items only as
+    `.0`; users write `[0]`). An `=` in an unquoted value is escaped: PANNs' checkpoints are
+    named `Cnn14_mAP=0.431.pth`, and Hydra's grammar stops at a bare `=` in a value.
     """
     if argument.startswith("-") or "=" not in argument:
         return argument
     key, value = argument.split("=", 1)
+    if not value.startswith(("'", '"')):
+        value = _BARE_EQUALS.sub(r"\\=", value)
     return _LIST_INDEX.sub(r".\1", key) + "=" + value
 
 
