@@ -319,8 +319,25 @@ def test_resume_true_in_a_sweep_takes_the_same_job_number(tmp_path):
     job_0 = _last(sweeps / "2026-11-24" / "10-00-00" / "0", 1_000)
     _last(sweeps / "2026-11-24" / "10-00-00" / "1", 2_000)  # newer, but another job's run
     assert resume_path(True, sweeps / "2026-11-25" / "08-00-00" / "0") == job_0
-    with pytest.raises(ConfigError, match=r"\*/\*/2/checkpoints/last.pth"):
-        resume_path(True, sweeps / "2026-11-25" / "08-00-00" / "2")
+    # Job 2 never began before the sweep was stopped: it starts now (the sweep goes on).
+    assert resume_path(True, sweeps / "2026-11-25" / "08-00-00" / "2") is None
+
+
+def test_resume_true_in_cross_validation_takes_the_same_fold(tmp_path, caplog):
+    # Fold 2 of the interrupted run is newer, and its model has trained on fold 1's test clips.
+    outputs = tmp_path / "outputs"
+    fold_1 = _last(outputs / "2026-11-24" / "10-00-00" / "fold_1", 1_000)
+    fold_2 = _last(outputs / "2026-11-24" / "10-00-00" / "fold_2", 2_000)
+    now = outputs / "2026-11-25" / "08-00-00"
+    assert resume_path(True, now / "fold_1") == fold_1
+    assert resume_path(True, now / "fold_2") == fold_2
+    assert resume_path(True, now / "fold_3") is None
+    assert "no earlier run of fold_3" in caplog.text
+    sweep_job = _last(tmp_path / "multirun" / "2026-11-24" / "10-00-00" / "1" / "fold_2", 500)
+    assert resume_path(True, tmp_path / "multirun" / "d" / "t" / "1" / "fold_2") == sweep_job
+    # A plain run still needs something to resume: folds are not runs.
+    with pytest.raises(ConfigError, match=r"no \*/\*/checkpoints/last.pth under"):
+        resume_path(True, now)
 
 
 def test_a_checkpoint_for_another_architecture_names_the_differing_keys(tmp_path):

@@ -8,6 +8,7 @@ test, predict and export need nothing else. `resume_paths` finds the ones `run.r
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -21,6 +22,8 @@ from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
 from audioclf.settings import ConfigError, Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 #: Bumped when the layout changes in a way older readers would misread.
 CHECKPOINT_VERSION = 1
@@ -152,14 +155,22 @@ def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Pat
         float_last = qat.parent.parent.parent / "checkpoints" / "last.pth"
         return (float_last if float_last.is_file() else None), qat
     path = resume_path(resume, output_dir)
+    if path is None:
+        return None, None
     qat = path.parent.parent / "qat" / "checkpoints" / "last.pth"
     return path, (qat if qat.is_file() else None)
 
 
-def resume_path(resume: bool | str, output_dir: Path) -> Path:
+def resume_path(resume: bool | str, output_dir: Path) -> Path | None:
     """`run.resume` (not false): a path, or for true the newest `checkpoints/last.pth` of
-    this run's folder or of the other runs under the same outputs/ root (in a sweep, of the
-    same job number)."""
+    this run's folder or of the other runs under the same outputs/ root.
+
+    A part of a larger job (a sweep's job number, multirun/DATE/TIME/N; a cross-validation
+    fold, .../fold_k) resumes the same part of an earlier run, never another part's: job N of
+    a sweep has job N's overrides, fold k's model has seen the other folds' test clips. A
+    part that no earlier run reached is None (it starts from the beginning, with a warning):
+    the interrupted job's later parts never began.
+    """
     if isinstance(resume, str):
         path = Path(resume)
         if not path.is_file():
@@ -168,16 +179,23 @@ def resume_path(resume: bool | str, output_dir: Path) -> Path:
     own = output_dir / "checkpoints" / "last.pth"
     if own.is_file():
         return own
-    if output_dir.name.isdigit():
-        # A sweep job, multirun/DATE/TIME/N: the same job number of an earlier sweep (the
-        # same command gives job N the same overrides), never another job's run.
-        root = output_dir.parent.parent.parent
-        pattern = f"*/*/{output_dir.name}/checkpoints/last.pth"
-    else:
-        # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
-        root = output_dir.parent.parent
-        pattern = "*/*/checkpoints/last.pth"
+    part, base = [], output_dir
+    if base.name.startswith("fold_"):
+        part, base = [base.name], base.parent
+    if base.name.isdigit():
+        part, base = [base.name, *part], base.parent
+    # Hydra's layout: outputs/DATE/TIME; runs of other days are searched too.
+    root = base.parent.parent
+    pattern = "/".join(["*", "*", *part, "checkpoints", "last.pth"])
     candidates = list(root.glob(pattern))
+    if not candidates and part:
+        log.warning(
+            "run.resume=true: no earlier run of %s (%s under %s); it starts from the beginning",
+            "/".join(part),
+            pattern,
+            root,
+        )
+        return None
     if not candidates:
         raise ConfigError(
             f"run.resume=true: no {pattern} under {root}; give the file with run.resume=PATH"
