@@ -161,3 +161,30 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
     # The default job exports too, each format checked.
     assert (tmp_path / "run" / "export" / "model.onnx").exists()
     assert "exports checked on 6 clips" in output
+
+
+def test_speech_commands_trains_on_the_official_split_with_its_background_noise(
+    compose_config, tmp_path
+):
+    from test_index import speech_commands_like
+
+    root = speech_commands_like(tmp_path / "speech_commands")
+    noise = root / "_background_noise_"
+    summary = run(
+        compose_config(
+            "data=speech_commands",
+            f"data.root={root}",
+            "data.sample_rate=8000",
+            f"augmentations.audio.transforms=[{{name:AddBackgroundNoise,sounds_path:{noise},p:1.0}}]",
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+        )
+    )
+    assert summary["classes"] == ["one", "zero"]
+    assert {split: info["clips"] for split, info in summary["splits"].items()} == {
+        "train": 16,
+        "val": 4,
+        "test": 4,
+    }
+    assert "test" in summary

@@ -11,6 +11,7 @@ from audioclf.index import (
     index_folder,
     index_fsdd,
     index_manifest,
+    index_speech_commands,
     manifest_folds,
     split_listing,
 )
@@ -292,3 +293,68 @@ def test_identical_audio_joins_the_groups_of_its_copies(tmp_path):
         index = split_listing(index_manifest(manifest, None, 0.25, 0.0), seed=seed)
         split_of = {clip.group: split for split, clips in index.splits.items() for clip in clips}
         assert split_of["x"] == split_of["y"]
+
+
+# ---------------------------------------------------------------- Speech Commands
+
+
+def speech_commands_like(root, val_speakers=("lucas",), test_speakers=("theo",)):
+    """WORD/SPEAKER_nohash_N.wav of FSDD clips, the two split lists, and a noise folder."""
+    lists = {"val": [], "test": []}
+    for digit, word in [(0, "zero"), (1, "one")]:
+        for speaker in SPEAKERS:
+            for n in range(2):
+                relative = f"{word}/{speaker}_nohash_{n}.wav"
+                (root / word).mkdir(parents=True, exist_ok=True)
+                shutil.copy(fsdd_clip(digit, speaker, 10 + n), root / relative)
+                split = (
+                    "val"
+                    if speaker in val_speakers
+                    else "test"
+                    if speaker in test_speakers
+                    else None
+                )
+                if split:
+                    lists[split].append(relative)
+    (root / "_background_noise_").mkdir()
+    shutil.copy(fsdd_clip(9, "theo", 30), root / "_background_noise_" / "noise.wav")
+    (root / "validation_list.txt").write_text("\n".join(lists["val"]) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
+    return root
+
+
+def test_speech_commands_uses_the_official_lists_and_no_noise_class(tmp_path):
+    root = speech_commands_like(tmp_path / "sc")
+    index = split_listing(index_speech_commands(root), seed=0)
+    assert index.classes == ["one", "zero"]
+    assert index.counts() == {"train": 16, "val": 4, "test": 4}
+    assert {clip.group for clip in index.splits["val"]} == {"lucas"}
+    assert {clip.group for clip in index.splits["test"]} == {"theo"}
+    assert {clip.path.parent.name for clip in index.splits["train"]} == {"zero", "one"}
+
+
+def test_speech_commands_lists_are_checked(tmp_path):
+    root = speech_commands_like(tmp_path / "sc")
+    with (root / "testing_list.txt").open("a") as handle:
+        handle.write("zero/nobody_nohash_0.wav\n")
+    with pytest.raises(DatasetError, match=r"testing_list.txt, line 5: zero/nobody_nohash_0.wav"):
+        index_speech_commands(root)
+    (root / "testing_list.txt").unlink()
+    with pytest.raises(DatasetError, match="no testing_list.txt"):
+        index_speech_commands(root)
+
+
+def test_a_speaker_listed_in_two_splits_is_an_error(tmp_path):
+    root = speech_commands_like(tmp_path / "sc")
+    with (root / "validation_list.txt").open("a") as handle:
+        handle.write("zero/george_nohash_0.wav\n")  # george's other clips train
+    with pytest.raises(DatasetError, match="group 'george' is in train and val"):
+        split_listing(index_speech_commands(root), seed=0)
+
+
+def test_a_file_in_both_lists_is_an_error(tmp_path):
+    root = speech_commands_like(tmp_path / "sc")
+    with (root / "validation_list.txt").open("a") as handle:
+        handle.write("zero/theo_nohash_0.wav\n")
+    with pytest.raises(DatasetError, match=r"zero/theo_nohash_0.wav is in validation_list.txt"):
+        index_speech_commands(root)

@@ -31,6 +31,7 @@ from audioclf.index import (
     index_folder,
     index_fsdd,
     index_manifest,
+    index_speech_commands,
     split_listing,
 )
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
@@ -81,6 +82,8 @@ def list_dataset(data: DataConfig) -> Listing:
         )
     elif data.format == "fsdd":
         listing = index_fsdd(Path(data.root))
+    elif data.format == "speech_commands":
+        listing = index_speech_commands(Path(data.root))
     else:
         listing = index_folder(Path(data.root), data.val_fraction, data.test_fraction)
     return drop_duplicates(listing)

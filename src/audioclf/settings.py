@@ -72,7 +72,7 @@ class ColumnsConfig:
 class DataConfig:
     """The `data` section."""
 
-    format: Literal["fsdd", "folder", "manifest"]
+    format: Literal["fsdd", "folder", "manifest", "speech_commands"]
     name: str
     root: str | None
     manifest: str | None
