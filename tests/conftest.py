@@ -99,3 +99,44 @@ def tiny_split_manifest(folder: Path) -> list[str]:
     ]
     path = write_manifest(folder / "m.csv", ["path", "label", "split"], rows)
     return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
+
+
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+ESC50_HEADER = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+
+
+def esc50_like(root: Path, folds: int) -> tuple[Path, Path]:
+    """ESC-50's layout over 12 FSDD clips (digits 3 and 4 as `dog` and `rooster`):
+    `audio/*.wav` and `meta/esc50.csv` with ESC-50's header, as shipped. Returns the root and
+    the metadata file."""
+    (root / "audio").mkdir(parents=True)
+    (root / "meta").mkdir()
+    rows = []
+    for digit, category in [(3, "dog"), (4, "rooster")]:
+        for n, index in enumerate(range(10, 16)):
+            fold = n % folds + 1
+            name = f"{fold}-{index}-A-{digit}.wav"
+            shutil.copy(fsdd_clip(digit, index=index), root / "audio" / name)
+            rows.append((name, fold, digit, category, "False", index, "A"))
+    return root, write_manifest(root / "meta" / "esc50.csv", ESC50_HEADER, rows)
+
+
+def speech_commands_like(root: Path) -> Path:
+    """Speech Commands' layout over 24 FSDD clips: `zero/` and `one/` with
+    `SPEAKER_nohash_N.wav` of six speakers, lucas listed for validation and theo for test, and
+    a `_background_noise_` folder."""
+    lists: dict[str, list[str]] = {"validation_list.txt": [], "testing_list.txt": []}
+    listed = {"lucas": "validation_list.txt", "theo": "testing_list.txt"}
+    for digit, word in [(0, "zero"), (1, "one")]:
+        (root / word).mkdir(parents=True)
+        for speaker in SPEAKERS:
+            for n in range(2):
+                relative = f"{word}/{speaker}_nohash_{n}.wav"
+                shutil.copy(fsdd_clip(digit, speaker, 10 + n), root / relative)
+                if speaker in listed:
+                    lists[listed[speaker]].append(relative)
+    (root / "_background_noise_").mkdir()
+    shutil.copy(fsdd_clip(9, "theo", 30), root / "_background_noise_" / "noise.wav")
+    for name, entries in lists.items():
+        (root / name).write_text("\n".join(entries) + "\n")
+    return root

@@ -16,7 +16,7 @@ from audioclf.index import DatasetError
 from audioclf.model import create_model
 from audioclf.pipeline import build_model
 from audioclf.settings import ConfigError, load_settings
-from conftest import FSDD, REPO
+from conftest import FSDD, REPO, speech_commands_like
 
 
 @pytest.fixture
@@ -166,8 +166,6 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
 def test_speech_commands_trains_on_the_official_split_with_its_background_noise(
     compose_config, tmp_path
 ):
-    from test_index import speech_commands_like
-
     root = speech_commands_like(tmp_path / "speech_commands")
     noise = root / "_background_noise_"
     summary = run(

@@ -25,7 +25,8 @@ from audioclf.cache import SHARDS, FeatureCache, FeatureStore
 from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import PRESETS, compute_log_mel, resolve_params
-from audioclf.index import Clip, DatasetError, index_manifest, split_listing
+from audioclf.index import Clip, DatasetError, split_listing
+from audioclf.layouts import index_manifest
 from audioclf.model import CheckpointError, ModelError, create_model, read_state_dict
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, REPO, fsdd_clip, write_manifest

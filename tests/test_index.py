@@ -6,16 +6,15 @@ import shutil
 
 import pytest
 
-from audioclf.index import (
-    DatasetError,
+from audioclf.index import DatasetError, split_listing
+from audioclf.layouts import (
     index_folder,
     index_fsdd,
     index_manifest,
     index_speech_commands,
     manifest_folds,
-    split_listing,
 )
-from conftest import FSDD, fsdd_clip, write_manifest
+from conftest import FSDD, SPEAKERS, esc50_like, fsdd_clip, speech_commands_like, write_manifest
 
 # ---------------------------------------------------------------- indexing
 
@@ -132,27 +131,11 @@ def test_manifest_without_label_column_is_an_error(tmp_path):
 
 # ---------------------------------------------------------------- manifests as datasets ship them
 
-ESC50_HEADER = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
 ESC50_COLUMNS = {"path": "audio/{filename}", "label": "category", "fold": "fold"}
 
 
-def _esc50_like(tmp_path):
-    """meta/esc50.csv with ESC-50's header (as shipped) over FSDD clips in audio/."""
-    root = tmp_path / "ESC-50-master"
-    (root / "audio").mkdir(parents=True)
-    (root / "meta").mkdir()
-    rows = []
-    for digit, category in [(3, "dog"), (4, "rooster")]:
-        for n, index in enumerate(range(10, 16)):
-            fold = n % 3 + 1
-            name = f"{fold}-{index}-A-{digit}.wav"
-            shutil.copy(fsdd_clip(digit, index=index), root / "audio" / name)
-            rows.append((name, fold, digit, category, "False", index, "A"))
-    return root, write_manifest(root / "meta" / "esc50.csv", ESC50_HEADER, rows)
-
-
 def test_manifest_columns_map_a_shipped_header_and_fill_path_templates(tmp_path):
-    root, manifest = _esc50_like(tmp_path)
+    root, manifest = esc50_like(tmp_path / "ESC-50-master", folds=3)
     listing = index_manifest(manifest, root, 0.0, 0.1, test_fold=2, columns=ESC50_COLUMNS)
     index = split_listing(listing, seed=0)
     assert index.classes == ["dog", "rooster"]
@@ -191,13 +174,13 @@ def test_a_path_template_may_use_several_columns(tmp_path):
     ],
 )
 def test_a_column_the_header_lacks_names_the_key(tmp_path, columns, named):
-    _, manifest = _esc50_like(tmp_path)
+    _, manifest = esc50_like(tmp_path / "ESC-50-master", folds=3)
     with pytest.raises(DatasetError, match=named + r" that the header \['filename'"):
         index_manifest(manifest, None, 0.1, 0.1, columns=columns)
 
 
 def test_a_shipped_header_without_columns_points_to_data_columns(tmp_path):
-    _, manifest = _esc50_like(tmp_path)
+    _, manifest = esc50_like(tmp_path / "ESC-50-master", folds=3)
     with pytest.raises(DatasetError, match=r"lacks column\(s\) \['path', 'label'\].*data.columns"):
         index_manifest(manifest, None, 0.1, 0.1)
 
@@ -223,8 +206,6 @@ def test_one_fold_cannot_be_test_and_validation(tmp_path, manifest_rows):
 
 
 # ---------------------------------------------------------------- groups (speakers, recordings)
-
-SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
 
 
 def test_a_group_column_keeps_each_speaker_in_one_split(tmp_path):
@@ -298,31 +279,6 @@ def test_identical_audio_joins_the_groups_of_its_copies(tmp_path):
 # ---------------------------------------------------------------- Speech Commands
 
 
-def speech_commands_like(root, val_speakers=("lucas",), test_speakers=("theo",)):
-    """WORD/SPEAKER_nohash_N.wav of FSDD clips, the two split lists, and a noise folder."""
-    lists = {"val": [], "test": []}
-    for digit, word in [(0, "zero"), (1, "one")]:
-        for speaker in SPEAKERS:
-            for n in range(2):
-                relative = f"{word}/{speaker}_nohash_{n}.wav"
-                (root / word).mkdir(parents=True, exist_ok=True)
-                shutil.copy(fsdd_clip(digit, speaker, 10 + n), root / relative)
-                split = (
-                    "val"
-                    if speaker in val_speakers
-                    else "test"
-                    if speaker in test_speakers
-                    else None
-                )
-                if split:
-                    lists[split].append(relative)
-    (root / "_background_noise_").mkdir()
-    shutil.copy(fsdd_clip(9, "theo", 30), root / "_background_noise_" / "noise.wav")
-    (root / "validation_list.txt").write_text("\n".join(lists["val"]) + "\n")
-    (root / "testing_list.txt").write_text("\n".join(lists["test"]) + "\n")
-    return root
-
-
 def test_speech_commands_uses_the_official_lists_and_no_noise_class(tmp_path):
     root = speech_commands_like(tmp_path / "sc")
     index = split_listing(index_speech_commands(root), seed=0)
@@ -339,6 +295,11 @@ def test_speech_commands_lists_are_checked(tmp_path):
         handle.write("zero/nobody_nohash_0.wav\n")
     with pytest.raises(DatasetError, match=r"testing_list.txt, line 5: zero/nobody_nohash_0.wav"):
         index_speech_commands(root)
+    (root / "testing_list.txt").write_text("zero/theo_nohash_0.wav\n")
+    with (root / "validation_list.txt").open("a") as handle:
+        handle.write("zero/theo_nohash_0.wav\n")
+    with pytest.raises(DatasetError, match=r"zero/theo_nohash_0.wav is in validation_list.txt"):
+        index_speech_commands(root)
     (root / "testing_list.txt").unlink()
     with pytest.raises(DatasetError, match="no testing_list.txt"):
         index_speech_commands(root)
@@ -350,11 +311,3 @@ def test_a_speaker_listed_in_two_splits_is_an_error(tmp_path):
         handle.write("zero/george_nohash_0.wav\n")  # george's other clips train
     with pytest.raises(DatasetError, match="group 'george' is in train and val"):
         split_listing(index_speech_commands(root), seed=0)
-
-
-def test_a_file_in_both_lists_is_an_error(tmp_path):
-    root = speech_commands_like(tmp_path / "sc")
-    with (root / "validation_list.txt").open("a") as handle:
-        handle.write("zero/theo_nohash_0.wav\n")
-    with pytest.raises(DatasetError, match=r"zero/theo_nohash_0.wav is in validation_list.txt"):
-        index_speech_commands(root)

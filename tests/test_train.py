@@ -40,7 +40,7 @@ from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
 from audioclf.train import Trainer
-from conftest import FSDD, fsdd_clip, tiny_split_manifest, write_manifest
+from conftest import FSDD, esc50_like, fsdd_clip, tiny_split_manifest, write_manifest
 
 
 class TinyNet(Model):
@@ -1018,18 +1018,7 @@ def test_folds_that_the_manifest_lacks_stop_before_the_first_fold_trains(
 def test_esc50_config_reads_the_shipped_metadata_and_cross_validates(compose_config, tmp_path):
     from audioclf.cli import run_folds
 
-    root = tmp_path / "ESC-50-master"
-    (root / "audio").mkdir(parents=True)
-    (root / "meta").mkdir()
-    rows = []
-    for digit, category in [(3, "dog"), (4, "rooster")]:
-        for n, index in enumerate(range(10, 16)):
-            fold = n % 2 + 1
-            name = f"{fold}-{index}-A-{digit}.wav"
-            shutil.copy(FSDD / f"{digit}_jackson_{index}.wav", root / "audio" / name)
-            rows.append((name, fold, digit, category, "False", index, "A"))
-    header = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
-    write_manifest(root / "meta" / "esc50.csv", header, rows)
+    root, _ = esc50_like(tmp_path / "ESC-50-master", folds=2)
     result = run_folds(
         compose_config(
             "data=esc50",
@@ -1154,7 +1143,8 @@ def _multi_labeltiny_split_manifest(tmp_path) -> list[str]:
 
 
 def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
-    from audioclf.index import index_manifest, split_listing
+    from audioclf.index import split_listing
+    from audioclf.layouts import index_manifest
 
     path = write_manifest(
         tmp_path / "m.csv",

@@ -31,10 +31,8 @@ from audioclf.checkpoint import (
 from audioclf.deploy import export_run, int8_model, quantise_run
 from audioclf.distill import WithTeacherLogits, build_teacher
 from audioclf.export import ExportError
-from audioclf.index import (
-    DatasetError,
-    manifest_folds,
-)
+from audioclf.index import DatasetError
+from audioclf.layouts import manifest_folds
 from audioclf.model import (
     CheckpointError,
     ModelError,

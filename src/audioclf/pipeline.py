@@ -23,17 +23,8 @@ from audioclf.dataset import (
     prepare,
 )
 from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
-from audioclf.index import (
-    DatasetError,
-    DatasetIndex,
-    Listing,
-    drop_duplicates,
-    index_folder,
-    index_fsdd,
-    index_manifest,
-    index_speech_commands,
-    split_listing,
-)
+from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
+from audioclf.layouts import index_folder, index_fsdd, index_manifest, index_speech_commands
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file

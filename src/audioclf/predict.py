@@ -31,7 +31,7 @@ from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.export import ExportError, load_runner
 from audioclf.features import FeatureNormalization, LogMelParams, log_mel
-from audioclf.index import AUDIO_EXTENSIONS
+from audioclf.layouts import AUDIO_EXTENSIONS
 from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
 
