@@ -8,9 +8,13 @@ test, predict and export need nothing else. `resume_paths` finds the ones `run.r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +33,49 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it.
+
+    Checkpoint writes are short; one cut by a KeyboardInterrupt ends in a torch.save error
+    and a traceback instead of the interrupt, and files written together (last.pth and
+    best.pth) would disagree. Off the main thread nothing is held (Python delivers signals
+    to the main thread only).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)
+
+
 def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:
     """Write `content` to `path` so that a crash at any moment leaves either the previous
-    file or the new one, never a broken one: temporary file, fsync, rename, fsync the folder."""
+    file or the new one, never a broken one: temporary file, fsync, rename, fsync the folder.
+    Ctrl-C during the write takes effect once the file is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with partial.open("wb") as handle:
-            torch.save({"version": CHECKPOINT_VERSION, **content}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    with interrupts_held():
+        try:
+            with partial.open("wb") as handle:
+                torch.save({"version": CHECKPOINT_VERSION, **content}, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

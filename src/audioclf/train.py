@@ -28,7 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from audioclf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from audioclf.checkpoint import (
+    interrupts_held,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import (
     format_report,
@@ -466,9 +472,11 @@ class Trainer:
             "classes": self.classes,
             **self.checkpoint_extra,
         }
-        save_checkpoint(self.last_path, content)
+        with interrupts_held():  # last.pth and best.pth agree, even after Ctrl-C
+            save_checkpoint(self.last_path, content)
+            if improved:
+                save_checkpoint(self.best_path, content)
         if improved:
-            save_checkpoint(self.best_path, content)
             log.info(
                 "saved %s (%s %.4f) and %s",
                 self.best_path,
