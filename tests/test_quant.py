@@ -127,6 +127,28 @@ def test_qat_trains_freezes_batch_norm_then_ranges_and_converts(features):
     assert agreement.mean() >= 0.9
 
 
+def test_qat_conversion_traces_torchaos_patterns_once_and_converts_the_same(features, monkeypatch):
+    from torchao.quantization.pt2e import qat_utils, utils
+
+    prepared = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
+    F.cross_entropy(prepared(features), torch.arange(len(features)) % 3).backward()
+    first = prepared.convert()
+    traced_once = utils._get_aten_graph_module_for_pattern
+    known = len(traced_once.traces)
+    assert known > 100  # the conv-BN patterns, kept
+    again = prepared.convert()
+    assert len(traced_once.traces) == known  # nothing traced a second time
+    # The same int8 model as torchao's own tracing gives.
+    for module in (utils, qat_utils):
+        monkeypatch.setattr(module, "_get_aten_graph_module_for_pattern", traced_once.original)
+    fresh = prepared.convert()
+    with torch.no_grad():
+        reference = fresh(features)
+        assert torch.equal(first(features), reference)
+        assert torch.equal(again(features), reference)
+    assert first.network.code == fresh.network.code
+
+
 def test_qat_fine_tuning_leaves_the_float_model_as_it_was(features):
     model = tiny_model().train()
     before = {key: value.clone() for key, value in model.state_dict().items()}
