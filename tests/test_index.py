@@ -179,6 +179,13 @@ def test_a_column_the_header_lacks_names_the_key(tmp_path, columns, named):
         index_manifest(manifest, None, 0.1, 0.1, columns=columns)
 
 
+def test_a_template_with_a_format_spec_is_named(tmp_path):
+    _, manifest = esc50_like(tmp_path / "ESC-50-master", folds=3)
+    columns = {"path": "fold{fold:02d}/{filename}", "label": "category"}
+    with pytest.raises(DatasetError, match=r"data.columns.path=.*plain \{column\} fields"):
+        index_manifest(manifest, None, 0.1, 0.1, columns=columns)
+
+
 def test_a_shipped_header_without_columns_points_to_data_columns(tmp_path):
     _, manifest = esc50_like(tmp_path / "ESC-50-master", folds=3)
     with pytest.raises(DatasetError, match=r"lacks column\(s\) \['path', 'label'\].*data.columns"):

@@ -149,10 +149,10 @@ def _read_manifest(manifest: Path) -> list[list[str]]:
 def _manifest_columns(
     manifest: Path, header: list[str], columns: Mapping[str, str | None] | None
 ) -> dict[str, Callable[[dict[str, str]], str]]:
-    """For each of path, label, split, fold that the manifest provides, a function from a row
-    (header name -> cell) to the value.
+    """For each of path, label, split, fold, group that the manifest provides, a function
+    from a row (header name -> cell) to the value.
 
-    Without `columns`, the header must name them as they are (path,label[,split][,fold]); any
+    Without `columns`, the header must name them as they are (path,label[,...]); any
     other column is an error, so a misspelt `Split` is not silently ignored. With `columns`
     (`data.columns`), each maps to a header column, or to a template such as
     `audio/fold{fold}/{slice_file_name}` filled from the row; other columns are not read.
@@ -177,7 +177,13 @@ def _manifest_columns(
         source = columns.get(name)
         if source is None:
             continue
-        fields = [field for _, field, _, _ in Formatter().parse(source) if field is not None]
+        parts = [part for part in Formatter().parse(source) if part[1] is not None]
+        if any(spec or conversion for _, _, spec, conversion in parts):
+            raise DatasetError(
+                f"{manifest}: data.columns.{name}={source!r}: a template takes plain "
+                "{column} fields (no format spec or conversion)"
+            )
+        fields = [field for _, field, _, _ in parts]
         lacking = [field for field in (fields or [source]) if field not in header]
         if lacking:
             raise DatasetError(
