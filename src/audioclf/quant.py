@@ -91,13 +91,22 @@ def _trace_patterns_once() -> None:
             return trace(pattern, example_inputs, is_cuda, **kwargs)
         if key not in traces:
             traces[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
-        return copy.deepcopy(traces[key])
+        return copy_graph(traces[key])
 
     traced_once.traces = traces
     traced_once.original = trace
     for module in (utils, qat_utils, reference_representation_rewrite):
         if hasattr(module, _PATTERN_TRACER):
             setattr(module, _PATTERN_TRACER, traced_once)
+
+
+def copy_graph(graph: GraphModule) -> GraphModule:
+    """A deep copy of a captured graph, without the FutureWarning torch's pytree gives for
+    each tree spec it copies (`isinstance(treespec, LeafSpec)` is deprecated; it reached
+    users' consoles, `audioclf-predict` included)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        return copy.deepcopy(graph)
 
 
 def _pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict) -> Any:
@@ -339,7 +348,7 @@ class QuantizedModel(nn.Module):
             return self
         state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
         # convert_pt2e works in place: convert a copy rebuilt from the state.
-        graph = copy.deepcopy(self.network)
+        graph = copy_graph(self.network)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             converted = convert_pt2e(graph, fold_quantize=False)
