@@ -1130,6 +1130,50 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
     assert "test" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(
+    tmp_path, manifest_rows
+):
+    # Each rank has its own Hydra run folder; rank 1 wrote a second cv_metrics.json into its
+    # own while the folds went to rank 0's.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "main.py"),
+            "data=manifest",
+            f"data.manifest={manifest}",
+            f"data.root={FSDD}",
+            "data.sample_rate=8000",
+            "data.val_fraction=0.25",
+            "run.folds=[1,2]",
+            "training.epochs=1",
+            "training.batch_size=4",
+            "run.export=false",
+            "system.num_workers=0",
+            f"system.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    (written,) = (tmp_path / "outputs").glob("*/*/cv_metrics.json")
+    assert sorted(path.name for path in written.parent.glob("fold_*")) == ["fold_1", "fold_2"]
+    assert [fold["fold"] for fold in json.loads(written.read_text())["folds"]] == ["1", "2"]
+    assert output.count("cross-validation: test fold 1") == 1
+
+
 def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
     import subprocess
     import sys

@@ -304,7 +304,9 @@ def run_folds(config: DictConfig) -> dict[str, Any]:
         raise ConfigError(
             f"run.folds: no row of {data.manifest} has fold(s) {unknown}; its folds are {available}"
         )
-    output_dir = make_output_dir(settings.system.output_dir)
+    # Under torchrun every rank works in rank 0's folder; only rank 0 logs and writes.
+    logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
+    output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     per_fold = []
     for fold in folds:
         log.info("cross-validation: test fold %s of %s", fold, list(folds))
@@ -331,6 +333,8 @@ def run_folds(config: DictConfig) -> dict[str, Any]:
     }
     bests = [f["best"] for f in per_fold if f["best"] is not None]
     result["best"] = float(np.mean(bests)) if bests else None
+    if not is_main_process():
+        return result
     (output_dir / "cv_metrics.json").write_text(json.dumps(result, indent=1))
     log.info(
         "cross-validation over %d folds (%s): %s",
