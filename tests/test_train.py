@@ -1092,13 +1092,14 @@ def test_folds_without_a_fold_manifest_is_a_config_error(compose_config):
 # ---------------------------------------------------------------- distributed
 
 
-def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
+def _torchrun(tmp_path, *overrides: str) -> str:
+    """The main job in 2 torchrun processes from tmp_path (batch 4, no export, no workers);
+    its output, after checking that it succeeded."""
     import subprocess
     import sys
 
     from conftest import REPO
 
-    manifest = tiny_split_manifest(tmp_path)
     result = subprocess.run(
         [
             sys.executable,
@@ -1107,13 +1108,11 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
             "--standalone",  # a free port: not 29500, which another run may hold
             "--nproc_per_node=2",
             str(REPO / "main.py"),
-            *manifest,
-            "training.epochs=2",
             "training.batch_size=4",
             "run.export=false",
             "system.num_workers=0",
             f"system.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            *overrides,
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -1122,6 +1121,16 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
+    return output
+
+
+def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
+    output = _torchrun(
+        tmp_path,
+        *tiny_split_manifest(tmp_path),
+        "training.epochs=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
     assert "x 2 processes (DDP)" in output
     assert output.count("epoch 2/2") == 1  # rank 0 logs, rank 1 does not
     assert "terminate called" not in output
@@ -1135,39 +1144,17 @@ def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(
 ):
     # Each rank has its own Hydra run folder; rank 1 wrote a second cv_metrics.json into its
     # own while the folds went to rank 0's.
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
     manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "main.py"),
-            "data=manifest",
-            f"data.manifest={manifest}",
-            f"data.root={FSDD}",
-            "data.sample_rate=8000",
-            "data.val_fraction=0.25",
-            "run.folds=[1,2]",
-            "training.epochs=1",
-            "training.batch_size=4",
-            "run.export=false",
-            "system.num_workers=0",
-            f"system.cache_dir={tmp_path / 'cache'}",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    output = _torchrun(
+        tmp_path,
+        "data=manifest",
+        f"data.manifest={manifest}",
+        f"data.root={FSDD}",
+        "data.sample_rate=8000",
+        "data.val_fraction=0.25",
+        "run.folds=[1,2]",
+        "training.epochs=1",
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
     (written,) = (tmp_path / "outputs").glob("*/*/cv_metrics.json")
     assert sorted(path.name for path in written.parent.glob("fold_*")) == ["fold_1", "fold_2"]
     assert [fold["fold"] for fold in json.loads(written.read_text())["folds"]] == ["1", "2"]
