@@ -140,3 +140,30 @@ def speech_commands_like(root: Path) -> Path:
     for name, entries in lists.items():
         (root / name).write_text("\n".join(entries) + "\n")
     return root
+
+
+def fsd50k_like(root: Path) -> Path:
+    """FSD50K's layout over 16 FSDD clips: `FSD50K.ground_truth/dev.csv` (8 train, 4 val rows)
+    and `eval.csv` (4 rows) with comma-separated labels in quoted cells, and the clips in
+    `FSD50K.dev_audio/` and `FSD50K.eval_audio/` named by `fname`."""
+    truth = root / "FSD50K.ground_truth"
+    truth.mkdir(parents=True)
+    dev, evaluation = [], []
+    for digit, labels in [(1, "One,Speech"), (2, "Speech,Two")]:
+        for index, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")] + [
+            (5, "val"),
+            (6, "val"),
+            (0, "test"),
+            (1, "test"),
+        ]:
+            fname = str(1000 * digit + index)
+            audio = "FSD50K.eval_audio" if split == "test" else "FSD50K.dev_audio"
+            (root / audio).mkdir(exist_ok=True)
+            shutil.copy(fsdd_clip(digit, index=index), root / audio / f"{fname}.wav")
+            if split == "test":
+                evaluation.append((fname, labels, "/m/x,/m/y"))
+            else:
+                dev.append((fname, labels, "/m/x,/m/y", split))
+    write_manifest(truth / "dev.csv", ["fname", "labels", "mids", "split"], dev)
+    write_manifest(truth / "eval.csv", ["fname", "labels", "mids"], evaluation)
+    return root

@@ -16,7 +16,7 @@ from audioclf.index import DatasetError
 from audioclf.model import create_model
 from audioclf.pipeline import build_model
 from audioclf.settings import ConfigError, load_settings
-from conftest import FSDD, REPO, speech_commands_like
+from conftest import FSDD, REPO, fsd50k_like, speech_commands_like
 
 
 @pytest.fixture
@@ -186,3 +186,23 @@ def test_speech_commands_trains_on_the_official_split_with_its_background_noise(
         "test": 4,
     }
     assert "test" in summary
+
+
+def test_fsd50k_trains_multi_label_on_its_official_split(compose_config, tmp_path):
+    root = fsd50k_like(tmp_path / "FSD50K")
+    summary = run(
+        compose_config(
+            "data=fsd50k",
+            f"data.root={root}",
+            "data.sample_rate=8000",
+            "data.clip_seconds=1.0",
+            "training.monitor=val_mAP",
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+        )
+    )
+    assert summary["classes"] == ["One", "Speech", "Two"]
+    assert 0.0 <= summary["test"]["mAP"] <= 1.0
+    with pytest.raises(ConfigError, match="data=fsd50k is multi-label"):
+        load_settings(compose_config("data=fsd50k", f"data.root={root}", "data.multi_label=false"))

@@ -46,7 +46,7 @@ def test_every_group_option_composes(compose_config, group, option):
     if option in ("folder", "manifest"):
         overrides.append("data.root=somewhere")
         overrides.append("data.manifest=somewhere.csv")
-    if option in ("esc50", "urbansound8k", "speech_commands"):
+    if option in ("esc50", "urbansound8k", "speech_commands", "fsd50k"):
         overrides.append("data.root=somewhere")
     config = compose_config(*overrides)
     section = config[group]

@@ -9,12 +9,21 @@ import pytest
 from audioclf.index import DatasetError, split_listing
 from audioclf.layouts import (
     index_folder,
+    index_fsd50k,
     index_fsdd,
     index_manifest,
     index_speech_commands,
     manifest_folds,
 )
-from conftest import FSDD, SPEAKERS, esc50_like, fsdd_clip, speech_commands_like, write_manifest
+from conftest import (
+    FSDD,
+    SPEAKERS,
+    esc50_like,
+    fsd50k_like,
+    fsdd_clip,
+    speech_commands_like,
+    write_manifest,
+)
 
 # ---------------------------------------------------------------- indexing
 
@@ -318,3 +327,31 @@ def test_a_speaker_listed_in_two_splits_is_an_error(tmp_path):
         handle.write("zero/george_nohash_0.wav\n")  # george's other clips train
     with pytest.raises(DatasetError, match="group 'george' is in train and val"):
         split_listing(index_speech_commands(root), seed=0)
+
+
+# ---------------------------------------------------------------- FSD50K
+
+
+def test_fsd50k_reads_both_ground_truth_files_as_shipped(tmp_path):
+    root = fsd50k_like(tmp_path / "FSD50K")
+    index = split_listing(index_fsd50k(root), seed=0, multi_label=True)
+    assert index.classes == ["One", "Speech", "Two"]
+    assert index.counts() == {"train": 8, "val": 4, "test": 4}
+    assert {clip.path.parent.name for clip in index.splits["test"]} == {"FSD50K.eval_audio"}
+    assert {clip.label for clip in index.splits["train"]} == {"One;Speech", "Speech;Two"}
+    assert all(clip.path.is_file() for split in index.splits.values() for clip in split)
+
+
+def test_fsd50k_rows_are_checked(tmp_path):
+    root = fsd50k_like(tmp_path / "FSD50K")
+    dev = root / "FSD50K.ground_truth" / "dev.csv"
+    with dev.open("a") as handle:
+        handle.write('1099,"",/m/x,train\n')
+    with pytest.raises(DatasetError, match=r"dev.csv, line 14: empty fname or labels"):
+        index_fsd50k(root)
+    dev.write_text("fname,labels,mids,split\n1010,One,/m/x,dev\n")
+    with pytest.raises(DatasetError, match=r"dev.csv, line 2: split 'dev' is not train or val"):
+        index_fsd50k(root)
+    dev.write_text("fname,labels\n1010,One\n")
+    with pytest.raises(DatasetError, match=r"dev.csv, line 1: header .* lacks \['split'\]"):
+        index_fsd50k(root)

@@ -2,9 +2,9 @@
 
 `index_fsdd` (the bundled FSDD), `index_folder` (a folder per class), `index_manifest` (a CSV
 manifest, its columns as named or mapped by `data.columns`), `index_speech_commands` (Google's
-Speech Commands with its split lists). Each gives every clip the split its layout fixes, or
-None where the seeded ratio split decides, and its group (a speaker, a source recording)
-where the layout knows it.
+Speech Commands with its split lists), `index_fsd50k` (FSD50K's ground truth, multi-label).
+Each gives every clip the split its layout fixes, or None where the seeded ratio split
+decides, and its group (a speaker, a source recording) where the layout knows it.
 """
 
 from __future__ import annotations
@@ -96,6 +96,45 @@ def index_speech_commands(root: Path) -> Listing:
             relative = path.relative_to(root).as_posix()
             speaker = path.name.split("_nohash_")[0] if "_nohash_" in path.name else None
             clips.append(Clip(path, word.name, listed.get(relative, "train"), group=speaker))
+    return Listing(str(root), clips)
+
+
+FSD50K_PARTS = (("dev.csv", "FSD50K.dev_audio", None), ("eval.csv", "FSD50K.eval_audio", "test"))
+
+
+def index_fsd50k(root: Path) -> Listing:
+    """FSD50K as unpacked: `FSD50K.ground_truth/{dev,eval}.csv` (`fname,labels,mids[,split]`)
+    and the clips in `FSD50K.dev_audio/` and `FSD50K.eval_audio/`.
+
+    Multi-label: a row's `labels` are comma-separated (kept sorted, joined by ';' as in
+    every multi-label listing). dev.csv's `split` (train or val) is the split; eval.csv is the
+    test split. A row without labels, an unknown split or a missing column names the file
+    and the line.
+    """
+    truth = root / "FSD50K.ground_truth"
+    clips = []
+    for name, audio, fixed in FSD50K_PARTS:
+        rows = _read_manifest(truth / name)
+        header = [column.strip() for column in rows[0]] if rows else []
+        needed = ["fname", "labels"] + ([] if fixed else ["split"])
+        missing = [column for column in needed if column not in header]
+        if missing:
+            raise DatasetError(f"{truth / name}, line 1: header {header} lacks {missing}")
+        for line, values in enumerate(rows[1:], start=2):
+            if not values:
+                continue
+            where = f"{truth / name}, line {line}"
+            if len(values) != len(header):
+                raise DatasetError(f"{where}: {len(values)} field(s), the header has {len(header)}")
+            row = {column: value.strip() for column, value in zip(header, values, strict=True)}
+            labels = sorted({label.strip() for label in row["labels"].split(",")} - {""})
+            if not row["fname"] or not labels:
+                raise DatasetError(f"{where}: empty fname or labels")
+            split = fixed or row["split"].lower()
+            if split not in ("train", "val", "test"):
+                raise DatasetError(f"{where}: split {row['split']!r} is not train or val")
+            path = root / audio / f"{row['fname']}.wav"
+            clips.append(Clip(path, MULTI_LABEL_SEPARATOR.join(labels), split, where))
     return Listing(str(root), clips)
 
 

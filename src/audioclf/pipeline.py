@@ -24,7 +24,13 @@ from audioclf.dataset import (
 )
 from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
 from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
-from audioclf.layouts import index_folder, index_fsdd, index_manifest, index_speech_commands
+from audioclf.layouts import (
+    index_folder,
+    index_fsd50k,
+    index_fsdd,
+    index_manifest,
+    index_speech_commands,
+)
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
@@ -75,6 +81,8 @@ def list_dataset(data: DataConfig) -> Listing:
         listing = index_fsdd(Path(data.root))
     elif data.format == "speech_commands":
         listing = index_speech_commands(Path(data.root))
+    elif data.format == "fsd50k":
+        listing = index_fsd50k(Path(data.root))
     else:
         listing = index_folder(Path(data.root), data.val_fraction, data.test_fraction)
     return drop_duplicates(listing)

@@ -72,7 +72,7 @@ class ColumnsConfig:
 class DataConfig:
     """The `data` section."""
 
-    format: Literal["fsdd", "folder", "manifest", "speech_commands"]
+    format: Literal["fsdd", "folder", "manifest", "speech_commands", "fsd50k"]
     name: str
     root: str | None
     manifest: str | None
@@ -286,6 +286,8 @@ def load_settings(config: DictConfig) -> Settings:
             "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
             f"{data.val_fraction} + {data.test_fraction}"
         )
+    if data.format == "fsd50k" and not data.multi_label:
+        raise ConfigError("data=fsd50k is multi-label: data.multi_label must be true")
     if data.columns is not None and data.format != "manifest":
         raise ConfigError(f"data.columns maps manifest columns; data={data.name} has no manifest")
     if settings.run.export and "onnx" in settings.run.export_formats:
