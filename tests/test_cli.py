@@ -188,7 +188,7 @@ def test_speech_commands_trains_on_the_official_split_with_its_background_noise(
     assert "test" in summary
 
 
-def test_fsd50k_trains_multi_label_on_its_official_split(compose_config, tmp_path):
+def test_fsd50k_trains_multi_label_on_its_official_split(compose_config, tmp_path, caplog):
     root = fsd50k_like(tmp_path / "FSD50K")
     summary = run(
         compose_config(
@@ -204,5 +204,7 @@ def test_fsd50k_trains_multi_label_on_its_official_split(compose_config, tmp_pat
     )
     assert summary["classes"] == ["One", "Speech", "Two"]
     assert 0.0 <= summary["test"]["mAP"] <= 1.0
+    # The console's last test line carries the multi-label ranking metrics too.
+    assert f"mAP {summary['test']['mAP']:.4f}, ROC-AUC" in caplog.text
     with pytest.raises(ConfigError, match="data=fsd50k is multi-label"):
         load_settings(compose_config("data=fsd50k", f"data.root={root}", "data.multi_label=false"))

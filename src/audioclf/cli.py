@@ -247,12 +247,18 @@ def _run(config: DictConfig) -> dict[str, Any]:
         else:
             accuracy, precision, recall, f1 = trainer.test(loaders["test"])
             summary["test"] = trainer.test_metrics
+            ranking = "".join(
+                f", {name} {summary['test'][key]:.4f}"
+                for key, name in (("mAP", "mAP"), ("roc_auc", "ROC-AUC"))
+                if key in summary["test"]
+            )
             log.info(
-                "test: accuracy %.4f, macro precision %.4f, recall %.4f, F1 %.4f",
+                "test: accuracy %.4f, macro precision %.4f, recall %.4f, F1 %.4f%s",
                 accuracy,
                 precision,
                 recall,
                 f1,
+                ranking,
             )
     quantized = model if isinstance(model, QuantizedModel) else None
     if settings.run.quantise and is_main_process():
