@@ -52,6 +52,7 @@ from audioclf.runtime import (
     process_group,
     rank_zero_first,
     resolve_device,
+    set_log_level,
     shared_output_dir,
 )
 from audioclf.settings import ConfigError, load_settings
@@ -142,7 +143,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
         config, checkpoint = from_checkpoint(config, str(checkpoint_path))
     settings = load_settings(config)
     # Under torchrun, rank 0 logs; the other ranks say only what goes wrong.
-    logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
+    set_log_level(settings.system.log_level)
     seed_everything(settings.system.seed)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     device = resolve_device(settings.system.device)  # a device this machine lacks fails now
@@ -311,7 +312,7 @@ def run_folds(config: DictConfig) -> dict[str, Any]:
             f"run.folds: no row of {data.manifest} has fold(s) {unknown}; its folds are {available}"
         )
     # Under torchrun every rank works in rank 0's folder; only rank 0 logs and writes.
-    logging.getLogger().setLevel(settings.system.log_level if is_main_process() else "WARNING")
+    set_log_level(settings.system.log_level)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     per_fold = []
     for fold in folds:

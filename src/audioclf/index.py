@@ -114,17 +114,30 @@ def _split_name(clip: Clip) -> str:
 def check_groups(splits: dict[str, list[Clip]]) -> None:
     """Raise DatasetError naming both clips when one group (a speaker, a source recording)
     has clips in two splits, as a fixed split (a split or fold column) can put them."""
+    found = _in_two_splits(splits, lambda clip: clip.group)
+    if found:
+        (first_split, first), (split, clip) = found
+        raise DatasetError(
+            f"group {clip.group!r} is in {first_split} and {split}: {first.where} and "
+            f"{clip.where} (a group's clips must share a split)"
+        )
+
+
+def _in_two_splits(
+    splits: dict[str, list[Clip]], key: Callable[[Clip], str | None]
+) -> tuple[tuple[str, Clip], tuple[str, Clip]] | None:
+    """The first two clips, with their splits, that share a key (None: no key) across two
+    splits; None when there are none."""
     owner: dict[str, tuple[str, Clip]] = {}
     for split, clips in splits.items():
         for clip in clips:
-            if clip.group is None:
+            value = key(clip)
+            if value is None:
                 continue
-            first = owner.setdefault(clip.group, (split, clip))
+            first = owner.setdefault(value, (split, clip))
             if first[0] != split:
-                raise DatasetError(
-                    f"group {clip.group!r} is in {first[0]} and {split}: {first[1].where} and "
-                    f"{clip.where} (a group's clips must share a split)"
-                )
+                return first, (split, clip)
+    return None
 
 
 def _together(clips: Sequence[Clip], digest: Callable[[Path], str]) -> Callable[[Clip], str]:
@@ -148,15 +161,13 @@ def _together(clips: Sequence[Clip], digest: Callable[[Path], str]) -> Callable[
 
 def check_leakage(splits: dict[str, list[Clip]], digest: Callable[[Path], str]) -> None:
     """Raise DatasetError naming both files when identical audio content sits in two splits."""
-    owner: dict[str, tuple[str, Clip]] = {}
-    for split, clips in splits.items():
-        for clip in clips:
-            first = owner.setdefault(digest(clip.path), (split, clip))
-            if first[0] != split:
-                raise DatasetError(
-                    f"identical audio in {first[0]} and {split}: {first[1].where} and "
-                    f"{clip.where} have the same content (a test clip must not train)"
-                )
+    found = _in_two_splits(splits, lambda clip: digest(clip.path))
+    if found:
+        (first_split, first), (split, clip) = found
+        raise DatasetError(
+            f"identical audio in {first_split} and {split}: {first.where} and "
+            f"{clip.where} have the same content (a test clip must not train)"
+        )
 
 
 # ---------------------------------------------------------------- splitting

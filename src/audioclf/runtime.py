@@ -53,6 +53,12 @@ def is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def set_log_level(level: str) -> None:
+    """`level` for the root logger in the main process; WARNING in the other DDP ranks, so
+    that each line is logged once."""
+    logging.getLogger().setLevel(level if is_main_process() else "WARNING")
+
+
 def has_compiler() -> bool:
     """Whether torch.compile's CPU backend finds a C++ compiler."""
     return any(shutil.which(name) for name in ("c++", "g++", "clang++", "cl"))
