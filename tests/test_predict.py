@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from audioclf import settings
 from audioclf.audio import load_audio
-from audioclf.checkpoint import load_checkpoint, save_checkpoint
+from audioclf.checkpoint import load_checkpoint, save_checkpoint, stored_config
 from audioclf.cli import run
 from audioclf.predict import load_predictor, main, predict_file, windows
 from audioclf.settings import ConfigError, load_settings
@@ -199,6 +199,30 @@ def test_console_script_and_module_both_run(trained, wavs):
         )
         assert result.returncode == 0, result.stderr
         assert str(wavs[0]) in result.stdout
+
+
+def test_a_checkpoint_from_before_newer_config_keys_still_tests_and_predicts(
+    trained, wavs, tmp_path, caplog
+):
+    # Written by an audioclf that had no run.export_inputs, data.columns or
+    # augmentations.spec_augment.mask_value yet: today's defaults fill them, its own values stay.
+    content = load_checkpoint(trained / "checkpoints" / "best.pth")
+    del content["config"]["run"]["export_inputs"]
+    del content["config"]["data"]["columns"]
+    del content["config"]["augmentations"]["spec_augment"]["mask_value"]
+    old = tmp_path / "old.pth"
+    save_checkpoint(old, content)
+    with pytest.raises(ConfigError, match="missing key run.export_inputs"):
+        load_settings(OmegaConf.create(content["config"]))  # what a plain check says
+    with caplog.at_level("INFO", logger="audioclf.checkpoint"):
+        config, stored = stored_config(load_checkpoint(old), old)
+    assert "written before augmentations.spec_augment.mask_value, data.columns, " in caplog.text
+    assert stored.run.export_inputs == ["log_mel", "waveform"]
+    assert stored.data.columns is None
+    assert stored.augmentations.spec_augment.mask_value == "mean"
+    assert (stored.data.format, stored.data.root) == ("manifest", str(FSDD))  # not fsdd's
+    assert stored.training.epochs == 6
+    assert predict_file(load_predictor(old), wavs[0]).top[0][0] in ("1", "2")
 
 
 def test_predictor_reads_features_from_the_sidecar(trained):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
-from audioclf.settings import ConfigError, Settings, load_settings
+from audioclf.settings import ConfigError, Settings, fill_missing_keys, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,7 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
     ones, and the file it named need not exist where the checkpoint is used. So are the
     stored run's export and quantise switches, which are its history, not this machine's
     job: checking them would ask for the export extras wherever the checkpoint is read.
+    Keys that an earlier audioclf did not write take today's defaults.
     """
     if not isinstance(content.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
@@ -161,6 +162,9 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
     for switch in ("run.export", "run.quantise"):
         if OmegaConf.select(config, switch) is not None:
             OmegaConf.update(config, switch, False)
+    added = fill_missing_keys(config)
+    if added:
+        log.info("%s: written before %s existed; using today's defaults", path, ", ".join(added))
     try:
         return config, load_settings(config)
     except ConfigError as error:

@@ -55,11 +55,10 @@ from audioclf.runtime import (
     set_log_level,
     shared_output_dir,
 )
-from audioclf.settings import ConfigError, load_settings
+from audioclf.settings import CONFIG_DIR, ConfigError, load_settings
 from audioclf.summary import format_summary, prepare_splits
 from audioclf.train import Trainer
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
 log = logging.getLogger("audioclf")
 
 #: Errors that are the user's input, reported in one line (traceback at DEBUG) with exit 2.

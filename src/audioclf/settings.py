@@ -15,10 +15,25 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+CONFIG_DIR = Path(__file__).resolve().parent / "config"
+
+# Where today's default of each section's keys is written (the primary config and the default
+# group options); `fill_missing_keys` reads them. `model` and `teacher_model` are not here:
+# their params belong to the architecture, and their other keys have defaults below.
+_DEFAULTS = {
+    "system": "config.yaml",
+    "data": "data/fsdd.yaml",
+    "features": "config.yaml",
+    "training": "config.yaml",
+    "run": "config.yaml",
+    "augmentations": "config.yaml",
+}
 
 
 class ConfigError(ValueError):
@@ -331,6 +346,36 @@ def load_settings(config: DictConfig) -> Settings:
     if settings.teacher_model is not None and not settings.teacher_model.checkpoint_path:
         raise ConfigError("teacher_model.checkpoint_path must be set to the teacher's weights")
     return settings
+
+
+def fill_missing_keys(config: DictConfig) -> list[str]:
+    """Give a run config written by an earlier audioclf (a checkpoint's) every key that today's
+    defaults have and it lacks, with today's default value; the dotted keys it added.
+
+    Keys are added over time (`run.export_inputs`, `data.columns`); a checkpoint from before
+    one of them must still test, predict and export. Values the config has are kept.
+    """
+    added: list[str] = []
+    for section, source in _DEFAULTS.items():
+        defaults = OmegaConf.load(CONFIG_DIR / source)
+        if source == "config.yaml":
+            defaults = defaults[section]
+        stored = OmegaConf.select(config, section)
+        if isinstance(stored, DictConfig):
+            _fill(stored, defaults, section, added)
+    return sorted(added)
+
+
+def _fill(stored: DictConfig, defaults: DictConfig, key: str, added: list[str]) -> None:
+    for name in defaults:
+        if OmegaConf.is_interpolation(defaults, name):
+            continue  # a value of the composing run (`${hydra:...}`, `${data.root}`)
+        default = defaults[name]
+        if name not in stored:
+            stored[name] = default
+            added.append(_join(key, name))
+        elif isinstance(default, DictConfig) and isinstance(stored[name], DictConfig):
+            _fill(stored[name], default, _join(key, name), added)
 
 
 def _installed(module: str) -> bool:
