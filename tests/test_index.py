@@ -63,6 +63,24 @@ def test_folder_without_split_folders_is_split_stratified_and_seeded(tmp_path, f
     assert first.splits != split_listing(index_folder(flat, 0.25, 0.25), seed=2).splits
 
 
+def test_hidden_files_and_folders_are_not_clips(tmp_path, folder_dataset, caplog):
+    # A folder copied from a Mac: `._NAME.wav` metadata beside each file, a `.ipynb_checkpoints`
+    # class folder, a `__MACOSX` folder; none of them is audio or a class.
+    shutil.copytree(folder_dataset, tmp_path / "copy")
+    root = tmp_path / "copy"
+    (root / "train" / "0" / "._a.wav").write_bytes(b"\x00\x05\x16\x07")
+    (root / "train" / "1" / ".hidden").mkdir()
+    shutil.copy(fsdd_clip(1), root / "train" / "1" / ".hidden" / "x.wav")
+    for folder in (".ipynb_checkpoints", "0/__MACOSX"):
+        (root / "train" / folder).mkdir()
+        shutil.copy(fsdd_clip(1), root / "train" / folder / "x.wav")
+    with caplog.at_level("INFO", logger="audioclf.layouts"):
+        index = split_listing(index_folder(root, 0.1, 0.1), seed=0)
+    assert index.classes == ["0", "1", "2"]
+    assert index.counts() == {"train": 12, "val": 6, "test": 6}
+    assert "left out 2 hidden audio file(s)" in caplog.text  # 0/: ._a.wav and __MACOSX/x.wav
+
+
 def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
     extra = folder_dataset / "test" / "9"
     extra.mkdir()

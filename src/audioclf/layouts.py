@@ -29,11 +29,24 @@ MANIFEST_COLUMNS = ("path", "label", "split", "fold", "group")
 
 
 def _audio_files(folder: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in folder.rglob("*")
-        if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file()
-    )
+    """The audio files below `folder`, by extension. Hidden files and folders (a name that
+    starts with "."; macOS writes a `._NAME.wav` of metadata beside each file on some drives)
+    and `__MACOSX/` are not clips: they are left out and counted in the log."""
+    found, hidden = [], 0
+    for path in folder.rglob("*"):
+        if path.suffix.lower() not in AUDIO_EXTENSIONS or not path.is_file():
+            continue
+        if _hidden(path.relative_to(folder)):
+            hidden += 1
+        else:
+            found.append(path)
+    if hidden:
+        log.info("%s: left out %d hidden audio file(s) (names starting with '.')", folder, hidden)
+    return sorted(found)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in relative.parts)
 
 
 _FSDD_NAME = re.compile(r"^(?P<digit>\d)_(?P<speaker>[a-z]+)_(?P<index>\d+)$")
@@ -150,7 +163,7 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
         return [
             Clip(path, class_dir.name, split)
             for class_dir in sorted(folder.iterdir())
-            if class_dir.is_dir()
+            if class_dir.is_dir() and not _hidden(Path(class_dir.name))
             for path in _audio_files(class_dir)
         ]
 
