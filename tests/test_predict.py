@@ -188,6 +188,14 @@ def test_a_folder_without_audio_files_is_named(trained, tmp_path, capsys):
     assert f"{empty}: no audio files below it" in capsys.readouterr().err
 
 
+def test_a_folder_copied_from_a_mac_predicts_its_clips_only(trained, wavs, capsys):
+    folder = wavs[0].parent
+    (folder / "._1.wav").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble metadata, not audio
+    assert main([str(trained / "checkpoints" / "best.pth"), str(folder), "--format", "csv"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert sorted({row[0] for row in rows[1:]}) == [str(w) for w in wavs]
+
+
 def test_console_script_and_module_both_run(trained, wavs):
     script = [str(__import__("pathlib").Path(sys.executable).parent / "audioclf-predict")]
     for command in (script, [sys.executable, "-m", "audioclf.predict"]):

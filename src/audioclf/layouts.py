@@ -28,7 +28,7 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", 
 MANIFEST_COLUMNS = ("path", "label", "split", "fold", "group")
 
 
-def _audio_files(folder: Path) -> list[Path]:
+def audio_files_below(folder: Path) -> list[Path]:
     """The audio files below `folder`, by extension. Hidden files and folders (a name that
     starts with "."; macOS writes a `._NAME.wav` of metadata beside each file on some drives)
     and `__MACOSX/` are not clips: they are left out and counted in the log."""
@@ -59,7 +59,7 @@ def index_fsdd(root: Path) -> Listing:
     training part (every digit and speaker, 10% of it). Training: index 10-49.
     """
     clips = []
-    for path in _audio_files(root):
+    for path in audio_files_below(root):
         match = _FSDD_NAME.match(path.stem)
         if match is None:
             raise DatasetError(f"{path}: not an FSDD file name ({{digit}}_{{speaker}}_{{index}})")
@@ -105,7 +105,7 @@ def index_speech_commands(root: Path) -> Listing:
     for word in sorted(folder for folder in root.iterdir() if folder.is_dir()):
         if word.name.startswith("_"):
             continue
-        for path in _audio_files(word):
+        for path in audio_files_below(word):
             relative = path.relative_to(root).as_posix()
             speaker = path.name.split("_nohash_")[0] if "_nohash_" in path.name else None
             clips.append(Clip(path, word.name, listed.get(relative, "train"), group=speaker))
@@ -164,7 +164,7 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
             Clip(path, class_dir.name, split)
             for class_dir in sorted(folder.iterdir())
             if class_dir.is_dir() and not _hidden(Path(class_dir.name))
-            for path in _audio_files(class_dir)
+            for path in audio_files_below(class_dir)
         ]
 
     if not (root / "train").is_dir():

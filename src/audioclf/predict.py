@@ -31,7 +31,7 @@ from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.export import ExportError, load_runner
 from audioclf.features import FeatureNormalization, LogMelParams, log_mel
-from audioclf.layouts import AUDIO_EXTENSIONS
+from audioclf.layouts import AUDIO_EXTENSIONS, audio_files_below
 from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
 
@@ -249,15 +249,13 @@ def _top(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tupl
 
 
 def audio_files(arguments: Iterable[str]) -> list[Path]:
-    """Files as given, and the audio files below any folder given; a folder with none is a
-    PredictError naming it (a mistyped folder would otherwise predict nothing, quietly)."""
+    """Files as given, and the audio files below any folder given (hidden ones left out, as in
+    training); a folder with none is a PredictError naming it (a mistyped folder would otherwise predict nothing, quietly)."""
     paths = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
-            )
+            found = audio_files_below(path)
             if not found:
                 raise PredictError(
                     f"{path}: no audio files below it ({', '.join(sorted(AUDIO_EXTENSIONS))})"
