@@ -250,7 +250,8 @@ def _top(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tupl
 
 def audio_files(arguments: Iterable[str]) -> list[Path]:
     """Files as given, and the audio files below any folder given (hidden ones left out, as in
-    training); a folder with none is a PredictError naming it (a mistyped folder would otherwise predict nothing, quietly)."""
+    training); a folder with none is a PredictError naming it (a mistyped folder would
+    otherwise predict nothing, quietly)."""
     paths = []
     for argument in arguments:
         path = Path(argument)
