@@ -22,7 +22,7 @@ import pytest
 
 from audioclf.audio import BadAudioError, load_audio
 from audioclf.cache import SHARDS, FeatureCache, FeatureStore
-from audioclf.cli import run
+from audioclf.cli import make_output_dir, run
 from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import PRESETS, compute_log_mel, resolve_params
 from audioclf.index import Clip, DatasetError, split_listing
@@ -309,6 +309,15 @@ def test_output_folder_that_cannot_be_written_is_named_at_start(compose_config, 
     config = compose_config(f"system.output_dir={tmp_path / 'taken' / 'run'}")
     with pytest.raises(ConfigError, match="system.output_dir: cannot write"):
         run(config)
+
+
+def test_the_write_check_of_one_process_leaves_anothers_alone(tmp_path):
+    # torchrun's ranks check rank 0's folder at once: one rank's probe removed by another
+    # failed the job ("cannot write ... No such file or directory") in a fold's folder.
+    (tmp_path / ".write-check").write_text("another rank's probe")
+    assert make_output_dir(str(tmp_path)) == tmp_path
+    assert (tmp_path / ".write-check").read_text() == "another rank's probe"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".write-check"]
 
 
 def test_fractions_that_leave_no_training_clips_are_an_error(compose_config):

@@ -12,6 +12,7 @@ import logging
 import random
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +79,9 @@ def make_output_dir(path: str) -> Path:
     output_dir = Path(path)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-check"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name of this process's own: torchrun's ranks check rank 0's folder at once.
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-check-"):
+            pass
     except OSError as error:
         raise ConfigError(
             f"system.output_dir: cannot write to {output_dir} ({error.strerror or error})"
