@@ -277,6 +277,29 @@ def test_plateau_cuts_the_rate_after_patience_epochs():
     assert lr_factor(ScheduleSpec("plateau", 10, 1), 7) == 1.0
 
 
+def test_a_schedule_resumed_over_a_longer_plan_follows_that_plans_curve(caplog):
+    # A run of 10 steps resumed with twice the epochs: the rest of the 20-step curve, not the
+    # old plan's last rate (0 at the end of a cosine) for the first resumed step.
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    first = Schedule(optimizer, ScheduleSpec("cosine", 10, 5, warmup_steps=2))
+    for _ in range(10):
+        optimizer.step()
+        first.step_batch()
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    resumed_optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    longer = Schedule(resumed_optimizer, ScheduleSpec("cosine", 20, 5, warmup_steps=2))
+    with caplog.at_level("WARNING", logger="audioclf.schedules"):
+        longer.load_state_dict(first.state_dict())
+    assert "planned over 10 steps and is now over 20" in caplog.text
+    rest = []
+    for _ in range(10):
+        rest.append(resumed_optimizer.param_groups[0]["lr"])
+        resumed_optimizer.step()
+        longer.step_batch()
+    np.testing.assert_allclose(rest, _lrs("cosine", 20, warmup_steps=2)[10:], rtol=1e-6)
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 
@@ -354,6 +377,23 @@ def test_resume_for_other_classes_is_refused(tmp_path):
     other = _trainer(tmp_path / "b", classes=("x", "y", "z"))
     with pytest.raises(CheckpointError, match=r"classes \['a', 'b', 'c'\]"):
         other.fit(*_loaders(16), resume_from=trainer.last_path)
+
+
+def test_resume_with_other_settings_than_the_checkpoints_is_refused_naming_them(tmp_path):
+    config = {"training": {"lr": 0.03, "epochs": 1}, "model": {"name": "tiny"}}
+    trainer = _trainer(tmp_path, _options(epochs=1), checkpoint_extra={"config": config})
+    trainer.fit(*_loaders(16))
+    # More epochs and another worker count may change; the learning rate may not.
+    longer = {"training": {"lr": 0.03, "epochs": 2}, "model": {"name": "tiny"}}
+    longer["system"] = {"num_workers": 4}
+    resumed = _trainer(tmp_path / "b", _options(epochs=2), checkpoint_extra={"config": longer})
+    assert len(resumed.fit(*_loaders(16), resume_from=trainer.last_path)["history"]) == 2
+    other = {"training": {"lr": 0.01, "epochs": 2}, "model": {"name": "tiny"}}
+    refused = _trainer(tmp_path / "c", _options(epochs=2), checkpoint_extra={"config": other})
+    with pytest.raises(CheckpointError) as error:
+        refused.fit(*_loaders(16), resume_from=trainer.last_path)
+    assert "(training.lr: 0.03 -> 0.01); " in str(error.value)
+    assert f"run.checkpoint_path={trainer.last_path} run.train=true" in str(error.value)
 
 
 class _Unpicklable:
@@ -1383,7 +1423,14 @@ def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path)
     output, _ = job.communicate(timeout=60)
     assert job.returncode == 130, output
     assert "interrupted" in output
-    assert "run.resume=true" in output
+    # The command to continue, with this run's own overrides: a resumed run needs them.
+    hint = output.split("continues from its last finished epoch with: ")[1].splitlines()[0]
+    assert hint.startswith(f"python {REPO / 'main.py'} data=manifest ")
+    assert hint.endswith(
+        f"training.epochs=200 run.test=false run.export=false "
+        f"system.num_workers=0 system.cache_dir={tmp_path / 'cache'} "
+        f"hydra.run.dir={tmp_path / 'run'} run.resume=true"
+    )
     assert "Traceback" not in output
     assert load_checkpoint(last)["epoch"] >= 1
 

@@ -171,6 +171,90 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
         raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
 
 
+#: Keys a resumed run may set otherwise than the run it continues: where and how fast it
+#: runs, how long it trains and when it stops early, what it does after training, and where
+#: the data and pretrained files are. Any other difference (the learning rate, the batch, the
+#: model, the features, the splits, the augmentation) would make "continue this run" train
+#: something that neither run's config describes.
+RESUME_MAY_CHANGE = (
+    "system",
+    "run",
+    "data.root",
+    "data.manifest",
+    "data.name",
+    "data.on_bad_file",
+    "training.epochs",
+    "training.early_stopping_patience",
+    "training.min_delta",
+    "training.amp",
+    "training.amp_dtype",
+    "training.channels_last",
+    "training.compile",
+    "model.params.pretrained_path",
+    "model.params.gradient_checkpointing",
+    "model.checkpoint_path",
+    "model.quantization.epochs",
+    "teacher_model.checkpoint_path",
+)
+
+
+def resume_conflicts(trained: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Where the run config `current` differs from `trained` (that of the checkpoint it would
+    resume) outside RESUME_MAY_CHANGE, as "key: trained value -> current value", sorted.
+    A key that either lacks (an earlier audioclf did not write it) counts as today's default."""
+    before, after = (_flatten(_filled(config)) for config in (trained, current))
+    conflicts = []
+    for key in sorted(set(before) | set(after)):
+        if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE):
+            continue
+        if before.get(key, _UNSET) != after.get(key, _UNSET):
+            conflicts.append(f"{key}: {before.get(key, _UNSET)} -> {after.get(key, _UNSET)}")
+    return conflicts
+
+
+def check_resumable(
+    state: dict[str, Any], path: Path, classes: list[str], config: dict[str, Any] | None
+) -> None:
+    """A CheckpointError unless a run for `classes` with the run config `config` (None: not
+    checked) can continue the checkpoint `state` read from `path`."""
+    if state["classes"] != classes:
+        raise CheckpointError(
+            f"{path}: trained for classes {state['classes']}, this run has {classes}"
+        )
+    missing = [key for key in ("optimizer", "scheduler", "epoch") if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)})")
+    if not isinstance(state.get("config"), dict) or not isinstance(config, dict):
+        return
+    conflicts = resume_conflicts(state["config"], config)
+    if conflicts:
+        overrides = path.parent.parent / ".hydra" / "overrides.yaml"
+        began = f" (it began with the overrides in {overrides})" if overrides.is_file() else ""
+        raise CheckpointError(
+            f"{path}: cannot resume it with other settings than it trained with "
+            f"({'; '.join(conflicts)}); resume with its settings{began}, or start a new run "
+            f"from its weights with run.checkpoint_path={path} run.train=true"
+        )
+
+
+_UNSET = "(unset)"
+
+
+def _filled(config: dict[str, Any]) -> dict[str, Any]:
+    filled = OmegaConf.create(config)
+    fill_missing_keys(filled)
+    return OmegaConf.to_container(filled)
+
+
+def _flatten(values: Any, key: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        flat = {}
+        for name, value in values.items():
+            flat.update(_flatten(value, f"{key}.{name}" if key else str(name)))
+        return flat
+    return {key: values}
+
+
 def resume_paths(resume: bool | str, output_dir: Path) -> tuple[Path | None, Path | None]:
     """`run.resume` as the checkpoints to continue from: the training run's `last.pth` and
     the QAT fine-tuning's (`qat/checkpoints/last.pth` beside it), each None when absent.

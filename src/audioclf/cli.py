@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -372,11 +373,27 @@ def _hydra_main(config: DictConfig) -> float | None:
         log.debug("traceback", exc_info=True)
         log.error(
             "interrupted; checkpoints are written whole or not at all, so a run that saved "
-            "checkpoints/last.pth continues from its last finished epoch with run.resume=true"
+            "checkpoints/last.pth continues from its last finished epoch with: %s",
+            resume_command(),
         )
         raise SystemExit(130) from None
     # A sweeper (`-m`, Optuna) optimises what the app returns: the best monitored value.
     return summary.get("training", {}).get("best")
+
+
+def resume_command() -> str:
+    """The command that continues this run: its own overrides (a resumed run must train with
+    the settings it began with) and run.resume=true."""
+    from hydra.core.hydra_config import HydraConfig
+
+    program = sys.argv[0]
+    words = ["python", program] if program.endswith(".py") else [Path(program).name]
+    overrides = []
+    if HydraConfig.initialized():
+        given = HydraConfig.get().overrides
+        overrides = [*given.task, *given.hydra]  # hydra.run.dir: where run.resume=true looks
+    overrides = [o for o in overrides if not o.startswith(("run.resume=", "hydra.mode="))]
+    return shlex.join([*words, *overrides, "run.resume=true"])
 
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")

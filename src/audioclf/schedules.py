@@ -9,6 +9,7 @@ validation metric, so it is stepped once per epoch. Early stopping watches the s
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import torch
 
 SCHEDULES = ("constant", "cosine", "step", "plateau", "onecycle")
 OPTIMIZERS = ("adamw", "sgd")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class Schedule:
         plateau_factor: float = 0.5,
     ) -> None:
         self.spec = spec
+        self.optimizer = optimizer
         factor: Callable[[int], float] = lambda step: lr_factor(spec, step)  # noqa: E731
         self.per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.plateau = (
@@ -142,12 +146,34 @@ class Schedule:
         return {
             "per_batch": self.per_batch.state_dict(),
             "plateau": None if self.plateau is None else self.plateau.state_dict(),
+            "total_steps": self.spec.total_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`'s step. When the plan's length changed since (a resumed run
+        given more epochs), the curve is this spec's, from the step reached: the learning rate
+        is set to it now, not left at the old plan's value (0 at the end of a cosine)."""
         self.per_batch.load_state_dict(state["per_batch"])
-        if self.plateau is not None and state.get("plateau") is not None:
-            self.plateau.load_state_dict(state["plateau"])
+        if self.plateau is not None:
+            if state.get("plateau") is not None:
+                self.plateau.load_state_dict(state["plateau"])
+            return
+        step = self.per_batch.last_epoch
+        planned = state.get("total_steps", self.spec.total_steps)
+        if planned != self.spec.total_steps:
+            log.warning(
+                "the %s learning-rate schedule was planned over %d steps and is now over %d "
+                "(training.epochs or the batches per epoch changed): it continues from step %d "
+                "at %.3g times the base rate",
+                self.spec.name,
+                planned,
+                self.spec.total_steps,
+                step,
+                lr_factor(self.spec, step),
+            )
+        rates = [base * lr_factor(self.spec, step) for base in self.per_batch.base_lrs]
+        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+            group["lr"] = rate
 
 
 @dataclass

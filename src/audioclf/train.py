@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from audioclf.checkpoint import (
+    check_resumable,
     interrupts_held,
     load_checkpoint,
     rng_state,
@@ -42,7 +43,7 @@ from audioclf.metrics import (
     multilabel_metrics,
     write_evaluation,
 )
-from audioclf.model import CheckpointError, Model, load_state
+from audioclf.model import Model, load_state
 from audioclf.quant import QuantizedModel, load_graph_state
 from audioclf.runtime import (
     autocast_dtype,
@@ -489,13 +490,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> int:
         state = load_checkpoint(path)
-        if state["classes"] != self.classes:
-            raise CheckpointError(
-                f"{path}: trained for classes {state['classes']}, this run has {self.classes}"
-            )
-        missing = [key for key in ("optimizer", "scheduler", "epoch") if key not in state]
-        if missing:
-            raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)})")
+        check_resumable(state, path, self.classes, self.checkpoint_extra.get("config"))
         if isinstance(self.model, QuantizedModel):  # QAT fine-tuning
             load_graph_state(self.model, state["model"], str(path))
         else:
