@@ -19,6 +19,7 @@ from audioclf import settings
 from audioclf.audio import load_audio
 from audioclf.checkpoint import load_checkpoint, save_checkpoint, stored_config
 from audioclf.cli import run
+from audioclf.features import log_mel
 from audioclf.predict import load_predictor, main, predict_file, windows
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, fsdd_clip, write_manifest
@@ -122,6 +123,39 @@ def test_a_long_file_is_classified_in_sliding_windows(trained, tmp_path, capsys,
     assert starts[0] == 0.0
     assert starts[-1] == pytest.approx(seconds - 1.0, abs=1e-3)  # the last window ends flush
     assert all(b - a <= 0.25 + 1e-9 for a, b in zip(starts, starts[1:], strict=False))
+
+
+@pytest.mark.parametrize("fmt", ["pth", "onnx_waveform"])
+def test_a_long_files_windows_go_through_the_model_a_batch_at_a_time(trained, tmp_path, fmt):
+    # An hour of audio in one batch took 3.6 GB with the default model (0.6 GB in batches).
+    audio = np.concatenate([load_audio(fsdd_clip(d, index=31), 8000) for d in (1, 2) * 5])
+    long_file = tmp_path / "long.wav"
+    sf.write(long_file, audio, 8000)
+    predictor = load_predictor(_models(trained)[fmt])
+    whole = predict_file(predictor, long_file, per_window=True, hop_seconds=0.25, batch_size=99)
+    sizes, model = [], predictor.logits
+    predictor.logits = lambda batch: sizes.append(len(batch)) or model(batch)
+    batched = predict_file(
+        predictor,
+        long_file,
+        per_window=True,
+        hop_seconds=0.25,
+        batch_size=4,
+        embed=fmt == "pth",
+    )
+    windows_count = len(whole.windows)
+    assert windows_count > 8
+    assert sizes == [4] * (windows_count // 4) + ([windows_count % 4] if windows_count % 4 else [])
+    for mine, reference in zip(batched.windows, whole.windows, strict=True):
+        assert [label for label, _ in mine["top"]] == [label for label, _ in reference["top"]]
+        np.testing.assert_allclose(
+            [p for _, p in mine["top"]], [p for _, p in reference["top"]], atol=1e-5
+        )
+    if fmt == "pth":
+        parts = windows(load_audio(long_file, 8000), 8000, 2000)
+        features = np.stack([log_mel(w, predictor.feature_params) for _, w in parts])
+        once = predictor.embeddings(features[:, np.newaxis]).mean(axis=0)
+        np.testing.assert_allclose(batched.embedding, once, atol=1e-5)
 
 
 def test_window_positions():

@@ -207,20 +207,31 @@ def predict_file(
     aggregate: str = "mean",
     per_window: bool = False,
     embed: bool = False,
+    batch_size: int = 32,
 ) -> FilePrediction:
-    """Classify one file (BadAudioError when it cannot be used)."""
+    """Classify one file (BadAudioError when it cannot be used). Its windows go through the
+    model `batch_size` at a time, so memory does not grow with the file's length."""
     waveform = load_audio(path, predictor.sample_rate)
     clip = round((window_seconds or predictor.clip_seconds) * predictor.sample_rate)
     hop_seconds = hop_seconds or (window_seconds or predictor.clip_seconds) / 2
     hop = round(hop_seconds * predictor.sample_rate)
     parts = windows(waveform, clip, max(hop, 1))
+    if embed and predictor.embeddings is None:
+        raise PredictError("--embeddings needs a trainer checkpoint (.pth)")
     if predictor.waveform_input:
         predictor.check_window(window_seconds)
-        logits = predictor.logits(np.stack([window for _, window in parts]).astype(np.float32))
-    else:
-        features = np.stack([log_mel(window, predictor.feature_params) for _, window in parts])
+    chunks, vectors = [], []
+    for first in range(0, len(parts), batch_size):
+        batch = [window for _, window in parts[first : first + batch_size]]
+        if predictor.waveform_input:
+            chunks.append(predictor.logits(np.stack(batch).astype(np.float32)))
+            continue
+        features = np.stack([log_mel(window, predictor.feature_params) for window in batch])
         features = features[:, np.newaxis]
-        logits = predictor.logits(features)
+        chunks.append(predictor.logits(features))
+        if embed:
+            vectors.append(predictor.embeddings(features))
+    logits = np.concatenate(chunks)
     if predictor.multi_label:
         probabilities = 1 / (1 + np.exp(-logits))
     else:
@@ -237,9 +248,7 @@ def predict_file(
             for (start, _), row in zip(parts, probabilities, strict=True)
         ]
     if embed:
-        if predictor.embeddings is None:
-            raise PredictError("--embeddings needs a trainer checkpoint (.pth)")
-        result.embedding = predictor.embeddings(features).mean(axis=0)
+        result.embedding = np.concatenate(vectors).mean(axis=0)
     return result
 
 
@@ -332,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
     parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
     parser.add_argument("--embeddings", type=Path, help="write pooled embeddings to OUT.npy/.csv")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="windows per model call (memory bound)"
+    )
     arguments = parser.parse_args(argv)
     try:
         predictor = load_predictor(arguments.model)
@@ -364,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     arguments.aggregate,
                     arguments.per_window,
                     arguments.embeddings is not None,
+                    max(arguments.batch_size, 1),
                 )
             )
         except BadAudioError as error:
