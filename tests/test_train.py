@@ -32,7 +32,7 @@ from audioclf.features import FeatureNormalization, LogMelParams, log_mel, resol
 from audioclf.index import Clip, DatasetError
 from audioclf.loading import EpochSampler, make_loader
 from audioclf.losses import classification_loss, distillation_loss, mixup
-from audioclf.metrics import multiclass_metrics, multilabel_metrics
+from audioclf.metrics import multiclass_metrics, multilabel_metrics, write_evaluation
 from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
 from audioclf.pipeline import class_weights
@@ -552,6 +552,24 @@ def test_multilabel_metrics_against_hand_computed_values():
     assert metrics["precision"] == pytest.approx((2 / 3 + 1) / 2)
     assert metrics["recall"] == pytest.approx((1 + 0.5) / 2)
     assert metrics["f1"] == pytest.approx((0.8 + 2 / 3) / 2)
+
+
+def test_labels_without_positives_are_left_out_of_map_and_roc_auc(recwarn, tmp_path):
+    # The two labels above, plus label 2 (no positive clip) and label 3 (no negative one):
+    # 2 has no AP and no ROC-AUC, 3 has AP 1 and no ROC-AUC; neither counts as a 0.
+    targets = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 1], [0, 1, 0, 1], [0, 0, 0, 1]])
+    scores = torch.tensor(
+        [[0.9, 0.2, 0.3, 0.6], [0.6, 0.4, 0.1, 0.2], [0.3, 0.8, 0.7, 0.9], [0.7, 0.1, 0.2, 0.4]]
+    )
+    metrics = multilabel_metrics(torch.logit(scores), targets)
+    assert metrics["mAP"] == pytest.approx(((1 + 2 / 3) / 2 + 1 + 1) / 3)
+    assert metrics["roc_auc"] == pytest.approx((0.75 + 1) / 2)
+    assert metrics["per_class"]["average_precision"][2:] == [None, pytest.approx(1.0)]
+    assert not [w for w in recwarn if "torchmetrics" in w.filename]
+    paths = write_evaluation(metrics, ["a", "b", "c", "d"], tmp_path)
+    rows = list(csv.DictReader(paths["per_class"].open()))
+    assert [row["average_precision"] for row in rows][2:] == ["", "1.0000"]
+    assert math.isclose(json.loads(paths["metrics"].read_text())["test"]["mAP"], metrics["mAP"])
 
 
 def test_test_returns_the_four_figures_and_writes_its_files(tmp_path):

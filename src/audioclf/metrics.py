@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,31 +56,53 @@ def multilabel_metrics(
     logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5
 ) -> dict[str, Any]:
     """mAP and macro ROC-AUC of the sigmoid scores; per-label accuracy and macro precision /
-    recall / F1 at `threshold`; per-label figures. Targets are multi-hot (N, C)."""
+    recall / F1 at `threshold`; per-label figures. Targets are multi-hot (N, C).
+
+    A label's average precision needs a positive clip and its ROC-AUC a positive and a
+    negative one. Labels without (a rare label absent from a small validation split) are left
+    out of mAP and ROC-AUC (their per-label AP is None): counting them as 0, as torchmetrics
+    does, would pull the mean down for a label that was never there to find.
+    """
     num_labels = logits.shape[1]
     scores = torch.sigmoid(logits.float())
     targets = targets.long()
 
     def score(function: Any, average: str | None, **kwargs: Any) -> Any:
-        value = function(scores, targets, num_labels=num_labels, average=average, **kwargs)
+        with warnings.catch_warnings():  # undefined per-label values are handled below
+            warnings.filterwarnings("ignore", module="torchmetrics")
+            value = function(scores, targets, num_labels=num_labels, average=average, **kwargs)
         return value.tolist() if average is None else float(value)
 
+    positives = targets.sum(dim=0)
+    has_positive = (positives > 0).tolist()
+    has_both = ((positives > 0) & (positives < len(targets))).tolist()
+    precision_per_label = score(tmf.multilabel_average_precision, None)
+    auroc_per_label = score(tmf.multilabel_auroc, None)
     at = {"threshold": threshold}
     return {
         "accuracy": score(tmf.multilabel_accuracy, "macro", **at),
         "precision": score(tmf.multilabel_precision, "macro", **at),
         "recall": score(tmf.multilabel_recall, "macro", **at),
         "f1": score(tmf.multilabel_f1_score, "macro", **at),
-        "mAP": score(tmf.multilabel_average_precision, "macro"),
-        "roc_auc": score(tmf.multilabel_auroc, "macro"),
+        "mAP": _mean_where(precision_per_label, has_positive),
+        "roc_auc": _mean_where(auroc_per_label, has_both),
         "per_class": {
             "precision": score(tmf.multilabel_precision, None, **at),
             "recall": score(tmf.multilabel_recall, None, **at),
             "f1": score(tmf.multilabel_f1_score, None, **at),
-            "average_precision": score(tmf.multilabel_average_precision, None),
-            "support": targets.sum(dim=0).tolist(),
+            "average_precision": [
+                value if defined else None
+                for value, defined in zip(precision_per_label, has_positive, strict=True)
+            ],
+            "support": positives.tolist(),
         },
     }
+
+
+def _mean_where(values: Sequence[float], defined: Sequence[bool]) -> float:
+    """The mean of the defined values (NaN when none is)."""
+    kept = [value for value, keep in zip(values, defined, strict=True) if keep]
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
@@ -141,7 +164,9 @@ def write_evaluation(
     return paths
 
 
-def _cell(value: float | int) -> str:
+def _cell(value: float | int | None) -> str:
+    if value is None:
+        return ""  # undefined (a label without positives)
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
