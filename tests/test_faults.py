@@ -722,3 +722,22 @@ def test_onnx_export_without_its_packages_stops_at_start(compose_config, monkeyp
     with pytest.raises(ConfigError, match=r"needs onnxruntime: pip install -e \".\[export\]\""):
         load_settings(compose_config("run.export=true"))
     load_settings(compose_config("run.export=true", "run.export_formats=[torchscript]"))
+
+
+def test_a_full_disk_anywhere_in_the_main_job_is_one_line_and_exit_status_2(tmp_path, monkeypatch):
+    import errno
+    import sys
+
+    from audioclf import cli
+
+    def full(config):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.json"))
+
+    monkeypatch.setattr(cli, "run", full)
+    monkeypatch.setattr(sys, "argv", ["main.py", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    log = (tmp_path / "run" / "cli.log").read_text()  # Hydra's own logging took over
+    errors = [line.split(" - ", 1)[1] for line in log.splitlines() if "[ERROR]" in line]
+    assert errors == [f"[Errno 28] No space left on device: '{tmp_path / 'metrics.json'}'"]

@@ -413,6 +413,51 @@ def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
 
 
+def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch
+):
+    # torch.save's zip writer turned the failed write into "unexpected pos 2976512 vs ...".
+    import errno
+    import pathlib
+
+    class Disk:  # a file on a disk that fills after 64 KB
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 65536:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    real_open = pathlib.Path.open
+    monkeypatch.setattr(
+        pathlib.Path,
+        "open",
+        lambda self, *a, **k: (
+            Disk(real_open(self, *a, **k)) if "partial" in self.name else real_open(self, *a, **k)
+        ),
+    )
+    with pytest.raises(CheckpointError) as error:
+        save_checkpoint(path, {"model": {"w": torch.randn(100_000)}, "epoch": 2})
+    assert f"{path}: cannot write it (No space left on device; " in str(error.value)
+    assert "MB free on its disk); the previous one is intact" in str(error.value)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
 def test_ctrl_c_during_a_save_takes_effect_once_the_file_is_written(tmp_path, monkeypatch):
     # Before: the KeyboardInterrupt cut torch.save's zip writer, whose cleanup then raised
     # "unexpected pos" over it: a traceback instead of the interrupt (1 run in 4 of the

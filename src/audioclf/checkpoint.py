@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -65,10 +66,25 @@ def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:
     with interrupts_held():
         try:
             with partial.open("wb") as handle:
-                torch.save({"version": CHECKPOINT_VERSION, **content}, handle)
+                writer = _Writes(handle)
+                try:
+                    torch.save({"version": CHECKPOINT_VERSION, **content}, writer)
+                except RuntimeError as error:
+                    # torch's zip writer reports a failed write as "unexpected pos"; the
+                    # OSError under it (a full disk) is the news.
+                    if writer.error is None:
+                        raise
+                    raise writer.error from error
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(partial, path)
+        except OSError as error:
+            free = shutil.disk_usage(path.parent).free / 1e6
+            kept = "; the previous one is intact" if path.exists() else ""
+            raise CheckpointError(
+                f"{path}: cannot write it ({error.strerror or error}; {free:.1f} MB free on "
+                f"its disk){kept}"
+            ) from error
         finally:
             partial.unlink(missing_ok=True)
         folder = os.open(path.parent, os.O_RDONLY)
@@ -76,6 +92,24 @@ def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+class _Writes:
+    """A binary file's `write` for torch.save, keeping the OSError of a failed write."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

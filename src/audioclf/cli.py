@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import logging
 import random
@@ -366,6 +367,13 @@ def _hydra_main(config: DictConfig) -> float | None:
             summary = run(config)
     except USER_ERRORS as error:
         # One line for the user; the traceback only where it was asked for.
+        log.debug("traceback", exc_info=True)
+        log.error("%s", error)
+        raise SystemExit(2) from error
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk anywhere (events, metrics, exports): one line naming the file.
         log.debug("traceback", exc_info=True)
         log.error("%s", error)
         raise SystemExit(2) from error
