@@ -111,6 +111,38 @@ def test_a_corrupted_onnx_export_fails_its_check(tmp_path, small_model, clips_fe
     assert "max |delta logit|" in failed.failure
 
 
+def test_a_failed_int8_check_tells_rounding_from_a_converter_fault(tmp_path, monkeypatch):
+    # int8 PyTorch's logits on a grid of 0.1 (the output step) with top-1 margins of 2 steps.
+    from audioclf.export import checks
+
+    logits = np.zeros((100, 3), np.float32)
+    logits[:, 0], logits[:, 1] = 0.5, 0.3
+    rounded = logits.copy()
+    rounded[:20, 1] += 0.3  # 20 near-ties flipped by 3 steps of rounding
+    fault = logits + np.random.default_rng(0).normal(0, 3.0, logits.shape).astype(np.float32)
+    for exported, expected in [
+        (rounded, "median |dlogit| 0.0 output steps, int8 PyTorch's median top-1 margin 2.0"),
+        (fault, "median |dlogit| 20.9 output steps, int8 PyTorch's median top-1 margin 2.0"),
+    ]:
+        monkeypatch.setattr(checks, "load_runner", lambda path, out=exported: lambda batch: out)
+        check = check_export(
+            "tflite",
+            tmp_path / "m.tflite",
+            torch.nn.Identity(),
+            logits,
+            int8=True,
+            batch_size=100,
+            output_step=0.1,
+        )
+        assert check.failure.startswith("top-1 agreement with int8 PyTorch")
+        assert expected in check.failure
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: rounded)
+    check = check_export(
+        "onnx", tmp_path / "m.onnx", torch.nn.Identity(), logits, int8=True, batch_size=100
+    )
+    assert "(median |dlogit| 0, int8 PyTorch's median top-1 margin 0.2)" in check.failure
+
+
 def test_a_failed_check_raises_naming_the_format_and_check(
     tmp_path, small_model, clips_features, monkeypatch
 ):

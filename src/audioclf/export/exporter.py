@@ -100,6 +100,7 @@ def export_model(
                         f"{fmt} export of {stem} failed: {type(error).__name__}: {error}"
                     ) from error
                 frontend_diff, frontend_dtype = variants.frontend_deviation(module)
+                io = tflite.io_quantization(path) if fmt == "tflite" else {}
                 info = sidecar(
                     exported,
                     classes,
@@ -111,7 +112,7 @@ def export_model(
                     multi_label,
                     normalization=normalization,
                     layout=layout,
-                    io_quantization=tflite.io_quantization(path) if fmt == "tflite" else None,
+                    io_quantization=io or None,
                     frontend_max_abs_diff=frontend_diff,
                 )
                 Path(f"{path}.json").write_text(json.dumps(info, indent=1))
@@ -127,6 +128,7 @@ def export_model(
                         input_kind=input_kind,
                         frontend_max_abs_diff=frontend_diff,
                         frontend_dtype=frontend_dtype,
+                        output_step=(io.get("output") or {}).get("scale"),
                     )
                 )
     report = directory / "export_report.json"
