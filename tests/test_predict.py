@@ -267,6 +267,21 @@ def test_a_checkpoint_from_before_newer_config_keys_still_tests_and_predicts(
     assert predict_file(load_predictor(old), wavs[0]).top[0][0] in ("1", "2")
 
 
+def test_a_qat_fine_tuning_checkpoint_points_to_the_int8_and_float_ones(
+    trained, wavs, tmp_path, capsys
+):
+    # <run>/qat/checkpoints/best.pth holds the fake-quantized graph that run.resume continues;
+    # read as a model it gave a list of 800 differing keys.
+    content = load_checkpoint(trained / "checkpoints" / "best.pth")
+    content["quantized_prepared"] = True
+    qat = tmp_path / "run" / "qat" / "checkpoints" / "best.pth"
+    save_checkpoint(qat, content)
+    assert main([str(qat), str(wavs[0])]) == 2
+    error = capsys.readouterr().err
+    assert "a QAT fine-tuning checkpoint" in error
+    assert f"the int8 model is {tmp_path / 'run' / 'checkpoints' / 'int8.pth'}" in error
+
+
 def test_predictor_reads_features_from_the_sidecar(trained):
     predictor = load_predictor(_models(trained)["onnx"])
     assert predictor.classes == ["1", "2"]

@@ -186,10 +186,18 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
     ones, and the file it named need not exist where the checkpoint is used. So are the
     stored run's export and quantise switches, which are its history, not this machine's
     job: checking them would ask for the export extras wherever the checkpoint is read.
-    Keys that an earlier audioclf did not write take today's defaults.
+    Keys that an earlier audioclf did not write take today's defaults. A QAT fine-tuning
+    checkpoint is refused, pointing to the run's int8 and float ones.
     """
     if not isinstance(content.get("config"), dict):
         raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
+    if content.get("quantized_prepared"):
+        run = Path(path).resolve().parent.parent.parent
+        raise CheckpointError(
+            f"{path}: a QAT fine-tuning checkpoint (the fake-quantized graph, which run.resume "
+            f"continues); the int8 model is {run / 'checkpoints' / 'int8.pth'} and the float one "
+            f"{run / 'checkpoints' / 'best.pth'}"
+        )
     config = OmegaConf.create(content["config"])
     if OmegaConf.select(config, "model.params.pretrained_path") is not None:
         config.model.params.pretrained_path = None
