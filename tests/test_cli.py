@@ -208,3 +208,18 @@ def test_fsd50k_trains_multi_label_on_its_official_split(compose_config, tmp_pat
     assert f"mAP {summary['test']['mAP']:.4f}, ROC-AUC" in caplog.text
     with pytest.raises(ConfigError, match="data=fsd50k is multi-label"):
         load_settings(compose_config("data=fsd50k", f"data.root={root}", "data.multi_label=false"))
+
+
+@pytest.mark.parametrize(
+    ("program", "command"),
+    [
+        ("main.py", "python main.py run.resume=true"),
+        ("/repo/.venv/lib/python3.11/site-packages/audioclf/__main__.py", "python -m audioclf"),
+        ("/repo/.venv/bin/audioclf", "audioclf run.resume=true"),
+    ],
+)
+def test_the_resume_hint_names_the_way_the_job_was_started(monkeypatch, program, command):
+    from audioclf.cli import resume_command
+
+    monkeypatch.setattr(sys, "argv", [program])
+    assert resume_command().startswith(command)

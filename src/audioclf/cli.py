@@ -395,7 +395,12 @@ def resume_command() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     program = sys.argv[0]
-    words = ["python", program] if program.endswith(".py") else [Path(program).name]
+    if program.endswith("__main__.py"):
+        words = ["python", "-m", "audioclf"]
+    elif program.endswith(".py"):
+        words = ["python", program]
+    else:
+        words = [Path(program).name]  # the audioclf console script
     overrides = []
     if HydraConfig.initialized():
         given = HydraConfig.get().overrides
