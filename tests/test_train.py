@@ -25,7 +25,12 @@ from audioclf import runtime, train
 from audioclf.audio import fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.checkpoint import load_checkpoint, resume_path, save_checkpoint
+from audioclf.checkpoint import (
+    load_checkpoint,
+    resume_conflicts,
+    resume_path,
+    save_checkpoint,
+)
 from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset
 from audioclf.features import FeatureNormalization, LogMelParams, log_mel, resolve_params
@@ -394,6 +399,16 @@ def test_resume_with_other_settings_than_the_checkpoints_is_refused_naming_them(
         refused.fit(*_loaders(16), resume_from=trainer.last_path)
     assert "(training.lr: 0.03 -> 0.01); " in str(error.value)
     assert f"run.checkpoint_path={trainer.last_path} run.train=true" in str(error.value)
+
+
+def test_resume_conflicts_name_an_added_teacher_and_skip_model_parameters_added_since():
+    trained = {"model": {"name": "m", "params": {"width": 1}}, "teacher_model": None}
+    current = {
+        "model": {"name": "m", "params": {"width": 1, "added_since": True}},
+        "teacher_model": {"name": "t", "params": {"n": 2}, "checkpoint_path": "t.pth"},
+    }
+    assert resume_conflicts(trained, current) == ["teacher_model.name: (unset) -> t"]
+    assert resume_conflicts(trained, trained) == []
 
 
 class _Unpicklable:

@@ -243,11 +243,18 @@ RESUME_MAY_CHANGE = (
 def resume_conflicts(trained: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Where the run config `current` differs from `trained` (that of the checkpoint it would
     resume) outside RESUME_MAY_CHANGE, as "key: trained value -> current value", sorted.
-    A key that either lacks (an earlier audioclf did not write it) counts as today's default."""
-    before, after = (_flatten(_filled(config)) for config in (trained, current))
+    A key that either lacks (an earlier audioclf did not write it) counts as today's default;
+    a model parameter that the checkpoint's config lacks (added since) is not compared. An
+    absent section (`teacher_model: null`) has no keys: adding a teacher names its keys."""
+    before, after = (
+        _flatten({name: value for name, value in _filled(config).items() if value is not None})
+        for config in (trained, current)
+    )
     conflicts = []
     for key in sorted(set(before) | set(after)):
         if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE):
+            continue
+        if key not in before and key.split(".")[1:2] == ["params"]:
             continue
         if before.get(key, _UNSET) != after.get(key, _UNSET):
             conflicts.append(f"{key}: {before.get(key, _UNSET)} -> {after.get(key, _UNSET)}")
