@@ -1460,6 +1460,50 @@ def test_deterministic_mode_is_on_for_the_job_only(compose_config, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_a_run_resumed_on_more_clips_keeps_the_normalisation_it_trained_with(
+    compose_config, tmp_path
+):
+    # data.manifest may change on resume (the data moved, or grew); the model's input
+    # statistics may not: they come from the checkpoint, not from the new training split.
+    first = run(
+        compose_config(*tiny_split_manifest(tmp_path), "run.train=true", "training.epochs=1")
+    )
+    last = tmp_path / "outputs" / "checkpoints" / "last.pth"
+    stored = load_checkpoint(last)["normalization"]
+    rows = [
+        (f"{d}_{speaker}_{i}.wav", str(d), split)
+        for d in (1, 2)
+        for speaker, i, split in [
+            ("jackson", 10, "train"),
+            ("jackson", 11, "train"),
+            ("jackson", 12, "train"),
+            ("jackson", 13, "train"),
+            ("theo", 20, "train"),
+            ("theo", 21, "train"),
+            ("jackson", 5, "val"),
+            ("jackson", 6, "val"),
+            ("jackson", 0, "test"),
+            ("jackson", 1, "test"),
+        ]
+    ]
+    grown = write_manifest(tmp_path / "grown.csv", ["path", "label", "split"], rows)
+    resumed = run(
+        compose_config(
+            *tiny_split_manifest(tmp_path),
+            f"data.manifest={grown}",
+            "run.train=true",
+            "training.epochs=2",
+            f"run.resume={last}",
+            f"system.output_dir={tmp_path / 'resumed'}",
+        )
+    )
+    assert resumed["splits"]["train"]["clips"] == 12 > first["splits"]["train"]["clips"] == 8
+    assert (
+        load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pth")["normalization"]
+        == stored
+    )
+
+
 def test_a_run_resumed_in_a_new_folder_keeps_the_earlier_best(tmp_path):
     trainer = _trainer(tmp_path / "first", _options(epochs=2))
     trainer.fit(*_loaders())

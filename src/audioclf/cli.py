@@ -41,6 +41,7 @@ from audioclf.model import (
     ModelError,
     load_state,
 )
+from audioclf.model.pretrained import load_file
 from audioclf.pipeline import (
     build_datasets,
     build_loaders,
@@ -149,6 +150,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
     seed_everything(settings.system.seed)
     output_dir = make_output_dir(shared_output_dir(settings.system.output_dir))
     device = resolve_device(settings.system.device)  # a device this machine lacks fails now
+    resume, qat_resume = None, None
+    if settings.run.train or settings.run.quantise:
+        resume, qat_resume = resume_paths(settings.run.resume, output_dir)
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
         index, datasets, bad_files = build_datasets(settings)
@@ -189,10 +193,13 @@ def _run(config: DictConfig) -> dict[str, Any]:
             preset=settings.features.preset,
             files_checked=True,  # build_datasets ran check_clips on every file
         )
-        if checkpoint is None:
-            normalization = normalization_for(settings, datasets, model)
-        else:
+        if checkpoint is not None:
             normalization = stored_normalization(checkpoint, settings.run.checkpoint_path)
+        elif resume is not None:
+            # The statistics the run trained with, whatever data.root holds now.
+            normalization = stored_normalization(load_file(resume, mmap=True), resume)
+        else:
+            normalization = normalization_for(settings, datasets, model)
     for dataset in datasets.values():
         dataset.normalization = normalization
     summary["normalization"] = normalization is not None
@@ -239,9 +246,6 @@ def _run(config: DictConfig) -> dict[str, Any]:
         seed=settings.system.seed,
         teacher=teacher,
     )
-    resume, qat_resume = None, None
-    if settings.run.train or settings.run.quantise:
-        resume, qat_resume = resume_paths(settings.run.resume, output_dir)
     if settings.run.train and settings.training.epochs > 0:
         summary["training"] = trainer.fit(loaders["train"], loaders["val"], resume)
     if settings.run.test:
