@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from audioclf.runtime import is_main_process
+
 SCHEDULES = ("constant", "cosine", "step", "plateau", "onecycle")
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -160,7 +162,7 @@ class Schedule:
             return
         step = self.per_batch.last_epoch
         planned = state.get("total_steps", self.spec.total_steps)
-        if planned != self.spec.total_steps:
+        if planned != self.spec.total_steps and is_main_process():  # once under torchrun
             log.warning(
                 "the %s learning-rate schedule was planned over %d steps and is now over %d "
                 "(training.epochs or the batches per epoch changed): it continues from step %d "
