@@ -795,6 +795,15 @@ def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
     assert (tmp_path / "outputs" / "metrics.json").exists()
 
 
+def test_zero_epochs_says_the_model_is_used_untrained(compose_config, tmp_path, caplog):
+    config = compose_config(*tiny_split_manifest(tmp_path), "run.train=true", "training.epochs=0")
+    with caplog.at_level("WARNING", logger="audioclf"):
+        summary = run(config)
+    assert "training" not in summary
+    assert "training.epochs=0: nothing is trained" in caplog.text
+    assert "(random initial weights)" in caplog.text
+
+
 def test_normalisation_statistics_come_from_the_training_split_alone(compose_config, tmp_path):
     run(
         compose_config(

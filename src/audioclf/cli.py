@@ -248,6 +248,16 @@ def _run(config: DictConfig) -> dict[str, Any]:
     )
     if settings.run.train and settings.training.epochs > 0:
         summary["training"] = trainer.fit(loaders["train"], loaders["val"], resume)
+    elif settings.run.train:
+        log.warning(
+            "training.epochs=0: nothing is trained; what follows uses the model as built "
+            "(%s weights)",
+            "the checkpoint's"
+            if checkpoint is not None
+            else "pretrained"
+            if settings.model.params.get("pretrained_path")
+            else "random initial",
+        )
     if settings.run.test:
         if not datasets["test"].clips:
             log.warning("run.test: the test split is empty; nothing to test")
