@@ -154,6 +154,39 @@ def test_qat_conversion_traces_torchaos_patterns_once_and_converts_the_same(feat
     assert first.network.code == fresh.network.code
 
 
+def test_ptq_conversion_skips_qat_folding_and_converts_the_same(features, monkeypatch):
+    # A PANNs model's input BatchNorm follows no convolution, and made convert_pt2e trace its
+    # ~100 QAT conv-BN patterns on every load of a PTQ int8 checkpoint (20 s of 30).
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    calls = []
+    folding = quantize_pt2e._fold_conv_bn_qat
+    monkeypatch.setattr(
+        quantize_pt2e, "_fold_conv_bn_qat", lambda graph: calls.append(1) or folding(graph)
+    )
+    torch.manual_seed(0)
+    model = create_model("panns_mobilenetv1", 3, n_mels=32).eval()
+    prepared = quant.prepare(model, features[:2], "xnnpack", "ptq")
+    quant.calibrate(prepared, [features])
+    assert any(
+        node.target == torch.ops.aten.batch_norm.default or "batch_norm" in str(node.target)
+        for node in prepared.network.graph.nodes
+    )
+    int8 = prepared.convert()
+    assert calls == []
+    reference = quantize_pt2e.convert_pt2e(quant.copy_graph(prepared.network), fold_quantize=False)
+    assert calls == [1]  # torchao's own conversion folds
+    # The same operations in the same order (node names may differ), the same outputs.
+    assert [(n.op, str(n.target)) for n in int8.network.graph.nodes] == [
+        (n.op, str(n.target)) for n in reference.graph.nodes
+    ]
+    with torch.no_grad():
+        assert torch.equal(int8(features), reference(features))
+    qat = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
+    qat.convert()
+    assert calls == [1, 1]  # QAT keeps it
+
+
 def test_qat_fine_tuning_leaves_the_float_model_as_it_was(features):
     model = tiny_model().train()
     before = {key: value.clone() for key, value in model.state_dict().items()}

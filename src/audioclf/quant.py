@@ -22,11 +22,12 @@ prepares it the same way, loads that state and converts, which gives the same in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -349,7 +350,7 @@ class QuantizedModel(nn.Module):
         state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
         # convert_pt2e works in place: convert a copy rebuilt from the state.
         graph = copy_graph(self.network)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _qat_folding(self.spec.mode == "qat"):
             warnings.simplefilter("ignore")
             converted = convert_pt2e(graph, fold_quantize=False)
         result = QuantizedModel(converted, self.spec, converted=True)
@@ -360,6 +361,23 @@ class QuantizedModel(nn.Module):
         """What an int8 checkpoint stores: the spec and the prepared graph's state."""
         state = self.prepared_state if self.converted else self.network.state_dict()
         return {"spec": asdict(self.spec), "state": dict(state)}
+
+
+@contextlib.contextmanager
+def _qat_folding(needed: bool) -> Iterator[None]:
+    """convert_pt2e folds QAT's conv-BN subgraphs whenever a graph holds a BatchNorm, tracing
+    about 100 rewrite patterns to look for them (20 s on two cores for a PANNs model, whose
+    input BatchNorm follows no convolution; paid on every load of an int8 checkpoint). A PTQ
+    graph has none to fold: prepare_pt2e folded its conv-BN pairs. Off unless `needed`."""
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    folding = quantize_pt2e._fold_conv_bn_qat
+    if not needed:
+        quantize_pt2e._fold_conv_bn_qat = lambda graph: graph
+    try:
+        yield
+    finally:
+        quantize_pt2e._fold_conv_bn_qat = folding
 
 
 def _freeze_batch_norm(graph: GraphModule) -> None:
