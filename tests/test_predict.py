@@ -282,6 +282,16 @@ def test_a_qat_fine_tuning_checkpoint_points_to_the_int8_and_float_ones(
     assert f"the int8 model is {tmp_path / 'run' / 'checkpoints' / 'int8.pth'}" in error
 
 
+def test_a_checkpoint_from_a_newer_audioclf_says_so(trained, wavs, tmp_path, capsys):
+    content = load_checkpoint(trained / "checkpoints" / "best.pth")
+    content["config"]["run"]["a_later_switch"] = True
+    newer = tmp_path / "newer.pth"
+    save_checkpoint(newer, content)
+    assert main([str(newer), str(wavs[0])]) == 2
+    error = capsys.readouterr().err
+    assert "unknown key(s) ['run.a_later_switch']; a newer audioclf wrote it)" in error
+
+
 def test_predictor_reads_features_from_the_sidecar(trained):
     predictor = load_predictor(_models(trained)["onnx"])
     assert predictor.classes == ["1", "2"]

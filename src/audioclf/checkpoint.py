@@ -210,7 +210,10 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
     try:
         return config, load_settings(config)
     except ConfigError as error:
-        raise CheckpointError(f"{path}: its stored config does not load ({error})") from error
+        newer = "; a newer audioclf wrote it" if "unknown key" in str(error) else ""
+        raise CheckpointError(
+            f"{path}: its stored config does not load ({error}{newer})"
+        ) from error
 
 
 #: Keys a resumed run may set otherwise than the run it continues: where and how fast it
