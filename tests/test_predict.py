@@ -292,6 +292,31 @@ def test_a_checkpoint_from_a_newer_audioclf_says_so(trained, wavs, tmp_path, cap
     assert "unknown key(s) ['run.a_later_switch']; a newer audioclf wrote it)" in error
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--top-k", "0"],
+        ["--top-k", "-1"],
+        ["--window", "-1"],
+        ["--hop", "0"],
+        ["--batch-size", "0"],
+        ["--window", "nan"],
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(trained, wavs, capsys, option):
+    # --top-k -1 printed all labels but the last; --window -1 ended in a traceback.
+    with pytest.raises(SystemExit) as stop:
+        main([str(_models(trained)["pth"]), str(wavs[0]), *option])
+    assert stop.value.code == 2
+    assert f"{option[0]}: must be a number above 0, not '{option[1]}'" in capsys.readouterr().err
+
+
+def test_a_window_shorter_than_one_frame_is_named(trained, wavs, capsys):
+    assert main([str(_models(trained)["pth"]), str(wavs[0]), "--window", "0.01"]) == 2
+    error = capsys.readouterr().err
+    assert "--window 0.01 s is shorter than one feature frame (200 samples at 8000 Hz)" in error
+
+
 def test_predictor_reads_features_from_the_sidecar(trained):
     predictor = load_predictor(_models(trained)["onnx"])
     assert predictor.classes == ["1", "2"]

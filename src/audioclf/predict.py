@@ -329,26 +329,51 @@ def write_embeddings(results: Sequence[FilePrediction], out: Path) -> tuple[Path
     return npy, table
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` above 0, else argparse's usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (1 when any file failed)."""
     parser = argparse.ArgumentParser(prog="audioclf-predict", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="trainer checkpoint (.pth), .onnx or TorchScript .pt")
     parser.add_argument("inputs", nargs="+", help="audio files or folders")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=_positive(int), default=3)
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
-    parser.add_argument("--window", type=float, help="window seconds (default: clip length)")
-    parser.add_argument("--hop", type=float, help="hop seconds (default: half a window)")
+    parser.add_argument(
+        "--window", type=_positive(float), help="window seconds (default: clip length)"
+    )
+    parser.add_argument("--hop", type=_positive(float), help="hop seconds (default: half a window)")
     parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
     parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
     parser.add_argument("--embeddings", type=Path, help="write pooled embeddings to OUT.npy/.csv")
     parser.add_argument(
-        "--batch-size", type=int, default=32, help="windows per model call (memory bound)"
+        "--batch-size", type=_positive(int), default=32, help="windows per model call (memory)"
     )
     arguments = parser.parse_args(argv)
     try:
         predictor = load_predictor(arguments.model)
     except (PredictError, CheckpointError, ExportError) as error:
         print(f"audioclf-predict: {error}", file=sys.stderr)
+        return 2
+    frame = predictor.feature_params.frame_length
+    if arguments.window is not None and arguments.window * predictor.sample_rate < frame:
+        print(
+            f"audioclf-predict: --window {arguments.window:g} s is shorter than one feature "
+            f"frame ({frame} samples at {predictor.sample_rate} Hz)",
+            file=sys.stderr,
+        )
         return 2
     if arguments.embeddings is not None and predictor.embeddings is None:
         print("audioclf-predict: --embeddings needs a trainer checkpoint (.pth)", file=sys.stderr)
@@ -376,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     arguments.aggregate,
                     arguments.per_window,
                     arguments.embeddings is not None,
-                    max(arguments.batch_size, 1),
+                    arguments.batch_size,
                 )
             )
         except BadAudioError as error:
