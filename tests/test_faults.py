@@ -230,7 +230,7 @@ def test_split_left_without_a_class_by_bad_files_is_an_error_naming_it(compose_c
         (b"path,label\na.wav,3\n\xe9t\xe9.wav,3\n", r"m\.csv, line 3: not UTF-8"),
         (b"path,label\na.wav, \n", r"m\.csv, line 2: empty label"),
         (b"path,label\n,3\n", r"m\.csv, line 2: empty path"),
-        (b"path,label,split\na.wav,3,training\n", r"m\.csv, line 2: split 'training'"),
+        (b"path,label,split\na.wav,3,holdout\n", r"m\.csv, line 2: split 'holdout' is not"),
         (b"file,label\na.wav,3\n", r"m\.csv, line 1: header .* lacks column\(s\) \['path'\]"),
         (b"path,label,speaker\na.wav,3,x\n", r"m\.csv, line 1: unknown column\(s\) \['speaker'\]"),
         (b"", r"m\.csv: empty manifest"),

@@ -110,6 +110,24 @@ def test_manifest_with_split_column(tmp_path):
     assert index.splits["test"][0].path == FSDD / "3_jackson_1.wav"
 
 
+def test_manifest_splits_as_datasets_spell_them(tmp_path):
+    # Hugging Face's "validation", "training", "testing", any case: the same three splits.
+    rows = [
+        (f"{d}_jackson_{i}.wav", str(d), s)
+        for d in (3, 4)
+        for i, s in [
+            (10, "Training"),
+            (11, "train"),
+            (12, "validation"),
+            (13, "valid"),
+            (1, "Testing "),
+        ]
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    index = split_listing(index_manifest(manifest, FSDD, 0.1, 0.1), seed=0)
+    assert index.counts() == {"train": 4, "val": 4, "test": 2}
+
+
 def test_manifest_with_train_and_test_rows_only_holds_validation_out_of_training(tmp_path):
     rows = [
         (f"{d}_jackson_{i}.wav", str(d), s)

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".aif", ".aiff", ".opus"})
 MANIFEST_COLUMNS = ("path", "label", "split", "fold", "group")
+#: A manifest's split names, as datasets spell them (Hugging Face's "validation", say).
+SPLIT_NAMES = {
+    **{split: split for split in SPLITS},
+    "training": "train",
+    "validation": "val",
+    "valid": "val",
+    "testing": "test",
+}
 
 
 def audio_files_below(folder: Path) -> list[Path]:
@@ -316,9 +324,11 @@ def index_manifest(
             seen_folds.add(row["fold"])
             split = folds.get(row["fold"], "train" if val_fold is not None else None)
         elif "split" in row:
-            split = row["split"].lower()
-            if split not in SPLITS:
-                raise DatasetError(f"{where}: split {row['split']!r} is not one of {SPLITS}")
+            split = SPLIT_NAMES.get(row["split"].strip().lower())
+            if split is None:
+                raise DatasetError(
+                    f"{where}: split {row['split']!r} is not one of {sorted(SPLIT_NAMES)}"
+                )
         else:
             split = None
         clips.append(Clip(base / row["path"], row["label"], split, where, row.get("group") or None))
