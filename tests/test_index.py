@@ -81,6 +81,27 @@ def test_hidden_files_and_folders_are_not_clips(tmp_path, folder_dataset, caplog
     assert "left out 2 hidden audio file(s)" in caplog.text  # 0/: ._a.wav and __MACOSX/x.wav
 
 
+def test_split_folders_as_datasets_spell_them(tmp_path, folder_dataset, caplog):
+    # Before: validation/ beside train/ was not read (its clips lost, val carved from train),
+    # and training/ validation/ testing/ became three classes named after the splits.
+    root = tmp_path / "spelled"
+    for split, name in [("train", "Training"), ("val", "validation"), ("test", "testing")]:
+        shutil.copytree(folder_dataset / split, root / name)
+    (root / "extra" / "0").mkdir(parents=True)
+    with caplog.at_level("WARNING", logger="audioclf.layouts"):
+        index = split_listing(index_folder(root, 0.1, 0.1), seed=0)
+    assert index.classes == ["0", "1", "2"]
+    assert index.counts() == {"train": 12, "val": 6, "test": 6}
+    assert "folder(s) ['extra'] beside the split folders are not read" in caplog.text
+    shutil.copytree(folder_dataset / "val", root / "val")
+    with pytest.raises(DatasetError, match="both val/ and validation/ hold val"):
+        index_folder(root, 0.1, 0.1)
+    shutil.rmtree(root / "val")
+    shutil.rmtree(root / "Training")
+    with pytest.raises(DatasetError, match="has testing/, validation/ but no train/ folder"):
+        index_folder(root, 0.1, 0.1)
+
+
 def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
     extra = folder_dataset / "test" / "9"
     extra.mkdir()

@@ -163,8 +163,9 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
     """A folder per class, under top-level train/ val/ test/ folders or split by ratio.
 
     With `root/train/` present, its sibling `val/` and `test/` give those splits; a missing
-    `val/` is carved from training by `val_fraction`. Without it, `root/CLASS/` folders are
-    split by `val_fraction` and `test_fraction`.
+    `val/` is carved from training by `val_fraction`. The split folders may be spelled as
+    datasets spell them (`training/`, `validation/`, `valid/`, `testing/`, any case). Without
+    a train folder, `root/CLASS/` folders are split by `val_fraction` and `test_fraction`.
     """
 
     def clips_under(folder: Path, split: str | None) -> list[Clip]:
@@ -175,16 +176,35 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
             for path in audio_files_below(class_dir)
         ]
 
-    if not (root / "train").is_dir():
+    folders = {
+        path.name: path for path in root.iterdir() if path.is_dir() and not _hidden(Path(path.name))
+    }
+    split_dirs: dict[str, Path] = {}
+    for name, path in sorted(folders.items()):
+        split = SPLIT_NAMES.get(name.lower())
+        if split in split_dirs:
+            raise DatasetError(f"{root}: both {split_dirs[split].name}/ and {name}/ hold {split}")
+        if split is not None:
+            split_dirs[split] = path
+    if "train" not in split_dirs:
+        if split_dirs:
+            names = sorted(f"{path.name}/" for path in split_dirs.values())
+            raise DatasetError(
+                f"{root}: has {', '.join(names)} but no train/ folder beside them; add it (or "
+                "rename those folders if they are classes)"
+            )
         return Listing(
             str(root), clips_under(root, None), {"val": val_fraction, "test": test_fraction}
         )
-    has_val = (root / "val").is_dir()
-    clips = clips_under(root / "train", "train" if has_val else None)
+    others = sorted(set(folders) - {path.name for path in split_dirs.values()})
+    if others:
+        log.warning("%s: folder(s) %s beside the split folders are not read", root, others)
+    has_val = "val" in split_dirs
+    clips = clips_under(split_dirs["train"], "train" if has_val else None)
     for split in ("val", "test"):
-        if (root / split).is_dir():
-            clips += clips_under(root / split, split)
-    if not (root / "test").is_dir():
+        if split in split_dirs:
+            clips += clips_under(split_dirs[split], split)
+    if "test" not in split_dirs:
         log.warning("%s has no test/ folder: the test split is empty", root)
     return Listing(str(root), clips, {} if has_val else {"val": val_fraction})
 
