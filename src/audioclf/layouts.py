@@ -186,6 +186,20 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
             raise DatasetError(f"{root}: both {split_dirs[split].name}/ and {name}/ hold {split}")
         if split is not None:
             split_dirs[split] = path
+    loose = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.suffix.lower() in AUDIO_EXTENSIONS and not _hidden(Path(p.name))
+    )
+    if loose and not folders:
+        raise DatasetError(
+            f"{root}: {len(loose)} audio file(s) ({loose[0]}, ...) lie in it with no class: "
+            f"give each class a folder of its own ({root}/<class>/*.wav)"
+        )
+    if loose:
+        log.warning(
+            "%s: %d audio file(s) in it belong to no class folder; not read", root, len(loose)
+        )
     if "train" not in split_dirs:
         if split_dirs:
             names = sorted(f"{path.name}/" for path in split_dirs.values())
