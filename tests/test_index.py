@@ -111,10 +111,10 @@ def test_audio_files_outside_class_folders_are_named(tmp_path, folder_dataset, c
         DatasetError, match=r"2 audio file\(s\) \(1_10.wav, ...\) lie in it with no class"
     ):
         index_folder(flat, 0.1, 0.1)
-    shutil.copy(fsdd_clip(1), folder_dataset / "stray.wav")
+    shutil.copy(fsdd_clip(1), folder_dataset / "train" / "stray.wav")  # beside class folders
     with caplog.at_level("WARNING", logger="audioclf.layouts"):
         index_folder(folder_dataset, 0.1, 0.1)
-    assert "1 audio file(s) in it belong to no class folder; not read" in caplog.text
+    assert "train: 1 audio file(s) in it belong to no class folder; not read" in caplog.text
 
 
 def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):

@@ -169,6 +169,7 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
     """
 
     def clips_under(folder: Path, split: str | None) -> list[Clip]:
+        _check_loose_files(folder)
         return [
             Clip(path, class_dir.name, split)
             for class_dir in sorted(folder.iterdir())
@@ -186,20 +187,6 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
             raise DatasetError(f"{root}: both {split_dirs[split].name}/ and {name}/ hold {split}")
         if split is not None:
             split_dirs[split] = path
-    loose = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.suffix.lower() in AUDIO_EXTENSIONS and not _hidden(Path(p.name))
-    )
-    if loose and not folders:
-        raise DatasetError(
-            f"{root}: {len(loose)} audio file(s) ({loose[0]}, ...) lie in it with no class: "
-            f"give each class a folder of its own ({root}/<class>/*.wav)"
-        )
-    if loose:
-        log.warning(
-            "%s: %d audio file(s) in it belong to no class folder; not read", root, len(loose)
-        )
     if "train" not in split_dirs:
         if split_dirs:
             names = sorted(f"{path.name}/" for path in split_dirs.values())
@@ -221,6 +208,22 @@ def index_folder(root: Path, val_fraction: float, test_fraction: float) -> Listi
     if "test" not in split_dirs:
         log.warning("%s has no test/ folder: the test split is empty", root)
     return Listing(str(root), clips, {} if has_val else {"val": val_fraction})
+
+
+def _check_loose_files(folder: Path) -> None:
+    """Audio files lying in a folder of class folders belong to no class: an error when the
+    folder has no class folder at all, else a warning (they are not read)."""
+    entries = [path for path in folder.iterdir() if not _hidden(Path(path.name))]
+    loose = sorted(p.name for p in entries if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if loose and not any(path.is_dir() for path in entries):
+        raise DatasetError(
+            f"{folder}: {len(loose)} audio file(s) ({loose[0]}, ...) lie in it with no class: "
+            f"give each class a folder of its own ({folder}/<class>/*.wav)"
+        )
+    if loose:
+        log.warning(
+            "%s: %d audio file(s) in it belong to no class folder; not read", folder, len(loose)
+        )
 
 
 def _read_manifest(manifest: Path) -> list[list[str]]:
