@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -630,6 +631,26 @@ def test_labels_without_positives_are_left_out_of_map_and_roc_auc(recwarn, tmp_p
     rows = list(csv.DictReader(paths["per_class"].open()))
     assert [row["average_precision"] for row in rows][2:] == ["", "1.0000"]
     assert math.isclose(json.loads(paths["metrics"].read_text())["test"]["mAP"], metrics["mAP"])
+
+
+def test_class_names_no_font_draws_give_one_warning_not_one_per_glyph_and_drawing(tmp_path, caplog):
+    # Chinese class names on a machine without a CJK font: matplotlib warned for each missing
+    # glyph on every figure drawn (14 warnings in a 3-epoch run).
+    from audioclf import metrics as metrics_module
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure = metrics_module.confusion_matrix_figure([[1, 0], [0, 1]], ["café", "Größe"])
+        figure.savefig(tmp_path / "latin.png")
+        assert not [w for w in caught if "Glyph" in str(w.message)]  # the default font has them
+        with caplog.at_level("WARNING", logger="audioclf.metrics"):
+            for _ in range(3):
+                figure = metrics_module.confusion_matrix_figure([[1, 0], [0, 1]], ["猫", "犬"])
+                figure.savefig(tmp_path / "cjk.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    # One warning, or none where a font for Chinese is installed (it is then used).
+    found = metrics_module._font_for("猫犬") is not None
+    assert caplog.text.count("no installed font draws every character") == (0 if found else 1)
 
 
 def test_test_returns_the_four_figures_and_writes_its_files(tmp_path):

@@ -8,7 +8,9 @@ per-label accuracy at a threshold.
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +22,11 @@ matplotlib.use("Agg")  # files only: no display here, nor on a training server
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torchmetrics.functional import classification as tmf  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
@@ -105,6 +110,32 @@ def _mean_where(values: Sequence[float], defined: Sequence[bool]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
+@functools.cache
+def _font_for(text: str) -> str | None:
+    """An installed font family with a glyph for every character of `text` (class names in
+    Chinese, say), None for matplotlib's default. When none has them all, one warning says so
+    and matplotlib's warning per missing glyph and drawing is silenced: the images show boxes
+    where the CSV files have the names."""
+    needed = {ord(character) for character in text}
+    default = font_manager.findfont(font_manager.FontProperties())
+    if needed <= set(font_manager.get_font(default).get_charmap()):
+        return None
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name.startswith("Last Resort"):  # a placeholder for every character
+            continue
+        try:
+            if needed <= set(font_manager.get_font(entry.fname).get_charmap()):
+                return entry.name
+        except (OSError, RuntimeError):  # a font file matplotlib cannot open
+            continue
+    log.warning(
+        "no installed font draws every character of the class names; confusion-matrix images "
+        "show boxes for them (the CSV files and metrics.json have the names)"
+    )
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+    return None
+
+
 def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> Figure:
     """The confusion matrix as a labelled heat map (rows: true class, columns: predicted)."""
     counts = np.asarray(matrix)
@@ -118,8 +149,9 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[s
         ylabel="true",
         title="confusion matrix",
     )
-    axes.set_xticklabels(classes, rotation=90)
-    axes.set_yticklabels(classes)
+    family = _font_for("".join(classes))
+    axes.set_xticklabels(classes, rotation=90, fontfamily=family)
+    axes.set_yticklabels(classes, fontfamily=family)
     if len(classes) <= 30:
         threshold = counts.max() / 2 if counts.size else 0
         for (row, column), count in np.ndenumerate(counts):
