@@ -379,15 +379,11 @@ def _hydra_main(config: DictConfig) -> float | None:
             if OmegaConf.select(config, "run.folds") is not None:
                 return run_folds(config)["best"]
             summary = run(config)
-    except USER_ERRORS as error:
-        # One line for the user; the traceback only where it was asked for.
-        log.debug("traceback", exc_info=True)
-        log.error("%s", error)
-        raise SystemExit(2) from error
-    except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (*USER_ERRORS, OSError) as error:
+        # A full disk anywhere (events, metrics, exports) is the user's to mend, like bad input.
+        if not isinstance(error, USER_ERRORS) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        # A full disk anywhere (events, metrics, exports): one line naming the file.
+        # One line for the user; the traceback only where it was asked for.
         log.debug("traceback", exc_info=True)
         log.error("%s", error)
         raise SystemExit(2) from error

@@ -356,10 +356,9 @@ def fill_missing_keys(config: DictConfig) -> list[str]:
     one of them must still test, predict and export. Values the config has are kept.
     """
     added: list[str] = []
+    files = {source: OmegaConf.load(CONFIG_DIR / source) for source in set(_DEFAULTS.values())}
     for section, source in _DEFAULTS.items():
-        defaults = OmegaConf.load(CONFIG_DIR / source)
-        if source == "config.yaml":
-            defaults = defaults[section]
+        defaults = files[source][section] if source == "config.yaml" else files[source]
         stored = OmegaConf.select(config, section)
         if isinstance(stored, DictConfig):
             _fill(stored, defaults, section, added)
