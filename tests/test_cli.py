@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from audioclf.index import DatasetError
 from audioclf.model import create_model
 from audioclf.pipeline import build_model
 from audioclf.settings import ConfigError, load_settings
-from conftest import FSDD, REPO, fsd50k_like, speech_commands_like
+from conftest import FSDD, REPO, fsd50k_like, fsdd_clip, speech_commands_like
 
 
 @pytest.fixture
@@ -94,6 +95,17 @@ def test_training_without_a_validation_split_stops_at_start_naming_the_key(
     overrides = [o for o in _manifest_overrides(manifest) if o != "data.val_fold=2"]
     with pytest.raises(DatasetError, match="validation split is empty.*data.val_fraction"):
         run(compose_config(*overrides, "data.val_fraction=0", "run.train=true"))
+
+
+def test_a_validation_fraction_with_nothing_to_take_says_why(compose_config, tmp_path):
+    # One clip per class: data.val_fraction=0.1 is above 0 and still takes nothing, which the
+    # message used to answer with "set data.val_fraction above 0".
+    for digit in (1, 2):
+        (tmp_path / str(digit)).mkdir()
+        shutil.copy(fsdd_clip(digit), tmp_path / str(digit))
+    overrides = ["data=folder", f"data.root={tmp_path}", "data.sample_rate=8000"]
+    with pytest.raises(DatasetError, match=r"val_fraction=0.1 took no clip, as no class has 2"):
+        run(compose_config(*overrides, "run.train=true"))
 
 
 def test_main_job_builds_the_configured_model_for_the_dataset(compose_config, manifest):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
-from audioclf.index import DatasetError, split_listing
+from audioclf.index import Clip, DatasetError, Listing, split_listing
 from audioclf.layouts import (
     index_folder,
     index_fsd50k,
@@ -314,6 +315,33 @@ def test_a_group_column_keeps_each_speaker_in_one_split(tmp_path):
         assert [len(speakers[split]) for split in ("train", "val", "test")] == [4, 1, 1]
         assert set.union(*speakers.values()) == set(SPEAKERS)
         assert index.counts() == {"train": 32, "val": 8, "test": 8}
+
+
+def test_a_class_too_small_for_its_share_still_gives_each_split_a_clip():
+    # At 0.1, round(3 * 0.1) is 0: the rare class gave no validation or test clip, and the
+    # run stopped with "the val split has no clip of class(es) ['rare']".
+    clips = [Clip(Path(f"common/{i}.wav"), "common") for i in range(40)]
+    clips += [Clip(Path(f"rare/{i}.wav"), "rare") for i in range(3)]
+    for seed in range(3):
+        index = split_listing(Listing("x", clips, {"val": 0.1, "test": 0.1}), seed, str)
+        labels = {split: sorted(c.label for c in found) for split, found in index.splits.items()}
+        assert labels == {
+            "train": ["common"] * 32 + ["rare"],
+            "val": ["common"] * 4 + ["rare"],
+            "test": ["common"] * 4 + ["rare"],
+        }
+    # Training keeps one clip of a class first: a pair has none left for the test split.
+    pair = [Clip(Path(f"pair/{i}.wav"), "pair") for i in range(2)]
+    with pytest.raises(DatasetError, match=r"test split has no clip of class\(es\) \['pair'\]"):
+        split_listing(Listing("x", clips + pair, {"val": 0.1, "test": 0.1}), 0, str)
+
+
+def test_rare_multi_label_sets_keep_their_shares():
+    # Each label set is its own stratum; forcing one clip of every rare set out of training
+    # would take a third of these clips for validation instead of a tenth.
+    clips = [Clip(Path(f"{i}.wav"), f"a;t{i % 10}") for i in range(30)]
+    index = split_listing(Listing("x", clips, {"val": 0.1}), 0, str, multi_label=True)
+    assert index.counts() == {"train": 30, "val": 0, "test": 0}
 
 
 def test_validation_carved_from_training_folds_keeps_source_recordings_together(tmp_path):

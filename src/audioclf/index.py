@@ -178,14 +178,17 @@ def stratified_split(
     fractions: dict[str, float],
     seed: int,
     group: Callable[[Clip], str] | None = None,
+    keep_classes: bool = False,
 ) -> dict[str, list[Clip]]:
     """Split clips per class by seeded shuffling; `fractions` maps split names to shares.
 
     What the fractions leave goes to "train". Each class gives about round(n * fraction)
-    clips to a split, so small classes keep their proportions; the result depends only on the
-    clips and the seed. Clips with the same `group` key (identical content, a speaker) stay
-    together; when a group holds several classes (a speaker's words), whole groups are dealt
-    out by the same shares of all clips, stratified only as far as the groups allow.
+    clips to a split, so small classes keep their proportions; with `keep_classes`, a class
+    too small for that (3 clips at 0.1) still gives each split one clip while training keeps
+    one, so that no split lacks a class. The result depends only on the clips and the seed.
+    Clips with the same `group` key (identical content, a speaker) stay together; when a
+    group holds several classes (a speaker's words), whole groups are dealt out by the same
+    shares of all clips, stratified only as far as the groups allow.
     """
     rng = random.Random(seed)
     result: dict[str, list[Clip]] = {"train": [], **{name: [] for name in fractions}}
@@ -206,6 +209,8 @@ def stratified_split(
         total = sum(len(members_) for members_ in members)
         for name, fraction in fractions.items():
             take, taken = round(total * fraction), 0
+            if keep_classes and fraction > 0 and take == 0 and len(members) > 1:
+                take = 1
             while members and taken < take:
                 chosen = members.pop(0)
                 result[name].extend(chosen)
@@ -242,7 +247,12 @@ def split_listing(
             splits[clip.split].append(clip)
     if unassigned:
         carved = stratified_split(
-            unassigned, listing.fractions, seed, _together(unassigned, digest)
+            unassigned,
+            listing.fractions,
+            seed,
+            _together(unassigned, digest),
+            # A label set of a multi-label clip is not a class: rare sets keep their shares.
+            keep_classes=not multi_label,
         )
         for split, clips in carved.items():
             splits[split] += [replace(clip, split=split) for clip in clips]

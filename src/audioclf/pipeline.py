@@ -115,9 +115,16 @@ def build_datasets(
     listing.clips = good
     index = split_listing(listing, data.split_seed, multi_label=data.multi_label)
     if settings.run.train and not index.splits["val"]:
+        if listing.fractions.get("val", 0) > 0:
+            how = (
+                f"data.val_fraction={data.val_fraction} took no clip, as no class has 2 clips "
+                "(one to train on, one to validate on); add clips"
+            )
+        else:
+            how = "set data.val_fraction above 0 (or add val clips or a data.val_fold)"
         raise DatasetError(
             f"{listing.source}: the validation split is empty, and training validates every "
-            "epoch; set data.val_fraction above 0 (or add val clips or a data.val_fold)"
+            f"epoch; {how}"
         )
     datasets = {
         split: SpectrogramDataset(
