@@ -247,9 +247,11 @@ def _lrs(name: str, steps: int = 20, steps_per_epoch: int = 5, **spec) -> list[f
 def test_cosine_with_warmup_follows_its_formula():
     lrs = _lrs("cosine", warmup_steps=5)
     expected = [0.1 * (s + 1) / 5 for s in range(5)] + [
-        0.1 * (1 + math.cos(math.pi * (s - 5) / 14)) / 2 for s in range(5, 20)
+        0.1 * (1 + math.cos(math.pi * (s - 5) / 15)) / 2 for s in range(5, 20)
     ]
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+    # No step trains at rate 0: a 3-epoch run of one batch an epoch spent its last epoch so.
+    assert min(_lrs("cosine", 3, 1, warmup_steps=1)) > 0
 
 
 def test_step_schedule_multiplies_by_gamma_every_step_epochs():

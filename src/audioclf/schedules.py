@@ -50,7 +50,8 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
     """The multiplier of the base learning rate at optimizer step `step` (0-based).
 
     constant: 1 (after warmup). cosine: linear warmup from 0 over `warmup_steps`, then half a
-    cosine from 1 down to `min_lr_ratio` at the last step. step: `gamma ** (epoch //
+    cosine from 1 down to `min_lr_ratio`, which the step after the last would reach (as
+    Hugging Face's and timm's cosines do: every step trains, the last one at a small rate). step: `gamma ** (epoch //
     step_epochs)` (after warmup). onecycle: PyTorch's OneCycleLR with cosine annealing, from
     1/div_factor up to 1 over `onecycle_pct_start` of the steps, then down to
     1/(div_factor * final_div_factor). plateau: 1 here (the plateau scheduler scales it).
@@ -65,7 +66,7 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
     if step < spec.warmup_steps:
         return (step + 1) / spec.warmup_steps
     if spec.name == "cosine":
-        decay_steps = max(spec.total_steps - spec.warmup_steps - 1, 1)
+        decay_steps = max(spec.total_steps - spec.warmup_steps, 1)
         return _cosine(1.0, spec.min_lr_ratio, (step - spec.warmup_steps) / decay_steps)
     if spec.name == "step":
         return spec.gamma ** ((step // spec.steps_per_epoch) // spec.step_epochs)
