@@ -741,3 +741,22 @@ def test_a_full_disk_anywhere_in_the_main_job_is_one_line_and_exit_status_2(tmp_
     log = (tmp_path / "run" / "cli.log").read_text()  # Hydra's own logging took over
     errors = [line.split(" - ", 1)[1] for line in log.splitlines() if "[ERROR]" in line]
     assert errors == [f"[Errno 28] No space left on device: '{tmp_path / 'metrics.json'}'"]
+
+
+def test_a_diverged_run_is_one_line_and_exit_status_2(tmp_path, monkeypatch):
+    import sys
+
+    from audioclf import cli
+    from audioclf.train import TrainingDiverged
+
+    def diverging(config):
+        raise TrainingDiverged("training diverged in epoch 2: the validation loss is nan")
+
+    monkeypatch.setattr(cli, "run", diverging)
+    monkeypatch.setattr(sys, "argv", ["main.py", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    log = (tmp_path / "run" / "cli.log").read_text()
+    errors = [line.split(" - ", 1)[1] for line in log.splitlines() if "[ERROR]" in line]
+    assert errors == ["training diverged in epoch 2: the validation loss is nan"]

@@ -22,7 +22,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from audioclf import runtime, train
+from audioclf import runtime
 from audioclf.audio import fix_length, load_audio
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
@@ -45,7 +45,7 @@ from audioclf.pipeline import class_weights
 from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
-from audioclf.train import Trainer
+from audioclf.train import Trainer, TrainingDiverged
 from conftest import FSDD, esc50_like, fsdd_clip, tiny_split_manifest, write_manifest
 
 
@@ -129,17 +129,17 @@ def _fit_without_dropout(tmp_path, **options) -> Trainer:
 def test_compiled_training_computes_what_eager_training_does(tmp_path):
     eager = _fit_without_dropout(tmp_path / "eager")
     compiled = _fit_without_dropout(tmp_path / "compiled", compile=True)
-    assert compiled.step_model is not compiled.eager_model  # still compiled at the end
+    assert compiled.step_model.compiled is not None  # still compiled at the end
     for ours, theirs in zip(compiled.history, eager.history, strict=True):
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-3)
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-3)
 
 
 def test_compile_without_a_compiler_trains_eagerly_with_one_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(train, "has_compiler", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="audioclf.train"):
+    monkeypatch.setattr(runtime, "has_compiler", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="audioclf.runtime"):
         trainer = _fit_without_dropout(tmp_path, compile=True)
-    assert trainer.step_model is trainer.eager_model
+    assert trainer.step_model.compiled is None
     warnings = [r.getMessage() for r in caplog.records if "training.compile" in r.getMessage()]
     assert warnings == ["training.compile: no C++ compiler found; training runs eagerly"]
 
@@ -152,9 +152,9 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning(tmp_path, monke
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    with caplog.at_level(logging.WARNING, logger="audioclf.train"):
+    with caplog.at_level(logging.WARNING, logger="audioclf.runtime"):
         trainer = _fit_without_dropout(tmp_path, compile=True)
-    assert trainer.step_model is trainer.eager_model
+    assert trainer.step_model.compiled is None
     assert len(trainer.history) == 2
     assert math.isfinite(trainer.history[-1]["train_loss"])
     warnings = [r.getMessage() for r in caplog.records if "training.compile" in r.getMessage()]
@@ -171,6 +171,31 @@ def test_amp_auto_on_the_cpu_is_bf16_where_the_cpu_has_it(tmp_path, monkeypatch,
     assert (trainer.amp, trainer.amp_dtype) == (
         (True, torch.bfloat16) if native else (False, torch.float32)
     )
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path):
+    # At lr 1e6 the loss reached 1.8e14, then NaN: the run went on, saved NaN weights as
+    # last.pth, tested and exported them, and ended in a failed export check.
+    trainer = _trainer(tmp_path, _options(epochs=4, lr=1e6, grad_clip_norm=None))
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch \d.*lower training.lr") as e:
+        trainer.fit(*_loaders())
+    assert "training.grad_clip_norm (off)" in str(e.value)
+    for path in trainer.output_dir.glob("checkpoints/*.pth"):
+        weights = load_checkpoint(path)["model"].values()
+        assert all(torch.isfinite(value).all() for value in weights if value.is_floating_point())
+
+
+def test_a_non_finite_gradient_stops_the_step_that_would_write_it(tmp_path):
+    trainer = _trainer(tmp_path, _options(epochs=2))
+    features, labels = _separable(32).tensors
+    features[20, 0, 0, 0] = float("inf")  # the second batch of the first epoch
+    loader = DataLoader(TensorDataset(features, labels), batch_size=16)
+    before = [parameter.detach().clone() for parameter in trainer.model.parameters()]
+    with pytest.raises(TrainingDiverged, match=r"epoch 1: batch 2 of 2 .*no checkpoint"):
+        trainer.fit(loader, _loaders()[1])
+    after = list(trainer.model.parameters())
+    assert all(torch.isfinite(parameter).all() for parameter in after)
+    assert any(not torch.equal(b, a) for b, a in zip(before, after, strict=True))  # batch 1
 
 
 def test_clipping_by_norm_bounds_the_gradient_norm(tmp_path):

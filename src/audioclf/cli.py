@@ -61,12 +61,13 @@ from audioclf.runtime import (
 )
 from audioclf.settings import CONFIG_DIR, ConfigError, load_settings
 from audioclf.summary import format_summary, prepare_splits
-from audioclf.train import Trainer
+from audioclf.train import Trainer, TrainingDiverged
 
 log = logging.getLogger("audioclf")
 
 #: Errors that are the user's input, reported in one line (traceback at DEBUG) with exit 2.
 USER_ERRORS = (
+    TrainingDiverged,
     ConfigError,
     DatasetError,
     BadAudioError,

@@ -114,6 +114,37 @@ def keep_strided_grouped_convs_fp32(model: nn.Module) -> int:
     return kept
 
 
+class StepModel:
+    """What a training step calls: the model, wrapped in DistributedDataParallel under
+    torchrun, and compiled (torch.compile) when asked. Without a C++ compiler, or when
+    compiling fails, it runs eagerly, with one warning."""
+
+    def __init__(self, model: nn.Module, device: torch.device, compile: bool) -> None:
+        self.eager = model
+        if dist.is_initialized():
+            ids = [device.index] if device.type == "cuda" else None
+            self.eager = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.compiled: nn.Module | None = None
+        if compile and has_compiler():
+            self.compiled = torch.compile(self.eager)
+        elif compile:
+            log.warning("training.compile: no C++ compiler found; training runs eagerly")
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.compiled is None:
+            return self.eager(features, labels)
+        try:
+            return self.compiled(features, labels)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
+            log.warning(
+                "training.compile: torch.compile failed (%s: %s); training runs eagerly",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+            self.compiled = None
+            return self.eager(features, labels)
+
+
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
     """Under torchrun (WORLD_SIZE > 1): a process group for DDP, gloo on the CPU and nccl on

@@ -51,10 +51,11 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
 
     constant: 1 (after warmup). cosine: linear warmup from 0 over `warmup_steps`, then half a
     cosine from 1 down to `min_lr_ratio`, which the step after the last would reach (as
-    Hugging Face's and timm's cosines do: every step trains, the last one at a small rate). step: `gamma ** (epoch //
-    step_epochs)` (after warmup). onecycle: PyTorch's OneCycleLR with cosine annealing, from
-    1/div_factor up to 1 over `onecycle_pct_start` of the steps, then down to
-    1/(div_factor * final_div_factor). plateau: 1 here (the plateau scheduler scales it).
+    Hugging Face's and timm's cosines do: every step trains, the last one at a small rate).
+    step: `gamma ** (epoch // step_epochs)` (after warmup). onecycle: PyTorch's OneCycleLR
+    with cosine annealing, from 1/div_factor up to 1 over `onecycle_pct_start` of the steps,
+    then down to 1/(div_factor * final_div_factor). plateau: 1 here (the plateau scheduler
+    scales it).
     """
     if spec.name == "onecycle":
         peak = spec.onecycle_pct_start * spec.total_steps - 1

@@ -46,16 +46,20 @@ from audioclf.metrics import (
 from audioclf.model import Model, load_state
 from audioclf.quant import QuantizedModel, load_graph_state
 from audioclf.runtime import (
+    StepModel,
     autocast_dtype,
-    has_compiler,
     is_main_process,
     keep_strided_grouped_convs_fp32,
 )
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig
-from audioclf.train_log import TrainingLog, run_hparams
+from audioclf.train_log import TrainingLog, divergence_message, run_hparams
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite: the next step would write NaN weights."""
 
 
 @dataclass
@@ -144,18 +148,7 @@ class Trainer:
         self.channels_last = options.channels_last
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # What a step calls: the model, wrapped for DDP under torchrun, compiled when asked.
-        self.eager_model: nn.Module = self.model
-        if dist.is_initialized():
-            self.eager_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.step_model = self.eager_model
-        if options.compile:
-            if has_compiler():
-                self.step_model = torch.compile(self.eager_model)
-            else:
-                log.warning("training.compile: no C++ compiler found; training runs eagerly")
+        self.step_model = StepModel(self.model, self.device, options.compile)
         self.early_stopping = EarlyStopping(
             self.mode, options.early_stopping_patience, options.min_delta
         )
@@ -210,7 +203,7 @@ class Trainer:
             len(train_loader),
             self.amp_dtype if self.amp else None,
             self.channels_last,
-            self.step_model is not self.eager_model,
+            self.step_model.compiled is not None,
         )
         if self.early_stopping.should_stop:
             log.info("the resumed run had stopped early: nothing left to train")
@@ -221,6 +214,11 @@ class Trainer:
                 self.on_epoch_start(epoch)
             stats = self._train_epoch(train_loader, epoch)
             val = self.validate(val_loader)
+            if not math.isfinite(val["loss"]):
+                raise self._diverged(
+                    epoch,
+                    f"the validation loss is {val['loss']:.4g} (train loss {stats.loss:.4g})",
+                )
             monitored = self._monitored(stats, val)
             self.schedule.step_epoch(monitored)
             improved = self.early_stopping.update(monitored)
@@ -288,7 +286,7 @@ class Trainer:
                 with torch.no_grad(), self._autocast():
                     teacher_logits = self.teacher(features)
             with self._autocast():
-                logits = self._forward(features, head_labels)
+                logits = self.step_model(features, head_labels)
                 if teacher_logits is None:
                     loss = classification_loss(
                         logits,
@@ -316,6 +314,14 @@ class Trainer:
             )
             if options.grad_clip_value is not None:
                 nn.utils.clip_grad_value_(self.model.parameters(), options.grad_clip_value)
+            grad_norm = float(grad_norm)
+            # fp16's GradScaler skips an overflowing step itself; elsewhere the step is NaN.
+            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+                raise self._diverged(
+                    epoch,
+                    f"batch {step + 1} of {len(loader)} gave a loss of {loss.item():.4g} and a "
+                    f"gradient norm of {grad_norm:.4g}; stopped before the step",
+                )
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.schedule.step_batch()
@@ -323,7 +329,7 @@ class Trainer:
             stats.clips += batch
             loss_sum += loss.detach() * batch
             correct += self._correct(logits.detach(), targets)
-            grad_norm_sum += float(grad_norm)
+            grad_norm_sum += grad_norm
             if bar.disable is False and step % 10 == 0:
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(
@@ -352,7 +358,7 @@ class Trainer:
         for features, targets, *_ in loader:
             features, targets = self._to_device(features, targets)
             with self._autocast():
-                logits = self._forward(features)
+                logits = self.step_model(features, None)
             logits = logits.float()
             loss = classification_loss(logits, targets, self.multi_label)
             loss_sum += float(loss) * features.shape[0]
@@ -389,6 +395,10 @@ class Trainer:
 
     # ------------------------------------------------------------ pieces
 
+    def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
+        lr = self.optimizer.param_groups[0]["lr"]
+        return TrainingDiverged(divergence_message(epoch, what, lr, self.options, self.amp))
+
     def _to_device(
         self, features: torch.Tensor, targets: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -396,20 +406,6 @@ class Trainer:
         if self.channels_last:
             features = features.contiguous(memory_format=torch.channels_last)
         return features, targets.to(self.device, non_blocking=True)
-
-    def _forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.step_model is self.eager_model:
-            return self.eager_model(features, labels)
-        try:
-            return self.step_model(features, labels)
-        except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
-            log.warning(
-                "training.compile: torch.compile failed (%s: %s); training runs eagerly",
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
-            self.step_model = self.eager_model
-            return self.eager_model(features, labels)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:

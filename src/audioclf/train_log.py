@@ -174,3 +174,19 @@ def run_hparams(options: TrainingConfig, amp: bool) -> dict[str, Any]:
         "channels_last": options.channels_last,
         "compile": options.compile,
     }
+
+
+def divergence_message(epoch: int, what: str, lr: float, options: TrainingConfig, amp: bool) -> str:
+    """What to tell a user whose run diverged in epoch `epoch` (0-based) and what to try."""
+    remedies = [f"a lower training.lr (now {options.lr:g})"]
+    if options.grad_clip_norm is None:
+        remedies.append("training.grad_clip_norm (off)")
+    if amp:
+        remedies.append("training.amp=false")
+    kept = {0: "no checkpoint was written", 1: "checkpoints/ holds epoch 1"}.get(
+        epoch, f"checkpoints/ holds epochs 1-{epoch}"
+    )
+    return (
+        f"training diverged in epoch {epoch + 1}: {what} (learning rate {lr:.3g}; {kept}). "
+        f"Try {', or '.join(remedies)}"
+    )
