@@ -279,6 +279,16 @@ def test_cosine_with_warmup_follows_its_formula():
     assert min(_lrs("cosine", 3, 1, warmup_steps=1)) > 0
 
 
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="audioclf.schedules"):
+        _trainer(tmp_path, _options(epochs=1, warmup_epochs=2.0)).fit(*_loaders(48))
+    assert "warmup_epochs=2 is not shorter than training.epochs=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="audioclf.schedules"):
+        _trainer(tmp_path / "b", _options(epochs=2, warmup_epochs=1.0)).fit(*_loaders(48))
+    assert "warmup_epochs" not in caplog.text
+
+
 def test_step_schedule_multiplies_by_gamma_every_step_epochs():
     lrs = _lrs("step", step_epochs=2, gamma=0.5)
     expected = [0.1 * 0.5 ** ((s // 5) // 2) for s in range(20)]

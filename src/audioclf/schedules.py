@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from audioclf.runtime import is_main_process
+from audioclf.settings import TrainingConfig
 
 SCHEDULES = ("constant", "cosine", "step", "plateau", "onecycle")
 OPTIMIZERS = ("adamw", "sgd")
@@ -39,6 +40,29 @@ class ScheduleSpec:
     onecycle_pct_start: float = 0.3
     onecycle_div_factor: float = 25.0
     onecycle_final_div_factor: float = 1e4
+
+
+def schedule_spec(options: TrainingConfig, steps_per_epoch: int) -> ScheduleSpec:
+    """The schedule of a run of `options.epochs` epochs of `steps_per_epoch` batches. A warmup
+    as long as the run (which never reaches `options.lr`) is named in a warning."""
+    spec = ScheduleSpec(
+        name=options.lr_schedule,
+        total_steps=max(steps_per_epoch * options.epochs, 1),
+        steps_per_epoch=max(steps_per_epoch, 1),
+        warmup_steps=round(options.warmup_epochs * steps_per_epoch),
+        step_epochs=options.lr_step_epochs,
+        gamma=options.lr_gamma,
+    )
+    long_warmup = spec.name != "onecycle" and spec.warmup_steps >= spec.total_steps > 1
+    if long_warmup and is_main_process():  # once under torchrun
+        log.warning(
+            "training.warmup_epochs=%g is not shorter than training.epochs=%d: the learning "
+            "rate rises for the whole run and never reaches training.lr=%g",
+            options.warmup_epochs,
+            options.epochs,
+            options.lr,
+        )
+    return spec
 
 
 def _cosine(start: float, end: float, progress: float) -> float:

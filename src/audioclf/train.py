@@ -51,7 +51,7 @@ from audioclf.runtime import (
     is_main_process,
     keep_strided_grouped_convs_fp32,
 )
-from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, make_optimizer
+from audioclf.schedules import EarlyStopping, Schedule, make_optimizer, schedule_spec
 from audioclf.settings import TrainingConfig
 from audioclf.train_log import TrainingLog, divergence_message, run_hparams
 
@@ -181,14 +181,7 @@ class Trainer:
             options.momentum,
             options.nesterov,
         )
-        spec = ScheduleSpec(
-            name=options.lr_schedule,
-            total_steps=max(steps_per_epoch * options.epochs, 1),
-            steps_per_epoch=max(steps_per_epoch, 1),
-            warmup_steps=round(options.warmup_epochs * steps_per_epoch),
-            step_epochs=options.lr_step_epochs,
-            gamma=options.lr_gamma,
-        )
+        spec = schedule_spec(options, steps_per_epoch)
         self.schedule = Schedule(
             self.optimizer, spec, self.mode, options.plateau_patience, options.plateau_factor
         )
