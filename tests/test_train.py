@@ -1509,6 +1509,35 @@ def test_balanced_sampler_draws_classes_equally():
     assert 0.4 < drawn.count("b") / len(drawn) < 0.6
 
 
+def test_the_main_jobs_balanced_sampler_weighs_multi_label_clips_by_their_labels(
+    compose_config, tmp_path
+):
+    # Six clips tagged a and two tagged a;b: b is the rare label. The main job counted the
+    # label *sets* as classes, so a;b clips weighed 1/2 against 1/6, not 5/16 against 1/8.
+    from audioclf.pipeline import build_datasets, build_loaders
+    from audioclf.settings import load_settings
+
+    rows = [(f"1_jackson_{i}.wav", "a" if i < 16 else "a;b", "train") for i in range(10, 18)]
+    rows += [(f"2_jackson_{i}.wav", "a;b", "val") for i in range(10, 12)]
+    path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    settings = load_settings(
+        compose_config(
+            "data=manifest",
+            f"data.manifest={path}",
+            f"data.root={FSDD}",
+            "data.sample_rate=8000",
+            "data.multi_label=true",
+            "training.class_balance=sampler",
+        )
+    )
+    _, datasets, _ = build_datasets(settings)
+    weights = build_loaders(settings, datasets, torch.device("cpu"))["train"].sampler.weights
+    expected = [
+        1 / 8 if clip.label == "a" else (1 / 8 + 1 / 2) / 2 for clip in datasets["train"].clips
+    ]
+    np.testing.assert_allclose(weights, expected)
+
+
 def _epoch(sampler: EpochSampler, epoch: int) -> list:
     sampler.set_epoch(epoch)
     return list(sampler)

@@ -183,7 +183,9 @@ def build_loaders(
     pin_memory = device.type == "cuda" if system.pin_memory == "auto" else system.pin_memory
     train = datasets["train"]
     weights = (
-        balanced_weights(train.clips) if settings.training.class_balance == "sampler" else None
+        balanced_weights(train.clips, train.multi_label)
+        if settings.training.class_balance == "sampler"
+        else None
     )
     common = {
         "batch_size": batch_size // world_size,
