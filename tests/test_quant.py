@@ -458,3 +458,37 @@ def test_qat_fine_tuning_distils_from_the_teacher(compose_config, tmp_path):
         losses[name] = history[0]["train_loss"]
         assert ("distillation" in summary) is (name == "distilled")
     assert losses["alone"] != pytest.approx(losses["distilled"], rel=1e-3)
+
+
+def test_qat_fine_tuning_weighs_the_loss_as_training_did(compose_config, tmp_path, monkeypatch):
+    # training.class_balance=weights applied to training and was dropped from the QAT
+    # fine-tuning, which trained the int8 model on the unweighted loss.
+    from audioclf import deploy
+    from audioclf.pipeline import build_datasets, build_loaders, class_weights
+
+    settings = load_settings(
+        compose_config(
+            *tiny_split_manifest(tmp_path),
+            "model.params.width_mult=0.25",
+            "model.params.depth_mult=0.25",
+            "training.class_balance=weights",
+            "run.quantise=true",
+            "model.quantization.mode=qat",
+        )
+    )
+    _, datasets, _ = build_datasets(settings)
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        given.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(deploy, "Trainer", spy)
+    model = build_model(settings.model, 2, datasets["train"].feature_shape[-1])
+    loaders = build_loaders(settings, datasets, torch.device("cpu"))
+    with pytest.raises(Stop):
+        deploy.quantise_run(settings, model, datasets, loaders, tmp_path, {})
+    torch.testing.assert_close(given["class_weights"], class_weights(datasets["train"]))
