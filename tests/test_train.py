@@ -289,6 +289,13 @@ def test_a_warmup_as_long_as_the_run_is_named(tmp_path, caplog):
     assert "warmup_epochs" not in caplog.text
 
 
+def test_the_logged_rate_is_the_one_each_epoch_trained_at(tmp_path):
+    # It was the rate after the epoch's last step: the next epoch's, 0 for the last epoch.
+    trainer = _trainer(tmp_path, _options(epochs=2, lr=0.1))
+    history = trainer.fit(*_loaders(16))["history"]  # one batch an epoch
+    assert [record["lr"] for record in history] == pytest.approx([0.1, 0.05])
+
+
 def test_step_schedule_multiplies_by_gamma_every_step_epochs():
     lrs = _lrs("step", step_epochs=2, gamma=0.5)
     expected = [0.1 * 0.5 ** ((s // 5) // 2) for s in range(20)]

@@ -72,6 +72,7 @@ class EpochStats:
     clips_per_second: float = 0.0
     seconds: float = 0.0
     clips: int = 0
+    lr: float = 0.0  # the rate the epoch's last step trained at
 
 
 class Trainer:
@@ -317,6 +318,7 @@ class Trainer:
                 )
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            stats.lr = self.optimizer.param_groups[0]["lr"]
             self.schedule.step_batch()
             batch = features.shape[0]
             stats.clips += batch
@@ -438,7 +440,7 @@ class Trainer:
             "train_accuracy": stats.accuracy,
             "grad_norm": stats.grad_norm,
             "clips_per_second": stats.clips_per_second,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": stats.lr,
             **{f"val_{k}": v for k, v in val.items() if isinstance(v, float)},
         }
         self.history.append(record)
