@@ -350,6 +350,18 @@ def test_a_schedule_resumed_over_a_longer_plan_follows_that_plans_curve(caplog):
     np.testing.assert_allclose(rest, _lrs("cosine", 20, warmup_steps=2)[10:], rtol=1e-6)
 
 
+def test_a_finished_run_resumed_with_fewer_epochs_says_nothing_is_left(tmp_path, caplog):
+    # It said only that the schedule was re-planned "at 0 times the base rate", and trained
+    # nothing.
+    _trainer(tmp_path, _options(epochs=2)).fit(*_loaders(16))
+    resumed = _trainer(tmp_path / "again", _options(epochs=1))
+    with caplog.at_level("INFO"):
+        resumed.fit(*_loaders(16), resume_from=tmp_path / "run" / "checkpoints" / "last.pth")
+    assert "has trained 2 epochs (training.epochs=1): nothing left to train" in caplog.text
+    assert "schedule was planned over" not in caplog.text
+    assert len(resumed.history) == 2
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 

@@ -188,7 +188,8 @@ class Schedule:
             return
         step = self.per_batch.last_epoch
         planned = state.get("total_steps", self.spec.total_steps)
-        if planned != self.spec.total_steps and is_main_process():  # once under torchrun
+        # Said once under torchrun, and only when steps are left to take at the new rate.
+        if planned != self.spec.total_steps and step < self.spec.total_steps and is_main_process():
             log.warning(
                 "the %s learning-rate schedule was planned over %d steps and is now over %d "
                 "(training.epochs or the batches per epoch changed): it continues from step %d "

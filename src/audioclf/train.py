@@ -202,6 +202,13 @@ class Trainer:
         if self.early_stopping.should_stop:
             log.info("the resumed run had stopped early: nothing left to train")
             start_epoch = options.epochs
+        elif resume_from is not None and start_epoch >= options.epochs:
+            log.info(
+                "the resumed run has trained %d epochs (training.epochs=%d): nothing left to "
+                "train; a higher training.epochs trains on",
+                start_epoch,
+                options.epochs,
+            )
         for epoch in range(start_epoch, options.epochs):
             self._seed_epoch(epoch, train_loader)
             if self.on_epoch_start is not None:
