@@ -37,6 +37,10 @@ def test_transforms_with_zero_probability_are_left_out():
         ({"p": 1.0}, "no 'name'"),
         ({"name": "gain"}, "no 'p'"),
         ({"name": "gain", "p": 1.0, "gain_db": 3}, "bad arguments"),
+        # audiomentations asserts these: a bare AssertionError and a traceback, before.
+        ({"name": "gain", "p": 1.5}, r"\.p \(gain\) must be a probability in \[0, 1\], not 1.5"),
+        ({"name": "gain", "p": "often"}, "must be a probability"),
+        ({"name": "gain", "p": 0.5, "min_gain_db": 6, "max_gain_db": -6}, "bad arguments"),
     ],
 )
 def test_bad_transform_entries_name_their_index(spec, message):

@@ -52,6 +52,14 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
         raise ValueError(f"augmentations.audio.transforms[{index}] has no 'name'")
     if "p" not in arguments:
         raise ValueError(f"augmentations.audio.transforms[{index}] ({name}) has no 'p'")
+    probability = arguments["p"]
+    if isinstance(probability, bool) or not isinstance(probability, int | float):
+        probability = None
+    if probability is None or not 0 <= probability <= 1:
+        raise ValueError(
+            f"augmentations.audio.transforms[{index}].p ({name}) must be a probability in "
+            f"[0, 1], not {arguments['p']!r}"
+        )
     class_name = TRANSFORM_NAMES.get(name, name)
     transform_class = getattr(audiomentations, class_name, None)
     if not (
@@ -63,9 +71,11 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
         )
     try:
         return transform_class(**arguments)
-    except (TypeError, ValueError) as error:
+    # audiomentations checks its arguments with assert statements (min <= max, ranges).
+    except (TypeError, ValueError, AssertionError) as error:
+        reason = str(error) or f"{class_name} refused them (its assert failed)"
         raise ValueError(
-            f"augmentations.audio.transforms[{index}] ({name}): bad arguments {arguments}: {error}"
+            f"augmentations.audio.transforms[{index}] ({name}): bad arguments {arguments}: {reason}"
         ) from error
 
 
