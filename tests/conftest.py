@@ -97,7 +97,11 @@ def tiny_split_manifest(folder: Path) -> list[str]:
         for i, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")]
         + [(5, "val"), (6, "val"), (0, "test"), (1, "test")]
     ]
-    path = write_manifest(folder / "m.csv", ["path", "label", "split"], rows)
+    return fsdd_manifest(write_manifest(folder / "m.csv", ["path", "label", "split"], rows))
+
+
+def fsdd_manifest(path: Path) -> list[str]:
+    """Overrides that read the manifest at `path`, whose rows name bundled FSDD files."""
     return ["data=manifest", f"data.manifest={path}", f"data.root={FSDD}", "data.sample_rate=8000"]
 
 

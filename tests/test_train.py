@@ -46,7 +46,14 @@ from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
 from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
 from audioclf.train import Trainer, TrainingDiverged
-from conftest import FSDD, esc50_like, fsdd_clip, tiny_split_manifest, write_manifest
+from conftest import (
+    FSDD,
+    esc50_like,
+    fsdd_clip,
+    fsdd_manifest,
+    tiny_split_manifest,
+    write_manifest,
+)
 
 
 class TinyNet(Model):
@@ -1541,10 +1548,7 @@ def test_the_main_jobs_balanced_sampler_weighs_multi_label_clips_by_their_labels
     path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
     settings = load_settings(
         compose_config(
-            "data=manifest",
-            f"data.manifest={path}",
-            f"data.root={FSDD}",
-            "data.sample_rate=8000",
+            *fsdd_manifest(path),
             "data.multi_label=true",
             "training.class_balance=sampler",
         )
