@@ -53,9 +53,8 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
     if "p" not in arguments:
         raise ValueError(f"augmentations.audio.transforms[{index}] ({name}) has no 'p'")
     probability = arguments["p"]
-    if isinstance(probability, bool) or not isinstance(probability, int | float):
-        probability = None
-    if probability is None or not 0 <= probability <= 1:
+    is_number = isinstance(probability, int | float) and not isinstance(probability, bool)
+    if not (is_number and 0 <= probability <= 1):
         raise ValueError(
             f"augmentations.audio.transforms[{index}].p ({name}) must be a probability in "
             f"[0, 1], not {arguments['p']!r}"

@@ -114,30 +114,32 @@ def _split_name(clip: Clip) -> str:
 def check_groups(splits: dict[str, list[Clip]]) -> None:
     """Raise DatasetError naming both clips when one group (a speaker, a source recording)
     has clips in two splits, as a fixed split (a split or fold column) can put them."""
-    found = _in_two_splits(splits, lambda clip: clip.group)
-    if found:
-        (first_split, first), (split, clip) = found
-        raise DatasetError(
+    _refuse_in_two_splits(
+        splits,
+        lambda clip: clip.group,
+        lambda first_split, first, split, clip: (
             f"group {clip.group!r} is in {first_split} and {split}: {first.where} and "
             f"{clip.where} (a group's clips must share a split)"
-        )
+        ),
+    )
 
 
-def _in_two_splits(
-    splits: dict[str, list[Clip]], key: Callable[[Clip], str | None]
-) -> tuple[tuple[str, Clip], tuple[str, Clip]] | None:
-    """The first two clips, with their splits, that share a key (None: no key) across two
-    splits; None when there are none."""
+def _refuse_in_two_splits(
+    splits: dict[str, list[Clip]],
+    key: Callable[[Clip], str | None],
+    message: Callable[[str, Clip, str, Clip], str],
+) -> None:
+    """Raise DatasetError with `message(first_split, first, split, clip)` for the first two
+    clips that share a key (None: no key) across two splits."""
     owner: dict[str, tuple[str, Clip]] = {}
     for split, clips in splits.items():
         for clip in clips:
             value = key(clip)
             if value is None:
                 continue
-            first = owner.setdefault(value, (split, clip))
-            if first[0] != split:
-                return first, (split, clip)
-    return None
+            first_split, first = owner.setdefault(value, (split, clip))
+            if first_split != split:
+                raise DatasetError(message(first_split, first, split, clip))
 
 
 def _together(clips: Sequence[Clip], digest: Callable[[Path], str]) -> Callable[[Clip], str]:
@@ -161,13 +163,14 @@ def _together(clips: Sequence[Clip], digest: Callable[[Path], str]) -> Callable[
 
 def check_leakage(splits: dict[str, list[Clip]], digest: Callable[[Path], str]) -> None:
     """Raise DatasetError naming both files when identical audio content sits in two splits."""
-    found = _in_two_splits(splits, lambda clip: digest(clip.path))
-    if found:
-        (first_split, first), (split, clip) = found
-        raise DatasetError(
+    _refuse_in_two_splits(
+        splits,
+        lambda clip: digest(clip.path),
+        lambda first_split, first, split, clip: (
             f"identical audio in {first_split} and {split}: {first.where} and "
             f"{clip.where} have the same content (a test clip must not train)"
-        )
+        ),
+    )
 
 
 # ---------------------------------------------------------------- splitting

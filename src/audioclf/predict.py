@@ -35,6 +35,8 @@ from audioclf.layouts import AUDIO_EXTENSIONS, audio_files_below
 from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
 
+EMBEDDINGS_NEED_CHECKPOINT = "--embeddings needs a trainer checkpoint (.pth)"
+
 
 class PredictError(ValueError):
     """A model file that cannot be used for prediction; the message names it."""
@@ -217,7 +219,7 @@ def predict_file(
     hop = round(hop_seconds * predictor.sample_rate)
     parts = windows(waveform, clip, max(hop, 1))
     if embed and predictor.embeddings is None:
-        raise PredictError("--embeddings needs a trainer checkpoint (.pth)")
+        raise PredictError(EMBEDDINGS_NEED_CHECKPOINT)
     if predictor.waveform_input:
         predictor.check_window(window_seconds)
     chunks, vectors = [], []
@@ -336,8 +338,8 @@ def _positive(kind: type) -> Callable[[str], Any]:
         try:
             value = kind(text)
         except ValueError:
-            value = None
-        if value is None or not value > 0:
+            value = 0  # not a number: refused below, as a non-positive one is
+        if not value > 0:  # NaN too
             raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
         return value
 
@@ -376,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     if arguments.embeddings is not None and predictor.embeddings is None:
-        print("audioclf-predict: --embeddings needs a trainer checkpoint (.pth)", file=sys.stderr)
+        print(f"audioclf-predict: {EMBEDDINGS_NEED_CHECKPOINT}", file=sys.stderr)
         return 2
     try:
         predictor.check_window(arguments.window)

@@ -149,7 +149,6 @@ class Schedule:
         plateau_factor: float = 0.5,
     ) -> None:
         self.spec = spec
-        self.optimizer = optimizer
         factor: Callable[[int], float] = lambda step: lr_factor(spec, step)  # noqa: E731
         self.per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         self.plateau = (
@@ -201,7 +200,7 @@ class Schedule:
                 lr_factor(self.spec, step),
             )
         rates = [base * lr_factor(self.spec, step) for base in self.per_batch.base_lrs]
-        for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+        for group, rate in zip(self.per_batch.optimizer.param_groups, rates, strict=True):
             group["lr"] = rate
 
 
