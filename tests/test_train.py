@@ -1649,6 +1649,7 @@ def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path)
         str(REPO / "main.py"),
         *tiny_split_manifest(tmp_path),
         "training.epochs=200",
+        "training.early_stopping_patience=null",  # the run outlasts the poll however slow
         "run.test=false",
         "run.export=false",
         "system.num_workers=0",
@@ -1668,7 +1669,8 @@ def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path)
     hint = output.split("continues from its last finished epoch with: ")[1].splitlines()[0]
     assert hint.startswith(f"python {REPO / 'main.py'} data=manifest ")
     assert hint.endswith(
-        f"training.epochs=200 run.test=false run.export=false "
+        f"training.epochs=200 training.early_stopping_patience=null "
+        f"run.test=false run.export=false "
         f"system.num_workers=0 system.cache_dir={tmp_path / 'cache'} "
         f"hydra.run.dir={tmp_path / 'run'} run.resume=true"
     )
