@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +49,7 @@ from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
 from audioclf.train import Trainer, TrainingDiverged
 from conftest import (
     FSDD,
+    REPO,
     esc50_like,
     fsdd_clip,
     fsdd_manifest,
@@ -1309,8 +1311,6 @@ def _torchrun(tmp_path, *overrides: str) -> str:
     import subprocess
     import sys
 
-    from conftest import REPO
-
     result = subprocess.run(
         [
             sys.executable,
@@ -1375,8 +1375,6 @@ def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(
 def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
     import subprocess
     import sys
-
-    from conftest import REPO
 
     result = subprocess.run(
         [
@@ -1636,90 +1634,106 @@ def test_a_run_resumed_in_a_new_folder_keeps_the_earlier_best(tmp_path):
         assert torch.equal(value, earlier["model"][name]), name
 
 
-def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path):
-    import signal
-    import subprocess
+def _self_signalling_main(folder: Path, name: str, batch: int) -> Path:
+    """A script that runs the main job and sends itself signal `name` as its training batch
+    number `batch` (from 1, over the whole run) starts: a Ctrl-C or a kill at a chosen point,
+    where a signal from outside would race the run."""
+    script = folder / "main.py"
+    script.write_text(
+        "import os, signal\n"
+        "from audioclf import cli, runtime\n"
+        "step, batches = runtime.StepModel.__call__, []\n"
+        "def signalling(self, features, labels):\n"
+        "    batches.extend([None] if self.eager.training else [])\n"
+        f"    if len(batches) == {batch}:\n"
+        f"        os.kill(os.getpid(), signal.{name})\n"
+        "    return step(self, features, labels)\n"
+        "runtime.StepModel.__call__ = signalling\n"
+        "cli.main()\n"
+    )
+    return script
+
+
+def _tiny_job(tmp_path: Path, program: Path, run_dir: str, *extra: str) -> list[str]:
+    """The main job on the tiny manifest, 2 batches an epoch, no test or export."""
     import sys
-    import time
 
-    from conftest import REPO
-
-    command = [
+    return [
         sys.executable,
-        str(REPO / "main.py"),
+        str(program),
         *tiny_split_manifest(tmp_path),
-        "training.epochs=200",
-        "training.early_stopping_patience=null",  # the run outlasts the poll however slow
+        "training.epochs=4",
+        "training.batch_size=4",
         "run.test=false",
         "run.export=false",
         "system.num_workers=0",
         f"system.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / run_dir}",
+        *extra,
     ]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    last = tmp_path / "run" / "checkpoints" / "last.pth"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and job.poll() is None and not last.exists():
-        time.sleep(0.05)
-    job.send_signal(signal.SIGINT)
-    output, _ = job.communicate(timeout=60)
+
+
+def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path):
+    import subprocess
+
+    program = _self_signalling_main(tmp_path, "SIGINT", batch=3)  # in epoch 2
+    command = _tiny_job(tmp_path, program, "run")
+    job = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    output = job.stdout + job.stderr
     assert job.returncode == 130, output
-    assert "interrupted" in output
     # The command to continue, with this run's own overrides: a resumed run needs them.
     hint = output.split("continues from its last finished epoch with: ")[1].splitlines()[0]
-    assert hint.startswith(f"python {REPO / 'main.py'} data=manifest ")
+    assert hint.startswith(f"python {program} data=manifest ")
     assert hint.endswith(
-        f"training.epochs=200 training.early_stopping_patience=null "
-        f"run.test=false run.export=false "
+        f"training.epochs=4 training.batch_size=4 run.test=false run.export=false "
         f"system.num_workers=0 system.cache_dir={tmp_path / 'cache'} "
         f"hydra.run.dir={tmp_path / 'run'} run.resume=true"
     )
     assert "Traceback" not in output
-    assert load_checkpoint(last)["epoch"] >= 1
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")["epoch"] == 1
+
+
+def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tmp_path):
+    import subprocess
+
+    # run.resume=true would look for the newest earlier run, here a finished one of the same
+    # settings, and test that instead.
+    earlier = _tiny_job(tmp_path, REPO / "main.py", "earlier", "training.epochs=1")
+    assert subprocess.run(earlier, capture_output=True, timeout=300).returncode == 0
+    program = _self_signalling_main(tmp_path, "SIGINT", batch=1)
+    job = subprocess.run(
+        _tiny_job(tmp_path, program, "run", "training.epochs=1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = job.stdout + job.stderr
+    assert job.returncode == 130, output
+    assert "interrupted before the first epoch ended: no checkpoint was saved" in output
+    assert "run.resume" not in output
+    assert "Traceback" not in output
 
 
 def test_main_job_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tmp_path):
     import signal
     import subprocess
-    import sys
 
-    from conftest import REPO
-
-    def command(run_dir, *extra, runner=str(REPO / "main.py")):
-        return [
-            sys.executable,
-            runner,
-            *tiny_split_manifest(tmp_path),
-            "training.epochs=4",
-            "training.batch_size=4",  # 2 batches an epoch
+    def command(run_dir, *extra, program=REPO / "main.py"):
+        return _tiny_job(
+            tmp_path,
+            program,
+            run_dir,
             "training.mixup_alpha=0.2",
-            "run.test=false",
-            "run.export=false",
-            "system.num_workers=0",
             "system.deterministic=true",
-            f"system.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={tmp_path / run_dir}",
             *extra,
-        ]
+        )
 
-    # The main job, which SIGKILLs itself as its 6th training batch starts: in epoch 3, after
-    # epoch 2's save. Killing from the outside raced the run (CI once polled too late).
-    killer = tmp_path / "killer.py"
-    killer.write_text(
-        "import os, signal\n"
-        "from audioclf import cli, runtime\n"
-        "step, batches = runtime.StepModel.__call__, []\n"
-        "def kill_in_epoch_3(self, features, labels):\n"
-        "    batches.extend([None] if self.eager.training else [])\n"
-        "    if len(batches) == 6:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return step(self, features, labels)\n"
-        "runtime.StepModel.__call__ = kill_in_epoch_3\n"
-        "cli.main()\n"
-    )
+    # Killed as its 6th training batch starts: in epoch 3, after epoch 2's save. (A poll from
+    # outside raced the run: CI once saw it end before the kill.)
+    killer = _self_signalling_main(tmp_path, "SIGKILL", batch=6)
     whole = subprocess.run(command("whole"), capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
-    killed = subprocess.run(command("killed", runner=str(killer)), capture_output=True, timeout=300)
+    killed = subprocess.run(command("killed", program=killer), capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     last = tmp_path / "killed" / "checkpoints" / "last.pth"
     assert load_checkpoint(last)["epoch"] == 2

@@ -390,14 +390,29 @@ def _hydra_main(config: DictConfig) -> float | None:
         raise SystemExit(2) from error
     except KeyboardInterrupt:
         log.debug("traceback", exc_info=True)
-        log.error(
-            "interrupted; checkpoints are written whole or not at all, so a run that saved "
-            "checkpoints/last.pth continues from its last finished epoch with: %s",
-            resume_command(),
-        )
+        log.error("%s", interrupted_message(config))
         raise SystemExit(130) from None
     # A sweeper (`-m`, Optuna) optimises what the app returns: the best monitored value.
     return summary.get("training", {}).get("best")
+
+
+def interrupted_message(config: DictConfig) -> str:
+    """What an interrupted run leaves: the command that continues it, or, when it saved no
+    checkpoint, that there is nothing to continue (`run.resume=true` would look for the
+    newest earlier run instead). Under torchrun, rank 0 says it."""
+    if not is_main_process():
+        return "interrupted"
+    output_dir = OmegaConf.select(config, "system.output_dir", default=None)
+    saved = output_dir is not None and any(Path(output_dir).rglob("last.pth"))
+    if not saved and not OmegaConf.select(config, "run.resume", default=False):
+        return (
+            "interrupted before the first epoch ended: no checkpoint was saved, so there is "
+            "nothing to resume; the same command starts the run again"
+        )
+    return (
+        "interrupted; checkpoints are written whole or not at all, so the run continues from "
+        f"its last finished epoch with: {resume_command()}"
+    )
 
 
 def resume_command() -> str:
