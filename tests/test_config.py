@@ -8,7 +8,8 @@ import sys
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from audioclf.cli import CONFIG_DIR, normalise_override
+from audioclf.cli import CONFIG_DIR
+from audioclf.overrides import normalise_override, unknown_key_hints
 from audioclf.pipeline import build_model, feature_params
 from audioclf.settings import ConfigError, load_settings
 from conftest import REPO
@@ -139,8 +140,39 @@ def test_typo_on_the_command_line_fails_with_the_key_named():
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "batchsize" in result.stderr
+    assert result.returncode == 1
+    assert "training.batchsize: no such key; did you mean training.batch_size?" in result.stderr
+
+
+MEANT = "no such key; did you mean"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "hints"),
+    [
+        (["training.batchsize=3"], [f"training.batchsize: {MEANT} training.batch_size?"]),
+        (["model=panns_cnn14", "features.fmax=1"], [f"features.fmax: {MEANT} features.fmax_hz?"]),
+        # A key of another model's options is known: Hydra names it for the model chosen.
+        (["model.params.ghost_ratio=3", "training.lr=1", "+training.x=1", "hydra.job.name=j"], []),
+        (
+            ["augmentations.audio.transforms.7.p=0.5"],
+            [
+                "augmentations.audio.transforms.7.p: "
+                "augmentations.audio.transforms has 5 items, 0 to 4"
+            ],
+        ),
+        (["zzz.qqq=1"], ["zzz.qqq: no such key"]),
+    ],
+)
+def test_an_unknown_key_is_named_with_the_keys_it_was_probably_meant_to_be(arguments, hints):
+    assert unknown_key_hints(arguments) == hints
+
+
+def test_an_unknown_key_added_with_plus_is_named_with_the_close_key(compose_config):
+    with pytest.raises(
+        ConfigError, match=r"\['training.batchsize'\]; did you mean training.batch_size"
+    ):
+        load_settings(compose_config("+training.batchsize=3"))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ import errno
 import json
 import logging
 import random
-import re
 import shlex
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from audioclf.model import (
     load_state,
 )
 from audioclf.model.pretrained import load_file
+from audioclf.overrides import normalise_override, unknown_key_hints
 from audioclf.pipeline import (
     build_datasets,
     build_loaders,
@@ -369,8 +369,13 @@ def run_folds(config: DictConfig) -> dict[str, Any]:
     return result
 
 
+_job_started = False  # whether Hydra composed the config and called the job
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(config: DictConfig) -> float | None:
+    global _job_started
+    _job_started = True
     # Set before the settings are checked, so that DEBUG shows a bad setting's traceback too.
     level = OmegaConf.select(config, "system.log_level", default="INFO")
     if level in logging.getLevelNamesMapping():
@@ -435,26 +440,14 @@ def resume_command() -> str:
     return shlex.join([*words, *overrides, "run.resume=true"])
 
 
-_LIST_INDEX = re.compile(r"\[(\d+)\]")
-_BARE_EQUALS = re.compile(r"(?<!\\)=")
-
-
-def normalise_override(argument: str) -> str:
-    """Rewrite an override as Hydra's grammar takes it.
-
-    List indices in the key: `a.b[0].c=1` -> `a.b.0.c=1` (Hydra reaches list items only as
-    `.0`; users write `[0]`). An `=` in an unquoted value is escaped: PANNs' checkpoints are
-    named `Cnn14_mAP=0.431.pth`, and Hydra's grammar stops at a bare `=` in a value.
-    """
-    if argument.startswith("-") or "=" not in argument:
-        return argument
-    key, value = argument.split("=", 1)
-    if not value.startswith(("'", '"')):
-        value = _BARE_EQUALS.sub(r"\\=", value)
-    return _LIST_INDEX.sub(r".\1", key) + "=" + value
-
-
 def main() -> None:
     """Console entry point."""
     sys.argv[1:] = [normalise_override(argument) for argument in sys.argv[1:]]
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as stop:
+        # Hydra refused the command line before the job began: a mistyped key, most often.
+        if stop.code == 1 and not _job_started:
+            for line in unknown_key_hints(sys.argv[1:]):
+                print(line, file=sys.stderr)
+        raise

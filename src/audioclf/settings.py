@@ -9,6 +9,7 @@ The library below the CLI takes these dataclasses or plain values, never a DictC
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import math
 import re
@@ -388,7 +389,15 @@ def _build(cls: type, values: Any, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key(s) {[_join(key, name) for name in unknown]}")
+        close = [
+            _join(key, match)
+            for name in unknown
+            for match in difflib.get_close_matches(name, list(fields), n=1, cutoff=0.8)
+        ]
+        raise ConfigError(
+            f"unknown key(s) {[_join(key, name) for name in unknown]}"
+            + (f"; did you mean {' or '.join(close)}?" if close else "")
+        )
     hints = typing.get_type_hints(cls)
     arguments = {}
     for name, spec in fields.items():

@@ -1,0 +1,109 @@
+"""Command-line overrides: rewritten as Hydra's grammar takes them, and, when Hydra refuses
+a key, the known keys it was probably meant to be."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from audioclf.settings import CONFIG_DIR
+
+_LIST_INDEX = re.compile(r"\[(\d+)\]")
+_BARE_EQUALS = re.compile(r"(?<!\\)=")
+
+
+def normalise_override(argument: str) -> str:
+    """Rewrite an override as Hydra's grammar takes it.
+
+    List indices in the key: `a.b[0].c=1` -> `a.b.0.c=1` (Hydra reaches list items only as
+    `.0`; users write `[0]`). An `=` in an unquoted value is escaped: PANNs' checkpoints are
+    named `Cnn14_mAP=0.431.pth`, and Hydra's grammar stops at a bare `=` in a value.
+    """
+    if argument.startswith("-") or "=" not in argument:
+        return argument
+    key, value = argument.split("=", 1)
+    if not value.startswith(("'", '"')):
+        value = _BARE_EQUALS.sub(r"\\=", value)
+    return _LIST_INDEX.sub(r".\1", key) + "=" + value
+
+
+def config_groups() -> list[str]:
+    """The config groups (`data`, `features`, `model`, `teacher_model`)."""
+    return sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir())
+
+
+def known_keys() -> set[str]:
+    """Every key of the config under any option of any group (`model.params.width_mult`,
+    `augmentations.audio.transforms.0.p`), composed by Hydra as a run would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    keys: set[str] = set()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        for group in config_groups():
+            for option in sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")):
+                config = compose("config", overrides=[f"{group}={option}"])
+                keys.update(_leaf_keys(OmegaConf.to_container(config, resolve=False)))
+    return keys
+
+
+def _leaf_keys(value: Any, key: str = "") -> Iterator[str]:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for name, child in items:
+        child_key = f"{key}.{name}" if key else str(name)
+        if isinstance(child, dict | list) and child:
+            yield from _leaf_keys(child, child_key)
+        else:
+            yield child_key
+
+
+def override_keys(arguments: Iterable[str]) -> list[str]:
+    """The keys that plain overrides (`key=value`, not `+key`, `~key` or a group's option)
+    set, leaving Hydra's own (`hydra.*`) out."""
+    groups = set(config_groups())
+    keys = []
+    for argument in arguments:
+        if argument.startswith(("-", "+", "~")) or "=" not in argument:
+            continue
+        key = argument.split("=", 1)[0]
+        if key in groups or key.startswith("hydra.") or "/" in key:
+            continue
+        keys.append(key)
+    return keys
+
+
+def unknown_key_hints(arguments: Sequence[str]) -> list[str]:
+    """A line for each override whose key no config option has, naming the keys it was
+    probably meant to be (`training.batchsize` -> `training.batch_size`), or, for a list
+    item past the end, the items the list has; none when every key is known."""
+    keys = override_keys(arguments)
+    if not keys:
+        return []
+    known = known_keys()
+    return [_hint(key, known) for key in keys if not _is_known(key, known)]
+
+
+def _is_known(key: str, known: set[str]) -> bool:
+    return key in known or any(k.startswith(f"{key}.") for k in known)
+
+
+def _hint(key: str, known: set[str]) -> str:
+    parts = key.split(".")
+    for position, part in enumerate(parts):
+        prefix = ".".join(parts[:position])
+        if part.isdigit() and prefix and _is_known(prefix, known):
+            items = {k.split(".")[position] for k in known if k.startswith(f"{prefix}.")}
+            if part not in items:
+                return f"{key}: {prefix} has {len(items)} items, 0 to {len(items) - 1}"
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, key, name).ratio(), name) for name in known),
+        reverse=True,
+    )
+    # The best match, and any about as close (0.8: a typo or two in a key).
+    close = [name for ratio, name in scored[:3] if ratio >= max(0.8, scored[0][0] - 0.05)]
+    return f"{key}: no such key" + (f"; did you mean {' or '.join(close)}?" if close else "")
