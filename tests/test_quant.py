@@ -224,11 +224,12 @@ def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
     assert info["normalization"]["inside_model"] is False
 
 
-def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, features):
+def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, features, capfd):
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = tiny_model()
     checks = _export(tmp_path, model, features)
+    assert "LiteRT-Torch" not in capfd.readouterr().out  # its progress lines are kept quiet
     assert checks[0].passed
     assert checks[0].max_abs_diff <= 1e-4
     path = tmp_path / "model.tflite"

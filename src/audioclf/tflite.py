@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 INSTALL = 'pip install -e ".[tflite]"'
+_PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"  # litert-torch's progress lines on stdout
 
 
 def convert(
@@ -119,10 +120,13 @@ def io_quantization(path: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def quiet_logs() -> Iterator[None]:
-    """litert-torch logs progress through logging and prints native messages to stderr;
-    errors still raise."""
+    """litert-torch logs through logging, prints its progress (about 70 lines a file) to
+    stdout unless LITERT_TORCH_SHOW_PROGRESS is off, and native messages to stderr; errors
+    still raise."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    progress = os.environ.get(_PROGRESS)
+    os.environ[_PROGRESS] = "n"
     stderr = os.dup(2)
     try:
         with open(os.devnull, "w") as sink:
@@ -132,3 +136,7 @@ def quiet_logs() -> Iterator[None]:
         os.dup2(stderr, 2)
         os.close(stderr)
         logging.disable(previous)
+        if progress is None:
+            del os.environ[_PROGRESS]
+        else:
+            os.environ[_PROGRESS] = progress
