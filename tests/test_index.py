@@ -126,6 +126,26 @@ def test_label_in_test_that_training_lacks_is_an_error(folder_dataset):
         split_listing(index_folder(folder_dataset, 0.1, 0.1), seed=0)
 
 
+def test_data_a_model_is_tested_on_needs_no_training_clips_and_only_its_classes(tmp_path, caplog):
+    rows = [(f"{d}_theo_{i}.wav", str(d), "test") for d in (3, 4) for i in (0, 1)]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    listing = index_manifest(manifest, FSDD, 0.1, 0.1)
+    with pytest.raises(DatasetError, match="no training clips found"):
+        split_listing(listing, seed=0)
+    with caplog.at_level("WARNING", logger="audioclf.index"):
+        index = split_listing(listing, seed=0, classes=["3", "4", "5"])
+    # The model's class order, a class the data lacks included (a warning, not an error).
+    assert index.classes == ["3", "4", "5"]
+    assert index.counts() == {"train": 0, "val": 0, "test": 4}
+    assert "the test split has no clip of ['5']" in caplog.text
+    with pytest.raises(
+        DatasetError,
+        match=r"labels \['4'\] appear in the test split but the model was trained "
+        r"for classes \['3', '5'\]",
+    ):
+        split_listing(listing, seed=0, classes=["3", "5"])
+
+
 @pytest.mark.parametrize("multi_label", [False, True])
 def test_a_single_class_is_an_error_naming_it(tmp_path, multi_label):
     rows = [(f"1_jackson_{i}.wav", "one", s) for i, s in [(10, "train"), (11, "train"), (5, "val")]]

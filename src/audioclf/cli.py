@@ -156,7 +156,11 @@ def _run(config: DictConfig) -> dict[str, Any]:
         resume, qat_resume = resume_paths(settings.run.resume, output_dir)
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
-        index, datasets, bad_files = build_datasets(settings)
+        # Testing a checkpoint: its classes, and no training clips needed.
+        tests_only = checkpoint is not None and not (settings.run.train or settings.run.quantise)
+        index, datasets, bad_files = build_datasets(
+            settings, checkpoint["classes"] if tests_only else None
+        )
         if checkpoint is not None and checkpoint["classes"] != index.classes:
             hint = (
                 f"; to fine-tune it on these classes (a new head), give it as "

@@ -227,6 +227,7 @@ def split_listing(
     seed: int,
     digest: Callable[[Path], str] | None = None,
     multi_label: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> DatasetIndex:
     """Split a (checked) listing into train / val / test and fix the class order.
 
@@ -238,6 +239,9 @@ def split_listing(
     `digest` maps a file to a content digest (default: a BLAKE2 digest of its bytes). With
     `multi_label`, classes are the single labels of ';'-joined label sets, and a small split
     missing a class is a warning (rare tags), not an error.
+    `classes`: the classes of a trained model that the data is tested on. The training split
+    may then be empty, every label must be one of them, and a split that lacks some is a
+    warning.
     """
     digest = digest or (lambda path: file_digest(path)[0])
     listing = drop_duplicates(listing)
@@ -261,35 +265,44 @@ def split_listing(
             splits[split] += [replace(clip, split=split) for clip in clips]
     check_leakage(splits, digest)
     check_groups(splits)
-    return _finish_index(splits, listing.source, multi_label)
+    return _finish_index(splits, listing.source, multi_label, classes)
 
 
-def _finish_index(splits: dict[str, list[Clip]], source: str, multi_label: bool) -> DatasetIndex:
-    if not splits["train"]:
-        raise DatasetError(f"{source}: no training clips found")
-
+def _finish_index(
+    splits: dict[str, list[Clip]],
+    source: str,
+    multi_label: bool,
+    model_classes: Sequence[str] | None = None,
+) -> DatasetIndex:
     def labels_in(clips: list[Clip]) -> set[str]:
         if multi_label:
             return {label for clip in clips for label in clip.labels}
         return {clip.label for clip in clips}
 
-    classes = sorted(labels_in(splits["train"]))
+    if model_classes is not None:
+        classes = list(model_classes)
+        known_from = f"the model was trained for classes {classes}"
+    elif not splits["train"]:
+        raise DatasetError(f"{source}: no training clips found")
+    else:
+        classes, known_from = sorted(labels_in(splits["train"])), "not in training"
     if len(classes) < 2:
         raise DatasetError(
             f"{source}: the training clips have one class ({classes[0]!r}); a classifier "
             "needs at least 2"
         )
-    for split in ("val", "test"):
+    for split in SPLITS:
         labels = labels_in(splits[split])
         unknown = sorted(labels - set(classes))
         if unknown:
             raise DatasetError(
-                f"{source}: labels {unknown} appear in the {split} split but not in training"
+                f"{source}: labels {unknown} appear in the {split} split but {known_from}"
             )
         absent = sorted(set(classes) - labels)
-        if labels and absent and multi_label:
-            # Rare tags often miss a small split in multi-label sets: say so, go on.
-            log.warning("%s: the %s split has no clip tagged %s", source, split, absent)
+        if labels and absent and (multi_label or model_classes is not None):
+            # Rare tags often miss a small split in multi-label sets, and a test set need not
+            # hold every class a model knows: say so, go on.
+            log.warning("%s: the %s split has no clip of %s", source, split, absent)
         elif labels and absent:
             raise DatasetError(
                 f"{source}: the {split} split has no clip of class(es) {absent} "

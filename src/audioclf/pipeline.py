@@ -7,6 +7,7 @@ The main job (`audioclf.cli.run`) calls these in order; each takes the settings 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -90,10 +91,13 @@ def list_dataset(data: DataConfig) -> Listing:
 
 def build_datasets(
     settings: Settings,
+    classes: Sequence[str] | None = None,
 ) -> tuple[DatasetIndex, dict[str, SpectrogramDataset], list[dict[str, str]]]:
     """Check the configured files, split the usable ones, and build train / val / test.
 
-    Returns the index, the datasets and the bad files dropped (with `on_bad_file=skip`).
+    `classes`: those of a trained model that the data is tested on (no training split needed;
+    see `split_listing`). Returns the index, the datasets and the bad files dropped (with
+    `on_bad_file=skip`).
     """
     data = settings.data
     params = feature_params(settings)
@@ -113,7 +117,7 @@ def build_datasets(
         progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
     listing.clips = good
-    index = split_listing(listing, data.split_seed, multi_label=data.multi_label)
+    index = split_listing(listing, data.split_seed, multi_label=data.multi_label, classes=classes)
     if settings.run.train and not index.splits["val"]:
         if listing.fractions.get("val", 0) > 0:
             how = (

@@ -95,7 +95,7 @@ class DataConfig:
     sample_rate: int = bounded(gt=0)
     clip_seconds: float = bounded(gt=0)
     val_fraction: float = bounded(ge=0, lt=1)
-    test_fraction: float = bounded(ge=0, lt=1)
+    test_fraction: float = bounded(ge=0, le=1)
     split_seed: int = bounded(ge=0)
     val_fold: int | str | None
     test_fold: int | str | None
@@ -297,9 +297,13 @@ def load_settings(config: DictConfig) -> Settings:
             f"system.device must be auto, cpu, cuda, cuda:N or mps, not {settings.system.device!r}"
         )
     data = settings.data
-    if data.val_fraction + data.test_fraction >= 1:
+    fractions = data.val_fraction + data.test_fraction
+    # Testing a checkpoint may take every clip (data.test_fraction=1); training needs some.
+    trains = settings.run.train or settings.run.quantise or not settings.run.checkpoint_path
+    if fractions >= 1 if trains else fractions > 1:
+        bound = "< 1 (training needs clips)" if trains else "<= 1"
         raise ConfigError(
-            "data.val_fraction + data.test_fraction must be < 1 (training needs clips), not "
+            f"data.val_fraction + data.test_fraction must be {bound}, not "
             f"{data.val_fraction} + {data.test_fraction}"
         )
     if data.format == "fsd50k" and not data.multi_label:
