@@ -412,6 +412,18 @@ def test_missing_checkpoint_file_is_named(tmp_path):
         tiny_model("efficientnet_v2", pretrained_path=tmp_path / "absent.pth")
 
 
+def test_a_folder_given_as_a_checkpoint_names_the_checkpoints_below_it(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for name in ("last.pth", "best.pth"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"run: a folder, not a checkpoint file; the checkpoints below it include "
+        rf"{tmp_path}/run/checkpoints/best.pth, {tmp_path}/run/checkpoints/last.pth$",
+    ):
+        tiny_model("efficientnet_v2", pretrained_path=tmp_path / "run")
+
+
 # --- Fine-tuning switches ------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import zipfile
@@ -41,6 +42,12 @@ def load_file(path: str | Path, mmap: bool = False) -> Any:
     file is a CheckpointError naming it. `mmap` maps the tensors instead of reading them, for
     a look at the rest (files in torch's legacy format, which cannot be mapped, are read)."""
     path = Path(path)
+    if path.is_dir():  # a run folder, most often
+        found = [str(f) for f in sorted(itertools.islice(path.rglob("*.pth"), 100))[:4]]
+        raise CheckpointError(
+            f"{path}: a folder, not a checkpoint file"
+            + (f"; the checkpoints below it include {', '.join(found)}" if found else "")
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
