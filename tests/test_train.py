@@ -336,6 +336,23 @@ def test_plateau_cuts_the_rate_after_patience_epochs():
     assert lr_factor(ScheduleSpec("plateau", 10, 1), 7) == 1.0
 
 
+def test_plateau_warms_up_then_cuts_the_rate():
+    # Its warmup never ended: the rate stayed at 1/warmup_steps of training.lr all run.
+    optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    spec = ScheduleSpec("plateau", 12, 2, warmup_steps=4)
+    schedule = Schedule(optimizer, spec, "max", plateau_patience=0)
+    lrs = []
+    for _epoch in range(6):
+        for _ in range(2):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step_batch()
+        schedule.step_epoch(0.5)  # no improvement after the first epoch past warmup
+    assert lrs == pytest.approx(
+        [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.05, 0.05, 0.025, 0.025, 0.0125, 0.0125]
+    )
+
+
 def test_a_schedule_resumed_over_a_longer_plan_follows_that_plans_curve(caplog):
     # A run of 10 steps resumed with twice the epochs: the rest of the 20-step curve, not the
     # old plan's last rate (0 at the end of a cosine) for the first resumed step.

@@ -160,14 +160,21 @@ class Schedule:
         )
 
     def step_batch(self) -> None:
-        """After each optimizer step."""
-        if self.plateau is None:
+        """After each optimizer step. `plateau` follows its warmup per batch, then leaves
+        the rate to the plateau scheduler (a step of the per-batch multiplier would undo its
+        cuts)."""
+        if self.plateau is None or self.warming_up:
             self.per_batch.step()
 
     def step_epoch(self, monitored: float) -> None:
-        """After each validation, with the monitored metric."""
-        if self.plateau is not None:
+        """After each validation, with the monitored metric (`plateau`: once warmup is over,
+        which the plateau's cuts would not survive)."""
+        if self.plateau is not None and not self.warming_up:
             self.plateau.step(monitored)
+
+    @property
+    def warming_up(self) -> bool:
+        return self.per_batch.last_epoch < self.spec.warmup_steps
 
     def state_dict(self) -> dict:
         return {
