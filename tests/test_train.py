@@ -820,6 +820,13 @@ def test_distillation_loss_against_a_hand_computation():
     expected = alpha * hard + (1 - alpha) * temperature**2 * soft
     loss = distillation_loss(student, teacher, target, alpha, temperature)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Class weights weigh the term on the labels (a weighted mean over the batch).
+    weights = torch.tensor([1.0, 4.0, 1.0])
+    pair = (torch.cat([student, teacher]), torch.cat([teacher, student]), torch.tensor([1, 0]))
+    weighted = distillation_loss(*pair, alpha, temperature, class_weights=weights)
+    hard = F.cross_entropy(pair[0], pair[2], weight=weights)
+    soft = distillation_loss(*pair, 0.0, temperature)
+    assert float(weighted) == pytest.approx(float(alpha * hard + (1 - alpha) * soft), rel=1e-5)
 
 
 def test_mixup_blends_features_and_targets_with_one_weight():
@@ -1177,6 +1184,20 @@ def test_distillation_uses_the_teachers_soft_targets(tmp_path):
     trainer.fit(*_loaders())
     probabilities = torch.softmax(trainer.model.eval()(_separable(12).tensors[0]), dim=1)
     assert torch.allclose(probabilities, torch.full_like(probabilities, 1 / 3), atol=0.15)
+
+
+def test_a_distilling_run_keeps_its_class_weights(tmp_path):
+    # alpha = 1: the loss is the term on the labels alone, weighted as without a teacher.
+    # Under distillation the weights were dropped.
+    options = _options(epochs=1, distillation=DistillationConfig(alpha=1.0, temperature=2.0))
+    weights = torch.tensor([3.0, 1.0, 0.5])
+    losses = []
+    for name, teacher in [("alone", None), ("taught", TinyNet(3))]:
+        trainer = _trainer(tmp_path / name, options, class_weights=weights, teacher=teacher)
+        losses.append(trainer.fit(*_loaders(16))["history"][0]["train_loss"])
+    unweighted = _trainer(tmp_path / "plain", options).fit(*_loaders(16))["history"][0]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    assert unweighted["train_loss"] != pytest.approx(losses[0], rel=1e-3)
 
 
 def test_arcface_student_distils(tmp_path):

@@ -60,15 +60,17 @@ def distillation_loss(
     temperature: float,
     multi_label: bool = False,
     label_smoothing: float = 0.0,
+    class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha * CE(student, y) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     Multi-label: the same with BCE on the targets and BCE between the teacher's and the
-    student's sigmoid outputs at temperature T.
+    student's sigmoid outputs at temperature T. `label_smoothing` and `class_weights` apply
+    to the term on the targets, as in `classification_loss`.
     """
     student_logits = student_logits.float()
     teacher_logits = teacher_logits.float().detach()
-    hard = classification_loss(student_logits, targets, multi_label, label_smoothing)
+    hard = classification_loss(student_logits, targets, multi_label, label_smoothing, class_weights)
     scaled_student = student_logits / temperature
     scaled_teacher = teacher_logits / temperature
     if multi_label:

@@ -305,6 +305,7 @@ class Trainer:
                         options.distillation.temperature,
                         self.multi_label,
                         options.label_smoothing,
+                        self.class_weights,
                     )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
