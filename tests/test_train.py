@@ -44,7 +44,7 @@ from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
 from audioclf.pipeline import class_weights
 from audioclf.predict import load_predictor
-from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor
+from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor, make_optimizer
 from audioclf.settings import ConfigError, DistillationConfig, TrainingConfig
 from audioclf.train import Trainer, TrainingDiverged
 from conftest import (
@@ -315,16 +315,29 @@ def test_constant_schedule_is_constant_after_warmup():
     assert _lrs("constant", warmup_steps=2)[:4] == pytest.approx([0.05, 0.1, 0.1, 0.1])
 
 
-def test_onecycle_matches_pytorchs_one_cycle_lr():
-    model = nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=20)
-    expected = []
-    for _ in range(20):
-        expected.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        reference.step()
-    np.testing.assert_allclose(_lrs("onecycle"), expected, rtol=1e-6)
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_onecycle_matches_pytorchs_one_cycle_lr_and_momentum(optimizer_name):
+    def curve(schedule_for, step):
+        optimizer = make_optimizer(nn.Linear(2, 2).parameters(), optimizer_name, 0.1, 0.0)
+        schedule = schedule_for(optimizer)
+        seen = []
+        for _ in range(20):
+            group = optimizer.param_groups[0]
+            seen.append((group["lr"], group["betas"][0] if "betas" in group else group["momentum"]))
+            optimizer.step()
+            step(schedule)
+        return seen
+
+    expected = curve(
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=20),
+        lambda schedule: schedule.step(),
+    )
+    # Momentum (Adam's beta1) falls from 0.95 to 0.85 while the rate rises, then back up.
+    actual = curve(
+        lambda o: Schedule(o, ScheduleSpec("onecycle", 20, 5)),
+        lambda schedule: schedule.step_batch(),
+    )
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
 
 
 def test_plateau_cuts_the_rate_after_patience_epochs():

@@ -40,6 +40,7 @@ class ScheduleSpec:
     onecycle_pct_start: float = 0.3
     onecycle_div_factor: float = 25.0
     onecycle_final_div_factor: float = 1e4
+    onecycle_momentum: tuple[float, float] = (0.85, 0.95)  # (at the peak rate, at the ends)
 
 
 def schedule_spec(options: TrainingConfig, steps_per_epoch: int) -> ScheduleSpec:
@@ -82,12 +83,10 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
     scales it).
     """
     if spec.name == "onecycle":
-        peak = spec.onecycle_pct_start * spec.total_steps - 1
+        rising, progress = _onecycle_phase(spec, step)
         initial = 1.0 / spec.onecycle_div_factor
         final = initial / spec.onecycle_final_div_factor
-        if step <= peak:
-            return _cosine(initial, 1.0, step / peak if peak > 0 else 1.0)
-        return _cosine(1.0, final, (step - peak) / max(spec.total_steps - 1 - peak, 1))
+        return _cosine(initial, 1.0, progress) if rising else _cosine(1.0, final, progress)
     if step < spec.warmup_steps:
         return (step + 1) / spec.warmup_steps
     if spec.name == "cosine":
@@ -98,6 +97,22 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
     if spec.name in ("constant", "plateau"):
         return 1.0
     raise ValueError(f"lr_schedule must be one of {SCHEDULES}, not {spec.name!r}")
+
+
+def onecycle_momentum(spec: ScheduleSpec, step: int) -> float:
+    """OneCycleLR's momentum at `step` (SGD's momentum, Adam's beta1): down from the higher
+    value to the lower while the rate rises, back up while it falls."""
+    rising, progress = _onecycle_phase(spec, step)
+    low, high = spec.onecycle_momentum
+    return _cosine(high, low, progress) if rising else _cosine(low, high, progress)
+
+
+def _onecycle_phase(spec: ScheduleSpec, step: int) -> tuple[bool, float]:
+    """Whether `step` is in OneCycleLR's rising phase, and how far through its phase."""
+    peak = spec.onecycle_pct_start * spec.total_steps - 1
+    if step <= peak:
+        return True, step / peak if peak > 0 else 1.0
+    return False, (step - peak) / max(spec.total_steps - 1 - peak, 1)
 
 
 def make_optimizer(
@@ -151,6 +166,11 @@ class Schedule:
         self.spec = spec
         factor: Callable[[int], float] = lambda step: lr_factor(spec, step)  # noqa: E731
         self.per_batch = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # onecycle cycles the momentum too, as OneCycleLR does (SGD only when it has one).
+        self.cycles_momentum = spec.name == "onecycle" and all(
+            "betas" in group or group.get("momentum", 0) > 0 for group in optimizer.param_groups
+        )
+        self._set_momentum()
         self.plateau = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode=mode, factor=plateau_factor, patience=plateau_patience
@@ -165,6 +185,17 @@ class Schedule:
         cuts)."""
         if self.plateau is None or self.warming_up:
             self.per_batch.step()
+        self._set_momentum()
+
+    def _set_momentum(self) -> None:
+        if not self.cycles_momentum:
+            return
+        momentum = onecycle_momentum(self.spec, self.per_batch.last_epoch)
+        for group in self.per_batch.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (momentum, group["betas"][1])
+            else:
+                group["momentum"] = momentum
 
     def step_epoch(self, monitored: float) -> None:
         """After each validation, with the monitored metric (`plateau`: once warmup is over,
@@ -209,6 +240,7 @@ class Schedule:
         rates = [base * lr_factor(self.spec, step) for base in self.per_batch.base_lrs]
         for group, rate in zip(self.per_batch.optimizer.param_groups, rates, strict=True):
             group["lr"] = rate
+        self._set_momentum()
 
 
 @dataclass
