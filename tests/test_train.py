@@ -117,6 +117,23 @@ def test_a_short_fit_lowers_the_loss_and_learns(tmp_path):
     assert result["history"][-1]["val_accuracy"] > 0.8
 
 
+def test_any_module_that_takes_features_trains(tmp_path):
+    # A plain PyTorch module has no `labels` parameter: it was called with two arguments.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    trainer = Trainer(model, _options(epochs=8), ["a", "b", "c"], tmp_path)
+    train, val = _loaders(96)
+    best = trainer.fit(train, val)["best"]
+    assert best > 0.9
+    assert trainer.test(val)[0] == pytest.approx(best)  # the best weights, loaded
+
+
 def test_bf16_autocast_runs_on_the_cpu(tmp_path):
     trainer = _trainer(tmp_path, _options(epochs=1, amp=True))
     seen = []

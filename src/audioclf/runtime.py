@@ -13,6 +13,7 @@ rest stays bf16.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -117,9 +118,12 @@ def keep_strided_grouped_convs_fp32(model: nn.Module) -> int:
 class StepModel:
     """What a training step calls: the model, wrapped in DistributedDataParallel under
     torchrun, and compiled (torch.compile) when asked. Without a C++ compiler, or when
-    compiling fails, it runs eagerly, with one warning."""
+    compiling fails, it runs eagerly, with one warning. The labels go to a forward with a
+    `labels` parameter (the zoo's, for ArcFace heads); any other module gets the features
+    alone."""
 
     def __init__(self, model: nn.Module, device: torch.device, compile: bool) -> None:
+        self.takes_labels = "labels" in inspect.signature(model.forward).parameters
         self.eager = model
         if dist.is_initialized():
             ids = [device.index] if device.type == "cuda" else None
@@ -131,10 +135,11 @@ class StepModel:
             log.warning("training.compile: no C++ compiler found; training runs eagerly")
 
     def __call__(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        inputs = (features, labels) if self.takes_labels else (features,)
         if self.compiled is None:
-            return self.eager(features, labels)
+            return self.eager(*inputs)
         try:
-            return self.compiled(features, labels)
+            return self.compiled(*inputs)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             log.warning(
                 "training.compile: torch.compile failed (%s: %s); training runs eagerly",
@@ -142,7 +147,7 @@ class StepModel:
                 str(error).splitlines()[0] if str(error) else "",
             )
             self.compiled = None
-            return self.eager(features, labels)
+            return self.eager(*inputs)
 
 
 @contextlib.contextmanager

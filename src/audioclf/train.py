@@ -43,7 +43,7 @@ from audioclf.metrics import (
     multilabel_metrics,
     write_evaluation,
 )
-from audioclf.model import Model, load_state
+from audioclf.model import load_state
 from audioclf.quant import QuantizedModel, load_graph_state
 from audioclf.runtime import (
     StepModel,
@@ -76,7 +76,8 @@ class EpochStats:
 
 
 class Trainer:
-    """Trains a `Model` on batches of `(features, targets)`.
+    """Trains a `Model` (or any module that takes a batch of features) on batches of
+    `(features, targets)`.
 
     Args:
         options: the training section (optimizer, schedule, clipping, speed switches...).
@@ -98,7 +99,7 @@ class Trainer:
 
     def __init__(
         self,
-        model: Model,
+        model: nn.Module,
         options: TrainingConfig,
         classes: list[str],
         output_dir: str | Path,
