@@ -944,6 +944,21 @@ def test_zero_epochs_says_the_model_is_used_untrained(compose_config, tmp_path, 
     assert "(random initial weights)" in caplog.text
 
 
+def test_testing_without_training_or_a_checkpoint_says_the_model_is_untrained(
+    compose_config, tmp_path, caplog
+):
+    # A forgotten run.checkpoint_path: the test metrics are a randomly initialised model's.
+    config = compose_config(*tiny_split_manifest(tmp_path), "run.test=true")
+    with caplog.at_level("WARNING", logger="audioclf"):
+        run(config)
+    assert "run.train=false with no run.checkpoint_path" in caplog.text
+    assert "(random initial weights)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="audioclf"):
+        run(compose_config(*tiny_split_manifest(tmp_path)))  # the data pass alone
+    assert "no run.checkpoint_path" not in caplog.text
+
+
 def test_normalisation_statistics_come_from_the_training_split_alone(compose_config, tmp_path):
     run(
         compose_config(

@@ -251,17 +251,27 @@ def _run(config: DictConfig) -> dict[str, Any]:
         seed=settings.system.seed,
         teacher=teacher,
     )
+    weights = (
+        "the checkpoint's"
+        if checkpoint is not None
+        else "pretrained"
+        if settings.model.params.get("pretrained_path")
+        else "random initial"
+    )
     if settings.run.train and settings.training.epochs > 0:
         summary["training"] = trainer.fit(loaders["train"], loaders["val"], resume)
     elif settings.run.train:
         log.warning(
             "training.epochs=0: nothing is trained; what follows uses the model as built "
             "(%s weights)",
-            "the checkpoint's"
-            if checkpoint is not None
-            else "pretrained"
-            if settings.model.params.get("pretrained_path")
-            else "random initial",
+            weights,
+        )
+    elif checkpoint is None and (settings.run.test or settings.run.export):
+        # Most often a forgotten run.checkpoint_path: the metrics would be a random model's.
+        log.warning(
+            "run.train=false with no run.checkpoint_path: what follows uses the model as built "
+            "(%s weights); run.checkpoint_path=<run>/checkpoints/best.pth uses a trained one",
+            weights,
         )
     if settings.run.test:
         if not datasets["test"].clips:
