@@ -57,7 +57,7 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
     if not (is_number and 0 <= probability <= 1):
         raise ValueError(
             f"augmentations.audio.transforms[{index}].p ({name}) must be a probability in "
-            f"[0, 1], not {arguments['p']!r}"
+            f"[0, 1], not {probability!r}"
         )
     class_name = TRANSFORM_NAMES.get(name, name)
     transform_class = getattr(audiomentations, class_name, None)

@@ -46,7 +46,7 @@ from audioclf.pipeline import (
     build_datasets,
     build_loaders,
     build_model,
-    class_weights,
+    loss_class_weights,
     normalization_for,
     pretrained_feature_differences,
 )
@@ -157,9 +157,8 @@ def _run(config: DictConfig) -> dict[str, Any]:
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
         # Testing a checkpoint: its classes, and no training clips needed.
-        tests_only = checkpoint is not None and not (settings.run.train or settings.run.quantise)
         index, datasets, bad_files = build_datasets(
-            settings, checkpoint["classes"] if tests_only else None
+            settings, checkpoint["classes"] if settings.run.tests_only else None
         )
         if checkpoint is not None and checkpoint["classes"] != index.classes:
             hint = (
@@ -238,11 +237,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
         output_dir,
         device=device,
         multi_label=settings.data.multi_label,
-        class_weights=(
-            class_weights(datasets["train"])
-            if settings.training.class_balance == "weights"
-            else None
-        ),
+        class_weights=loss_class_weights(settings, datasets["train"]),
         checkpoint_extra={
             "config": OmegaConf.to_container(config, resolve=True),
             "features": datasets["train"].feature_params.as_dict(),

@@ -23,7 +23,7 @@ from audioclf.checkpoint import save_checkpoint
 from audioclf.dataset import SpectrogramDataset
 from audioclf.export import export_model
 from audioclf.model import CheckpointError, Model
-from audioclf.pipeline import class_weights
+from audioclf.pipeline import loss_class_weights
 from audioclf.quant import QuantizationError, QuantizedModel, calibrate, load_quantized, prepare
 from audioclf.settings import ConfigError, Settings
 from audioclf.train import Trainer
@@ -70,9 +70,7 @@ def quantise_run(
             train.classes,
             output_dir / "qat",
             multi_label=settings.data.multi_label,
-            class_weights=(
-                class_weights(train) if settings.training.class_balance == "weights" else None
-            ),
+            class_weights=loss_class_weights(settings, train),
             checkpoint_extra={**checkpoint_extra, "quantized_prepared": True},
             seed=settings.system.seed,
             teacher=teacher,

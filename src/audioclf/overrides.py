@@ -3,14 +3,13 @@ a key, the known keys it was probably meant to be."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from audioclf.settings import CONFIG_DIR
+from audioclf.settings import CONFIG_DIR, close_matches
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")
 _BARE_EQUALS = re.compile(r"(?<!\\)=")
@@ -100,10 +99,5 @@ def _hint(key: str, known: set[str]) -> str:
             items = {k.split(".")[position] for k in known if k.startswith(f"{prefix}.")}
             if part not in items:
                 return f"{key}: {prefix} has {len(items)} items, 0 to {len(items) - 1}"
-    scored = sorted(
-        ((difflib.SequenceMatcher(None, key, name).ratio(), name) for name in known),
-        reverse=True,
-    )
-    # The best match, and any about as close (0.8: a typo or two in a key).
-    close = [name for ratio, name in scored[:3] if ratio >= max(0.8, scored[0][0] - 0.05)]
+    close = close_matches(key, known)
     return f"{key}: no such key" + (f"; did you mean {' or '.join(close)}?" if close else "")

@@ -212,6 +212,11 @@ def build_loaders(
     return loaders
 
 
+def loss_class_weights(settings: Settings, train: SpectrogramDataset) -> torch.Tensor | None:
+    """The loss's class weights under `training.class_balance=weights`, else None."""
+    return class_weights(train) if settings.training.class_balance == "weights" else None
+
+
 def class_weights(dataset: SpectrogramDataset) -> torch.Tensor:
     """Loss weights: N / (C * n_c), so every class weighs the same in total; for multi-label
     data the positive weight (N - n_c) / n_c of each class's binary term."""

@@ -15,6 +15,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -208,6 +209,12 @@ class RunConfig:
     folds: Literal["all"] | list[int | str] | None
     tflite_input_layout: Literal["nchw", "nhwc"] = "nchw"
 
+    @property
+    def tests_only(self) -> bool:
+        """Whether the job uses a checkpoint as it is (neither training nor quantising it):
+        its data then needs no training clips."""
+        return bool(self.checkpoint_path) and not (self.train or self.quantise)
+
 
 @dataclass(frozen=True)
 class SpecAugmentConfig:
@@ -299,9 +306,9 @@ def load_settings(config: DictConfig) -> Settings:
     data = settings.data
     fractions = data.val_fraction + data.test_fraction
     # Testing a checkpoint may take every clip (data.test_fraction=1); training needs some.
-    trains = settings.run.train or settings.run.quantise or not settings.run.checkpoint_path
-    if fractions >= 1 if trains else fractions > 1:
-        bound = "< 1 (training needs clips)" if trains else "<= 1"
+    tests_only = settings.run.tests_only
+    if fractions > 1 if tests_only else fractions >= 1:
+        bound = "<= 1" if tests_only else "< 1 (training needs clips)"
         raise ConfigError(
             f"data.val_fraction + data.test_fraction must be {bound}, not "
             f"{data.val_fraction} + {data.test_fraction}"
@@ -386,6 +393,17 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def close_matches(name: str, known: Iterable[str]) -> list[str]:
+    """The known names `name` was probably meant to be (a typo or two): the closest, and any
+    about as close, at most 3."""
+    scored = sorted(
+        ((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in known), reverse=True
+    )
+    if not scored:
+        return []
+    return [k for ratio, k in scored[:3] if ratio >= max(0.8, scored[0][0] - 0.05)]
+
+
 def _build(cls: type, values: Any, key: str) -> Any:
     """The dataclass `cls` from a mapping at config key `key`, every field checked."""
     if not isinstance(values, dict):
@@ -393,11 +411,7 @@ def _build(cls: type, values: Any, key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        close = [
-            _join(key, match)
-            for name in unknown
-            for match in difflib.get_close_matches(name, list(fields), n=1, cutoff=0.8)
-        ]
+        close = [_join(key, match) for name in unknown for match in close_matches(name, fields)]
         raise ConfigError(
             f"unknown key(s) {[_join(key, name) for name in unknown]}"
             + (f"; did you mean {' or '.join(close)}?" if close else "")
