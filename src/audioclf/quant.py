@@ -43,6 +43,9 @@ BACKENDS = ("xnnpack", "x86")
 MODES = ("ptq", "qat")
 #: TFLite's fixed int8 range for LOGISTIC (sigmoid) outputs: [0, 1) in 256 steps.
 SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
+#: The version of the xnnpack rules `prepare` applies. A checkpoint's state loads into the
+#: rules it was prepared with only: 1 requantized after dropout, 2 shares its input's range.
+XNNPACK_RULES = 2
 _MAX_BATCH = 4096
 
 
@@ -151,6 +154,8 @@ class QuantSpec:
     input_shape: tuple[int, ...]
     #: Weights with a scale per output channel (false: one per tensor; xnnpack only).
     per_channel: bool = True
+    #: The xnnpack rules' version (`XNNPACK_RULES`); 1 in checkpoints from before the field.
+    rules: int = XNNPACK_RULES
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -167,6 +172,7 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
     from torchao.quantization.pt2e.quantizer import (
         FixedQParamsQuantizationSpec,
         QuantizationAnnotation,
+        SharedQuantizationSpec,
     )
     from torchao.testing.pt2e._xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -193,14 +199,23 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
             model = super().annotate(model)
             config = self.global_config
             for node in model.graph.nodes:
-                if (
-                    node.op == "call_function"
-                    and node.target == torch.ops.aten.sigmoid.default
-                    and "quantization_annotation" not in node.meta
-                ):
+                if node.op != "call_function" or "quantization_annotation" in node.meta:
+                    continue
+                if node.target == torch.ops.aten.sigmoid.default:
                     node.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map={node.args[0]: config.input_activation},
                         output_qspec=sigmoid_output,
+                        _annotated=True,
+                    )
+                elif node.target in _DROPOUT and _quantized_output(node.args[0]):
+                    # Dropout shares its input's int8 parameters, as XNNPACK's rules have
+                    # pooling share them: otherwise the next layer's input gets its own and
+                    # the int8 graph requantizes there, which TFLite does not (litert-torch
+                    # drops eval-mode dropout with the requantization).
+                    shared = SharedQuantizationSpec(node.args[0])
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: shared},
+                        output_qspec=shared,
                         _annotated=True,
                     )
             return model
@@ -210,6 +225,14 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
         return MobileQuantizer().set_global(
             get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
         )
+
+
+_DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+
+
+def _quantized_output(node: Any) -> bool:
+    annotation = getattr(node, "meta", {}).get("quantization_annotation")
+    return annotation is not None and annotation.output_qspec is not None
 
 
 def split_silu(model: GraphModule) -> GraphModule:
@@ -445,11 +468,24 @@ def load_quantized(
     architecture, same classes): prepared as before, loaded with its state, converted."""
     try:
         spec = QuantSpec(
-            **{**content["spec"], "input_shape": tuple(content["spec"]["input_shape"])}
+            **{
+                "rules": 1,
+                **content["spec"],
+                "input_shape": tuple(content["spec"]["input_shape"]),
+            }
         )
         state = content["state"]
     except (KeyError, TypeError) as error:
         raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
+    if spec.backend == "xnnpack" and spec.rules != XNNPACK_RULES:
+        # Its observers' names still fit, but not what they observed: loaded, the graph would
+        # quantize differently from the model that was tested.
+        raise QuantizationError(
+            f"{source}: quantized with an earlier version's int8 rules ({spec.rules}, now "
+            f"{XNNPACK_RULES}), which requantized after dropout where TFLite does not; quantise "
+            "its float checkpoint again: run.train=false run.quantise=true "
+            "run.checkpoint_path=<its run>/checkpoints/best.pth"
+        )
     example = torch.zeros(2, *spec.input_shape)
     prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)
     load_graph_state(prepared.network, state, source)
