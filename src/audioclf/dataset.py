@@ -38,7 +38,7 @@ from audioclf.features import (
     num_frames,
 )
 from audioclf.index import Clip, DatasetError
-from audioclf.loading import init_worker
+from audioclf.loading import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,7 @@ def check_clips(
     once. The main job runs this before splitting, so splits are made of usable files only.
     """
     _check_policy(on_bad_file)
-    loader = DataLoader(
-        _CheckView(clips), batch_size=None, num_workers=num_workers, worker_init_fn=init_worker
-    )
+    loader = DataLoader(_CheckView(clips), batch_size=None, **worker_options(num_workers))
     bad: dict[int, str] = {}
     for index, error in progress(loader) if progress is not None else loader:
         if error is None:
@@ -385,9 +383,8 @@ def prepare(
     loader = DataLoader(
         _PrepareView(dataset),
         batch_size=None,
-        num_workers=num_workers,
         collate_fn=None,
-        worker_init_fn=init_worker,
+        **worker_options(num_workers),
     )
     results = progress(loader) if progress is not None else loader
     bad_indices = set()

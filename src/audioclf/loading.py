@@ -10,6 +10,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,19 @@ def init_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def worker_options(num_workers: int) -> dict[str, Any]:
+    """DataLoader arguments for `num_workers` worker processes, set up by `init_worker`.
+
+    Workers fork (cheap) unless JAX has been loaded: litert-torch's TFLite conversion starts
+    JAX's threads, a process forked beside them can deadlock, and JAX warns at each fork. The
+    next job of a fold loop or a sweep in the same process then spawns its workers.
+    """
+    options: dict[str, Any] = {"num_workers": num_workers, "worker_init_fn": init_worker}
+    if num_workers > 0 and "jax" in sys.modules:
+        options["multiprocessing_context"] = "spawn"
+    return options
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -138,10 +152,9 @@ def make_loader(
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
-        num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=init_worker,
+        **worker_options(num_workers),
         generator=torch.Generator().manual_seed(seed),
         drop_last=drop_last,
     )
