@@ -29,32 +29,33 @@ def convert(
     module: nn.Module, example: torch.Tensor, path: Path, *, int8: bool, batch: Any
 ) -> Path:
     """Convert `module` (traced on `example`, batch dimension `batch`) to a .tflite file."""
-    import litert_torch
-
-    quant_config = None
-    if int8:
-        from litert_torch.quantize.pt2e_quantizer import (
-            PT2EQuantizer,
-            get_symmetric_quantization_config,
-        )
-        from litert_torch.quantize.quant_config import QuantConfig
-
-        # The graph is quantised already; this tells the converter that its quantize /
-        # dequantize pairs are static int8 (weights and activations): a full-int8 file.
-        quant_config = QuantConfig(
-            pt2e_quantizer=PT2EQuantizer().set_global(
-                get_symmetric_quantization_config(is_per_channel=True)
-            )
-        )
     with quiet_logs():
+        import litert_torch  # its import logs and prints too (TensorFlow's, torchao's)
+
         edge = litert_torch.convert(
             module.eval(),
             (example,),
             dynamic_shapes=None if batch is None else ({0: batch},),
-            quant_config=quant_config,
+            quant_config=_full_int8() if int8 else None,
         )
         edge.export(str(path))
     return path
+
+
+def _full_int8() -> Any:
+    """The graph is quantised already; this tells the converter that its quantize /
+    dequantize pairs are static int8 (weights and activations): a full-int8 file."""
+    from litert_torch.quantize.pt2e_quantizer import (
+        PT2EQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    return QuantConfig(
+        pt2e_quantizer=PT2EQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=True)
+        )
+    )
 
 
 def _interpreter(path: Path, threads: int | None = None):
@@ -89,7 +90,8 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             features = np.clip(np.round(features / scale) + zero_point, -128, 127)
             features = features.astype(np.int8)
         interpreter.resize_tensor_input(source["index"], list(features.shape))
-        interpreter.allocate_tensors()
+        with quiet_logs():  # the XNNPACK delegate announces itself on stderr when applied
+            interpreter.allocate_tensors()
         interpreter.set_tensor(source["index"], features)
         interpreter.invoke()
         logits = interpreter.get_tensor(target["index"])
