@@ -115,7 +115,7 @@ def test_qat_trains_freezes_batch_norm_then_ranges_and_converts(features):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
 
     def running_means():
