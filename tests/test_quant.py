@@ -138,6 +138,84 @@ def test_qat_trains_freezes_batch_norm_then_ranges_and_converts(features):
     assert agreement.mean() >= 0.9
 
 
+class DropoutNet(torch.nn.Module):
+    """Conv-BN-ReLU, Dropout2d, a mean pool, dropout and a linear layer; BatchNorm arguments
+    of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3),
+            torch.nn.BatchNorm2d(8, eps=1e-3, momentum=0.01),
+            torch.nn.ReLU(),
+            torch.nn.Dropout2d(0.2),
+        )
+        self.dropout = torch.nn.Dropout(0.1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(self.blocks(x).mean((2, 3))))
+
+
+def _dropouts(module) -> list[tuple]:
+    return [
+        (str(node.target), *node.args[1:])
+        for node in module.network.graph.nodes
+        if "dropout" in str(node.target)
+    ]
+
+
+def test_qat_switches_dropout_keeping_its_rate_and_dropout2d_too(features, caplog):
+    # torchao's train/eval switch put p=0.5 in every dropout and never switched Dropout2d:
+    # QAT fine-tuned at 0.5 and the int8 model dropped channels at random.
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="audioclf.quant"):
+        prepared = quant.prepare(DropoutNet().train(), features[:2], "xnnpack", "qat")
+    assert "instead of these layers' own: blocks.1 (eps 0.001, momentum 0.01)" in caplog.text
+    training = [("aten.feature_dropout.default", 0.2, True), ("aten.dropout.default", 0.1, True)]
+    assert _dropouts(prepared) == training
+    prepared(features)
+    assert _dropouts(prepared.eval()) == [(op, p, False) for op, p, _ in training]
+    assert _dropouts(prepared.train()) == training
+    int8 = prepared.convert()
+    with torch.no_grad():
+        assert torch.equal(int8(features), int8(features))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="audioclf.quant"):
+        quant.prepare(tiny_model().train(), features[:2], "xnnpack", "qat")
+    assert not caplog.records  # the zoo's BatchNorm layers use torchao's values
+
+
+class NoisyNet(torch.nn.Module):
+    """Adds noise in training by a Python branch, which torch.export fixes as taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.training:
+            y = y + 0.1 * torch.randn_like(y)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_qat_turns_stochastic_depth_off_and_refuses_other_random_branches(features):
+    # A captured DropPath dropped residual branches in evaluation and in the int8 model:
+    # `model.quantization.qat=true` on the default model (drop_path_rate 0.1) gave a random one.
+    model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.5, drop_path_rate=0.5)
+    assert any(getattr(layer, "drop_prob", 0) > 0 for layer in model.modules())
+    prepared = quant.prepare(model.train(), features[:2], "xnnpack", "qat")
+    prepared(features)
+    int8 = prepared.convert()
+    with torch.no_grad():
+        assert torch.equal(int8(features), int8(features))
+    assert model.training  # the float model keeps its stochastic depth
+    with pytest.raises(quant.QuantizationError, match=r"random ops outside dropout \(aten\.randn"):
+        quant.prepare(NoisyNet().train(), features[:2], "xnnpack", "qat")
+
+
 def test_qat_conversion_traces_torchaos_patterns_once_and_converts_the_same(features, monkeypatch):
     from torchao.quantization.pt2e import qat_utils, utils
 

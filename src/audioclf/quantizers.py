@@ -1,0 +1,230 @@
+"""The PT2E quantizers of the backends (which ops get int8, with which ranges) and torchao's
+loading, for `audioclf.quant`.
+
+- `xnnpack` (phones and microcontrollers, TFLite): torchao's XNNPACK rules, plus SiLU split
+  into sigmoid * x with the sigmoid at TFLite's fixed int8 range (scale 1/256, zero point
+  -128), so that every op of the TFLite file is int8 (the plain rules leave each SiLU in
+  float, which microcontroller runtimes cannot run); and dropout sharing its input's range,
+  as pooling does (its own range was a requantization that litert-torch drops).
+- `x86` (servers): torchao's X86InductorQuantizer.
+
+torchao is imported once and quietly, and its rewrite patterns are traced once per process.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+BACKENDS = ("xnnpack", "x86")
+#: TFLite's fixed int8 range for LOGISTIC (sigmoid) outputs: [0, 1) in 256 steps.
+SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
+#: The version of the xnnpack rules `make_quantizer` applies. A checkpoint's state loads into
+#: the rules it was prepared with only: 1 requantized after dropout, 2 shares its input's range.
+XNNPACK_RULES = 2
+
+
+class QuantizationError(RuntimeError):
+    """A model that could not be quantized, or a quantized checkpoint that does not load."""
+
+
+@functools.cache
+def load_torchao() -> None:
+    """Import torchao once, without its import-time noise (it logs a warning for each CUDA
+    kernel library it cannot load on a CPU machine)."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except ImportError as error:
+        raise QuantizationError(
+            f"quantization needs torchao: pip install -e . ({error})"
+        ) from error
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    _trace_patterns_once()
+
+
+_PATTERN_TRACER = "_get_aten_graph_module_for_pattern"
+
+
+def _trace_patterns_once() -> None:
+    """Make torchao trace each of its rewrite patterns once per process.
+
+    Converting a QAT graph traces about 150 small conv-BN patterns with torch.export (25 s of
+    a 42 s QAT run of a tiny model on two cores). A traced pattern depends only on the
+    pattern's code, its closure and defaults, and the shapes of the example inputs; the first
+    trace for such a key is kept and each caller gets its own copy. A pattern this cannot key
+    is traced as before.
+    """
+    from torchao.quantization.pt2e import qat_utils, reference_representation_rewrite, utils
+
+    trace = getattr(utils, _PATTERN_TRACER)
+    if getattr(trace, "traces", None) is not None:
+        return
+    traces: dict[Any, Any] = {}
+
+    def traced_once(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return trace(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in traces:
+            traces[key] = trace(pattern, example_inputs, is_cuda, **kwargs)
+        return copy_graph(traces[key])
+
+    traced_once.traces = traces
+    traced_once.original = trace
+    for module in (utils, qat_utils, reference_representation_rewrite):
+        if hasattr(module, _PATTERN_TRACER):
+            setattr(module, _PATTERN_TRACER, traced_once)
+
+
+def copy_graph(graph: GraphModule) -> GraphModule:
+    """A deep copy of a captured graph, without the FutureWarning torch's pytree gives for
+    each tree spec it copies (`isinstance(treespec, LeafSpec)` is deprecated; it reached
+    users' consoles, `audioclf-predict` included)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        return copy.deepcopy(graph)
+
+
+def _pattern_key(pattern: Any, example_inputs: Any, is_cuda: bool, kwargs: dict) -> Any:
+    """What a traced pattern depends on, hashable; None when the pattern is not a plain
+    function (or a module wrapping one, `fn`) or holds something unhashable."""
+    function = getattr(pattern, "fn", pattern)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return None
+
+    def shape_of(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+        if isinstance(value, tuple | list):
+            return tuple(shape_of(item) for item in value)
+        if isinstance(value, dict):
+            return tuple(sorted((name, shape_of(item)) for name, item in value.items()))
+        return value
+
+    cells = tuple(shape_of(cell.cell_contents) for cell in function.__closure__ or ())
+    defaults = (shape_of(function.__defaults__), shape_of(function.__kwdefaults__))
+    key = (code, cells, defaults, shape_of(example_inputs), is_cuda, shape_of(kwargs))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
+    # torchao keeps its XNNPACK quantizer (the rules XNNPACK and TFLite execute) under
+    # torchao.testing since ExecuTorch took over the public one; it is the same code.
+    from torchao.quantization.pt2e.quantizer import (
+        FixedQParamsQuantizationSpec,
+        QuantizationAnnotation,
+        SharedQuantizationSpec,
+    )
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    sigmoid_output = FixedQParamsQuantizationSpec(
+        dtype=torch.int8,
+        scale=SIGMOID_SCALE,
+        zero_point=SIGMOID_ZERO_POINT,
+        quant_min=-128,
+        quant_max=127,
+        qscheme=torch.per_tensor_affine,
+    )
+
+    class MobileQuantizer(XNNPACKQuantizer):
+        """XNNPACK's rules, plus int8 SiLU (as sigmoid * x) and sigmoid."""
+
+        def transform_for_annotation(self, model: GraphModule) -> GraphModule:
+            model = super().transform_for_annotation(model)
+            return split_silu(model)
+
+        def annotate(self, model: GraphModule) -> GraphModule:
+            model = super().annotate(model)
+            config = self.global_config
+            for node in model.graph.nodes:
+                if node.op != "call_function" or "quantization_annotation" in node.meta:
+                    continue
+                if node.target == torch.ops.aten.sigmoid.default:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: config.input_activation},
+                        output_qspec=sigmoid_output,
+                        _annotated=True,
+                    )
+                elif node.target in _DROPOUT and _quantized_output(node.args[0]):
+                    # Dropout shares its input's int8 parameters, as XNNPACK's rules have
+                    # pooling share them: otherwise the next layer's input gets its own and
+                    # the int8 graph requantizes there, which TFLite does not (litert-torch
+                    # drops eval-mode dropout with the requantization).
+                    shared = SharedQuantizationSpec(node.args[0])
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: shared},
+                        output_qspec=shared,
+                        _annotated=True,
+                    )
+            return model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "XNNPACKQuantizer is deprecated" (see above)
+        return MobileQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=per_channel, is_qat=qat)
+        )
+
+
+_DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+
+
+def _quantized_output(node: Any) -> bool:
+    annotation = getattr(node, "meta", {}).get("quantization_annotation")
+    return annotation is not None and annotation.output_qspec is not None
+
+
+def split_silu(model: GraphModule) -> GraphModule:
+    """Replace each SiLU node by x * sigmoid(x), which quantizers know how to annotate."""
+    silu = (torch.ops.aten.silu.default, torch.ops.aten.silu_.default)
+    for node in list(model.graph.nodes):
+        if node.op != "call_function" or node.target not in silu:
+            continue
+        with model.graph.inserting_before(node):
+            sigmoid = model.graph.call_function(torch.ops.aten.sigmoid.default, (node.args[0],))
+            product = model.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[0], sigmoid))
+        # The annotators read each node's example value (shape, dtype): same as SiLU's.
+        sigmoid.meta = dict(node.meta)
+        product.meta = dict(node.meta)
+        node.replace_all_uses_with(product)
+        model.graph.erase_node(node)
+    model.graph.lint()
+    model.recompile()
+    return model
+
+
+def make_quantizer(backend: str, qat: bool, per_channel: bool = True):
+    """The PT2E quantizer for `backend` (`xnnpack` or `x86`); `per_channel=False` (xnnpack):
+    one weight scale per tensor instead of one per output channel."""
+    load_torchao()
+    if backend == "xnnpack":
+        return _xnnpack_quantizer(qat, per_channel)
+    if backend == "x86":
+        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+            X86InductorQuantizer,
+            get_default_x86_inductor_quantization_config,
+        )
+
+        return X86InductorQuantizer().set_global(
+            get_default_x86_inductor_quantization_config(is_qat=qat)
+        )
+    raise QuantizationError(f"backend {backend!r}: one of {BACKENDS}")
