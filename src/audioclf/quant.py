@@ -39,7 +39,6 @@ from audioclf.model import Model
 from audioclf.model.layers import DropPath
 from audioclf.quantizers import (
     BACKENDS,
-    XNNPACK_RULES,
     QuantizationError,
     copy_graph,
     load_torchao,
@@ -49,6 +48,11 @@ from audioclf.quantizers import (
 log = logging.getLogger(__name__)
 
 MODES = ("ptq", "qat")
+#: The version of how `prepare` captures and annotates a model. A checkpoint's state loads
+#: into the graph it was prepared as, only. 2: PTQ captures the fused model (1 left PANNs
+#: MobileNets' BatchNorms after pooling in float), dropout shares its input's int8 range (1
+#: requantized after it, which TFLite does not).
+RULES = 2
 _MAX_BATCH = 4096
 
 
@@ -62,8 +66,8 @@ class QuantSpec:
     input_shape: tuple[int, ...]
     #: Weights with a scale per output channel (false: one per tensor; xnnpack only).
     per_channel: bool = True
-    #: The xnnpack rules' version (`XNNPACK_RULES`); 1 in checkpoints from before the field.
-    rules: int = XNNPACK_RULES
+    #: `RULES` when prepared; 1 in checkpoints from before the field.
+    rules: int = RULES
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -285,6 +289,11 @@ def prepare(
     if qat:
         _warn_batch_norm_arguments(model)
     source = copy.deepcopy(model).cpu()
+    if not qat and hasattr(source, "fuse_model"):
+        # PTQ quantizes the inference model: its BatchNorm folded, also where torchao's
+        # conv-BN folding does not reach (PANNs' MobileNets pool between the two, which left
+        # a float BatchNorm between int8 ops in every block).
+        source.eval().fuse_model()
     graph = capture(source, example.cpu(), train=qat)
     quantizer = make_quantizer(backend, qat, per_channel)
     with warnings.catch_warnings():
@@ -351,14 +360,13 @@ def load_quantized(
         state = content["state"]
     except (KeyError, TypeError) as error:
         raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
-    if spec.backend == "xnnpack" and spec.rules != XNNPACK_RULES:
-        # Its observers' names still fit, but not what they observed: loaded, the graph would
-        # quantize differently from the model that was tested.
+    if spec.rules != RULES:
+        # Its state may even load (observers keep their names), but not into the graph that
+        # was tested: the int8 model would quantize differently.
         raise QuantizationError(
-            f"{source}: quantized with an earlier version's int8 rules ({spec.rules}, now "
-            f"{XNNPACK_RULES}), which requantized after dropout where TFLite does not; quantise "
-            "its float checkpoint again: run.train=false run.quantise=true "
-            "run.checkpoint_path=<its run>/checkpoints/best.pth"
+            f"{source}: quantized by an earlier version's rules ({spec.rules}, now {RULES}), "
+            "whose graph this version does not rebuild; quantise its float checkpoint again: "
+            "run.train=false run.quantise=true run.checkpoint_path=<its run>/checkpoints/best.pth"
         )
     example = torch.zeros(2, *spec.input_shape)
     prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)

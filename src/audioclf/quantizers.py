@@ -25,9 +25,6 @@ from torch.fx import GraphModule
 BACKENDS = ("xnnpack", "x86")
 #: TFLite's fixed int8 range for LOGISTIC (sigmoid) outputs: [0, 1) in 256 steps.
 SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
-#: The version of the xnnpack rules `make_quantizer` applies. A checkpoint's state loads into
-#: the rules it was prepared with only: 1 requantized after dropout, 2 shares its input's range.
-XNNPACK_RULES = 2
 
 
 class QuantizationError(RuntimeError):
