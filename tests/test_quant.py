@@ -199,6 +199,10 @@ def test_qat_switches_dropout_keeping_its_rate_and_dropout2d_too(features, caplo
     int8 = prepared.convert()
     with torch.no_grad():
         assert torch.equal(int8(features), int8(features))
+    for node in int8.network.graph.nodes:
+        if "dropout" in str(node.target):  # no requantization at either (see below)
+            (after,) = node.users
+            assert node.args[0].args[0].args[1:] == after.args[1:], node.target
     caplog.clear()
     with caplog.at_level("WARNING", logger="audioclf.quant"):
         quant.prepare(tiny_model().train(), features[:2], "xnnpack", "qat")

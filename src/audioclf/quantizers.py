@@ -133,6 +133,7 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
+    from torchao.testing.pt2e._xnnpack_quantizer_utils import _is_share_obs_or_fq_op
 
     sigmoid_output = FixedQParamsQuantizationSpec(
         dtype=torch.int8,
@@ -162,11 +163,14 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
                         output_qspec=sigmoid_output,
                         _annotated=True,
                     )
-                elif node.target in _DROPOUT and _quantized_output(node.args[0]):
+                elif (
+                    node.target in _DROPOUT or _is_share_obs_or_fq_op(node.target)
+                ) and _quantized_output(node.args[0]):
                     # Dropout shares its input's int8 parameters, as XNNPACK's rules have
                     # pooling share them: otherwise the next layer's input gets its own and
                     # the int8 graph requantizes there, which TFLite does not (litert-torch
-                    # drops eval-mode dropout with the requantization).
+                    # drops eval-mode dropout with the requantization). In graph order, so
+                    # that pooling after a dropout shares too (XNNPACK's pass came first).
                     shared = SharedQuantizationSpec(node.args[0])
                     node.meta["quantization_annotation"] = QuantizationAnnotation(
                         input_qspec_map={node.args[0]: shared},
@@ -182,7 +186,13 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
         )
 
 
-_DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+_DROPOUT = (
+    torch.ops.aten.dropout.default,
+    torch.ops.aten.dropout_.default,
+    torch.ops.aten.feature_dropout.default,  # nn.Dropout2d / 3d
+    torch.ops.aten.alpha_dropout.default,
+    torch.ops.aten.feature_alpha_dropout.default,
+)
 
 
 def _quantized_output(node: Any) -> bool:
