@@ -41,19 +41,23 @@ def tiny_model(seed: int = 0):
         torch.manual_seed(seed)
         model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25)
         generator = torch.Generator().manual_seed(1)
-        inputs = torch.randn(24, 1, 40, 32, generator=generator) * 2.0
-        labels = torch.arange(24) % 3
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        model.train()
-        for _ in range(30):
-            loss = F.cross_entropy(model(inputs), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _fit(model, torch.randn(24, 1, 40, 32, generator=generator) * 2.0)
         _TRAINED[seed] = model.state_dict()
     model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25)
     model.load_state_dict(_TRAINED[seed])
     return model.eval()
+
+
+def _fit(model: torch.nn.Module, inputs: torch.Tensor) -> None:
+    """30 AdamW steps on `inputs` labelled 0, 1, 2, 0, ...: activations above int8 resolution."""
+    labels = torch.arange(len(inputs)) % 3
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):
+        loss = F.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 @pytest.fixture(scope="module")
@@ -541,12 +545,7 @@ def test_dropout_before_the_classifier_does_not_requantize_so_tflite_matches(tmp
     # 66 output steps off.
     torch.manual_seed(0)
     model = PoolDropoutNet()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        loss = F.cross_entropy(model(features), torch.arange(len(features)) % 3)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _fit(model, features)
     int8 = quant.quantize_ptq(model.eval(), [features], features[:2])
     nodes = list(int8.network.graph.nodes)
     (dropout,) = [node for node in nodes if node.target == torch.ops.aten.dropout.default]

@@ -39,6 +39,7 @@ from audioclf.model import Model
 from audioclf.model.layers import DropPath
 from audioclf.quantizers import (
     BACKENDS,
+    DROPOUT,
     QuantizationError,
     copy_graph,
     load_torchao,
@@ -226,13 +227,7 @@ def _qat_folding(needed: bool) -> Iterator[None]:
 
 #: The ops of a captured graph that behave differently in training, and the position of
 #: their `training` argument.
-_TRAINING_ARGUMENT = {
-    torch.ops.aten.dropout.default: 2,
-    torch.ops.aten.feature_dropout.default: 2,  # nn.Dropout2d / 3d
-    torch.ops.aten.alpha_dropout.default: 2,
-    torch.ops.aten.feature_alpha_dropout.default: 2,
-    torch.ops.aten.batch_norm.default: 5,
-}
+_TRAINING_ARGUMENT = {**dict.fromkeys(DROPOUT, 2), torch.ops.aten.batch_norm.default: 5}
 
 
 def set_graph_mode(graph: GraphModule, training: bool, batch_norm: bool | None = None) -> None:

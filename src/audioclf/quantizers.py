@@ -164,7 +164,7 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
                         _annotated=True,
                     )
                 elif (
-                    node.target in _DROPOUT or _is_share_obs_or_fq_op(node.target)
+                    node.target in DROPOUT or _is_share_obs_or_fq_op(node.target)
                 ) and _quantized_output(node.args[0]):
                     # Dropout shares its input's int8 parameters, as XNNPACK's rules have
                     # pooling share them: otherwise the next layer's input gets its own and
@@ -186,7 +186,8 @@ def _xnnpack_quantizer(qat: bool, per_channel: bool = True):
         )
 
 
-_DROPOUT = (
+#: Dropout's ops in a captured graph; each takes (input, p, training).
+DROPOUT = (
     torch.ops.aten.dropout.default,
     torch.ops.aten.dropout_.default,
     torch.ops.aten.feature_dropout.default,  # nn.Dropout2d / 3d

@@ -75,8 +75,10 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     signature = list(source["shape_signature"])
     channel_last = len(signature) == 4 and signature[-1] == 1 and signature[1] != 1
+    allocated: tuple[int, ...] | None = None
 
     def run(features: np.ndarray) -> np.ndarray:
+        nonlocal allocated
         if signature[0] == 1 and len(features) > 1:
             # A file with a fixed batch of one (waveform-in): one clip at a time.
             return np.concatenate(
@@ -89,9 +91,11 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             scale, zero_point = source["quantization"]
             features = np.clip(np.round(features / scale) + zero_point, -128, 127)
             features = features.astype(np.int8)
-        interpreter.resize_tensor_input(source["index"], list(features.shape))
-        with quiet_logs():  # the XNNPACK delegate announces itself on stderr when applied
-            interpreter.allocate_tensors()
+        if allocated != features.shape:  # a new batch size (the last batch, most often)
+            interpreter.resize_tensor_input(source["index"], list(features.shape))
+            with quiet_logs():  # the XNNPACK delegate announces itself on stderr when applied
+                interpreter.allocate_tensors()
+            allocated = features.shape
         interpreter.set_tensor(source["index"], features)
         interpreter.invoke()
         logits = interpreter.get_tensor(target["index"])
