@@ -272,6 +272,12 @@ def test_fit_ends_with_the_best_weights(tmp_path):
         assert torch.equal(value, best["model"][name]), name
 
 
+@pytest.mark.parametrize(("multi_label", "monitor"), [(False, "val_accuracy"), (True, "val_mAP")])
+def test_the_auto_monitor_is_map_on_multi_label_data(tmp_path, multi_label, monitor):
+    trainer = _trainer(tmp_path, _options(monitor="auto"), multi_label=multi_label)
+    assert (trainer.monitor, trainer.mode) == (monitor, "max")
+
+
 def test_unknown_monitor_is_named(tmp_path):
     trainer = _trainer(tmp_path, dataclasses.replace(_options(), monitor="val_mAP"))
     with pytest.raises(ValueError, match="val_mAP"):
@@ -1567,7 +1573,6 @@ def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tm
             "run.train=true",
             "run.test=true",
             "training.epochs=2",
-            "training.monitor=val_mAP",
             "training.mixup_alpha=0.2",
         )
     )

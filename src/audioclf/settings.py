@@ -149,6 +149,7 @@ class DistillationConfig:
 
 
 MONITORS = Literal[
+    "auto",
     "val_loss",
     "val_accuracy",
     "val_precision",
@@ -188,7 +189,7 @@ class TrainingConfig:
     mixup_alpha: float = bounded(0.0, ge=0)
     class_balance: Literal["none", "weights", "sampler"] = "none"
     early_stopping_patience: int | None = bounded(10, ge=0)
-    monitor: MONITORS = "val_accuracy"
+    monitor: MONITORS = "auto"
     monitor_mode: Literal["auto", "max", "min"] = "auto"
     min_delta: float = bounded(0.0, ge=0)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)

@@ -130,6 +130,10 @@ class Trainer:
             for parameter in self.teacher.parameters():
                 parameter.requires_grad_(False)
         self.monitor = options.monitor
+        if self.monitor == "auto":
+            # Per-label accuracy is no guide on multi-label data: an all-negative model of
+            # sparse labels scores near 1. PANNs and the FSD50K paper report mAP.
+            self.monitor = "val_mAP" if multi_label else "val_accuracy"
         self.mode = options.monitor_mode
         if self.mode == "auto":
             self.mode = "min" if self.monitor.endswith("loss") else "max"
