@@ -15,12 +15,12 @@ import pytest
 import soundfile as sf
 from omegaconf import OmegaConf
 
-from audioclf import settings
+from audioclf import predict, settings
 from audioclf.audio import load_audio
 from audioclf.checkpoint import load_checkpoint, save_checkpoint, stored_config
 from audioclf.cli import run
-from audioclf.features import log_mel
-from audioclf.predict import load_predictor, main, predict_file, windows
+from audioclf.features import log_mel, resolve_params
+from audioclf.predict import Predictor, load_predictor, main, predict_file, windows
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, fsdd_clip, write_manifest
 
@@ -309,6 +309,65 @@ def test_numbers_out_of_range_are_usage_errors(trained, wavs, capsys, option):
         main([str(_models(trained)["pth"]), str(wavs[0]), *option])
     assert stop.value.code == 2
     assert f"{option[0]}: must be a number above 0, not '{option[1]}'" in capsys.readouterr().err
+
+
+def _fixed(logits: list[float], multi_label: bool) -> Predictor:
+    """A predictor whose model answers `logits` to every window."""
+    return Predictor(
+        ["a", "b", "c", "d"],
+        resolve_params("librosa", 8000),
+        1.0,
+        multi_label,
+        lambda features: np.tile(np.float32(logits), (len(features), 1)),
+    )
+
+
+# sigmoid: a 0.95, b 0.73, c 0.5, d 0.12
+MULTI_LABEL_LOGITS = [np.log(19), 1.0, 0.0, -2.0]
+
+
+def test_a_multi_label_model_predicts_every_label_at_the_threshold(wavs):
+    predictor = _fixed(MULTI_LABEL_LOGITS, multi_label=True)
+    result = predict_file(predictor, wavs[0], top_k=1, per_window=True)
+    # Every label at or above 0.5 is predicted, and listed in `top` beyond --top-k 1.
+    assert result.labels == ["a", "b", "c"]
+    assert [label for label, _ in result.top] == ["a", "b", "c"]
+    assert result.windows[0]["labels"] == ["a", "b", "c"]
+    assert predict_file(predictor, wavs[0], threshold=0.6).labels == ["a", "b"]
+    none = predict_file(predictor, wavs[0], top_k=2, threshold=0.99)
+    assert (none.labels, [label for label, _ in none.top]) == ([], ["a", "b"])
+
+
+def test_a_multi_class_model_predicts_its_top_label(wavs):
+    result = predict_file(_fixed([0.0, 3.0, 1.0, 2.0], multi_label=False), wavs[0], top_k=3)
+    assert result.labels == ["b"]
+    assert [label for label, _ in result.top] == ["b", "d", "c"]
+
+
+def test_predicted_labels_in_every_output_format(wavs, monkeypatch, capsys):
+    monkeypatch.setattr(predict, "load_predictor", lambda _: _fixed(MULTI_LABEL_LOGITS, True))
+    assert main(["m.pth", str(wavs[0]), "--threshold", "0.6", "--top-k", "3"]) == 0
+    assert capsys.readouterr().out.split("  ")[1:3] == ["[a, b]", "a 0.950, b 0.731, c 0.500\n"]
+    assert main(["m.pth", str(wavs[0]), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["labels"] == ["a", "b", "c"]
+    assert main(["m.pth", str(wavs[0]), "--format", "csv", "--threshold", "0.6"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(row["label"], row["predicted"]) for row in rows] == [
+        ("a", "1"),
+        ("b", "1"),
+        ("c", "0"),
+    ]
+    assert main(["m.pth", str(wavs[0]), "--threshold", "1", "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.split("  ")[1] == "[-]"
+
+
+def test_a_threshold_for_a_multi_class_model_is_refused(trained, wavs, capsys):
+    assert main([str(_models(trained)["pth"]), str(wavs[0]), "--threshold", "0.3"]) == 2
+    assert "--threshold: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main([str(_models(trained)["pth"]), str(wavs[0]), "--threshold", "1.5"])
+    assert stop.value.code == 2
+    assert "must be a probability in [0, 1], not '1.5'" in capsys.readouterr().err
 
 
 def test_a_window_shorter_than_one_frame_is_named(trained, wavs, capsys):

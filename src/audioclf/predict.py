@@ -2,7 +2,7 @@
 
     audioclf-predict MODEL FILE_OR_DIR... [--top-k 3] [--format table|json|csv]
                      [--window S] [--hop S] [--aggregate mean|max] [--per-window]
-                     [--embeddings OUT]
+                     [--threshold P] [--embeddings OUT]
 
 MODEL is a trainer checkpoint (.pth) or an export (.onnx, TorchScript .pt, .tflite) with its
 JSON sidecar beside it; a waveform-in export gets the windows' samples, the others their
@@ -10,6 +10,9 @@ log-mel. Each file is decoded, resampled and cut into windows of the clip length
 (sliding with `--hop` when it is longer; centred and zero-padded when shorter), each window's
 log-mel computed as in training, and the windows' probabilities aggregated. A file that cannot
 be used is reported with the reason and skipped; the exit status is 1 when any was.
+
+Each result names its predicted labels: the most probable one, or for a multi-label model every
+label whose probability reaches `--threshold` (0.5, as the trainer's F1), possibly none.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from audioclf.model import CheckpointError, Model, create_model, load_state
 from audioclf.quant import QuantizationError, load_quantized
 
 EMBEDDINGS_NEED_CHECKPOINT = "--embeddings needs a trainer checkpoint (.pth)"
+#: A multi-label model's decision threshold when none is given: the trainer's, for its F1.
+THRESHOLD = 0.5
 
 
 class PredictError(ValueError):
@@ -195,6 +200,8 @@ class FilePrediction:
 
     path: str
     top: list[tuple[str, float]] = field(default_factory=list)
+    #: The predicted labels: the top one, or a multi-label model's labels at the threshold.
+    labels: list[str] = field(default_factory=list)
     windows: list[dict[str, Any]] = field(default_factory=list)
     embedding: np.ndarray | None = None
     error: str | None = None
@@ -210,9 +217,12 @@ def predict_file(
     per_window: bool = False,
     embed: bool = False,
     batch_size: int = 32,
+    threshold: float = THRESHOLD,
 ) -> FilePrediction:
     """Classify one file (BadAudioError when it cannot be used). Its windows go through the
-    model `batch_size` at a time, so memory does not grow with the file's length."""
+    model `batch_size` at a time, so memory does not grow with the file's length. A
+    multi-label model's labels at or above `threshold` are all listed, in `top` too even
+    beyond `top_k`."""
     waveform = load_audio(path, predictor.sample_rate)
     clip = round((window_seconds or predictor.clip_seconds) * predictor.sample_rate)
     hop_seconds = hop_seconds or (window_seconds or predictor.clip_seconds) / 2
@@ -240,15 +250,26 @@ def predict_file(
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
     pooled = probabilities.mean(axis=0) if aggregate == "mean" else probabilities.max(axis=0)
-    result = FilePrediction(str(path), _top(pooled, predictor.classes, top_k))
+
+    def decide(row: np.ndarray) -> tuple[list[tuple[str, float]], list[str]]:
+        if not predictor.multi_label:
+            top = _top(row, predictor.classes, top_k)
+            return top, [top[0][0]]
+        above = int((row >= threshold).sum())
+        top = _top(row, predictor.classes, max(top_k, above))
+        return top, [label for label, _ in top[:above]]
+
+    result = FilePrediction(str(path), *decide(pooled))
     if per_window:
-        result.windows = [
-            {
-                "start_seconds": round(start / predictor.sample_rate, 3),
-                "top": _top(row, predictor.classes, top_k),
-            }
-            for (start, _), row in zip(parts, probabilities, strict=True)
-        ]
+        for (start, _), row in zip(parts, probabilities, strict=True):
+            top, labels = decide(row)
+            result.windows.append(
+                {
+                    "start_seconds": round(start / predictor.sample_rate, 3),
+                    "top": top,
+                    "labels": labels,
+                }
+            )
     if embed:
         result.embedding = np.concatenate(vectors).mean(axis=0)
     return result
@@ -278,14 +299,18 @@ def audio_files(arguments: Iterable[str]) -> list[Path]:
     return paths
 
 
-def format_results(results: Sequence[FilePrediction], fmt: str, per_window: bool) -> str:
-    """Results as a table, JSON or CSV."""
+def format_results(
+    results: Sequence[FilePrediction], fmt: str, per_window: bool, multi_label: bool = False
+) -> str:
+    """Results as a table, JSON or CSV. A multi-label table row starts with the predicted
+    labels ("-" for none); a multi-class one's prediction is its first label."""
     if fmt == "json":
         return json.dumps(
             [
                 {
                     "path": r.path,
                     "error": r.error,
+                    "labels": r.labels,
                     "top": [{"label": label, "probability": p} for label, p in r.top],
                     **({"windows": r.windows} if per_window else {}),
                 }
@@ -296,24 +321,29 @@ def format_results(results: Sequence[FilePrediction], fmt: str, per_window: bool
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "rank", "label", "probability", "error"])
+        writer.writerow(["path", "rank", "label", "probability", "predicted", "error"])
         for r in results:
             if r.error:
-                writer.writerow([r.path, "", "", "", r.error])
+                writer.writerow([r.path, "", "", "", "", r.error])
             for rank, (label, probability) in enumerate(r.top, start=1):
-                writer.writerow([r.path, rank, label, f"{probability:.6f}", ""])
+                predicted = int(label in r.labels)
+                writer.writerow([r.path, rank, label, f"{probability:.6f}", predicted, ""])
         return buffer.getvalue().rstrip("\n")
     lines = []
     for r in results:
         if r.error:
             lines.append(f"{r.path}  ERROR: {r.error}")
             continue
-        labels = ", ".join(f"{label} {probability:.3f}" for label, probability in r.top)
-        lines.append(f"{r.path}  {labels}")
+        lines.append(f"{r.path}  {_table_row(r.top, r.labels, multi_label)}")
         for window in r.windows:
-            labels = ", ".join(f"{label} {p:.3f}" for label, p in window["top"])
-            lines.append(f"  @ {window['start_seconds']:.2f} s  {labels}")
+            row = _table_row(window["top"], window["labels"], multi_label)
+            lines.append(f"  @ {window['start_seconds']:.2f} s  {row}")
     return "\n".join(lines)
+
+
+def _table_row(top: list[tuple[str, float]], labels: list[str], multi_label: bool) -> str:
+    scores = ", ".join(f"{label} {probability:.3f}" for label, probability in top)
+    return f"[{', '.join(labels) or '-'}]  {scores}" if multi_label else scores
 
 
 def write_embeddings(results: Sequence[FilePrediction], out: Path) -> tuple[Path, Path]:
@@ -346,6 +376,17 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _probability(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], not {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (1 when any file failed)."""
     parser = argparse.ArgumentParser(prog="audioclf-predict", description=__doc__.split("\n")[0])
@@ -359,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hop", type=_positive(float), help="hop seconds (default: half a window)")
     parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
     parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
+    parser.add_argument(
+        "--threshold",
+        type=_probability,
+        help=f"multi-label models: predict each label at or above it (default {THRESHOLD})",
+    )
     parser.add_argument("--embeddings", type=Path, help="write pooled embeddings to OUT.npy/.csv")
     parser.add_argument(
         "--batch-size", type=_positive(int), default=32, help="windows per model call (memory)"
@@ -379,6 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if arguments.embeddings is not None and predictor.embeddings is None:
         print(f"audioclf-predict: {EMBEDDINGS_NEED_CHECKPOINT}", file=sys.stderr)
+        return 2
+    if arguments.threshold is not None and not predictor.multi_label:
+        print(
+            f"audioclf-predict: --threshold: {arguments.model} is a multi-class model, which "
+            "predicts its most probable label",
+            file=sys.stderr,
+        )
         return 2
     try:
         predictor.check_window(arguments.window)
@@ -404,11 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     arguments.per_window,
                     arguments.embeddings is not None,
                     arguments.batch_size,
+                    THRESHOLD if arguments.threshold is None else arguments.threshold,
                 )
             )
         except BadAudioError as error:
             results.append(FilePrediction(str(path), error=error.reason))
-    print(format_results(results, arguments.format, arguments.per_window))
+    print(format_results(results, arguments.format, arguments.per_window, predictor.multi_label))
     if arguments.embeddings is not None:
         npy, table = write_embeddings(results, arguments.embeddings)
         print(f"embeddings: {npy}, {table}", file=sys.stderr)
