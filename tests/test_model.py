@@ -212,6 +212,20 @@ def test_efficientnet_with_arcface_applies_the_margin_through_forward():
     assert plain.abs().max() <= 30.0  # scaled cosines: |logit| <= arcface_scale
 
 
+def test_fuse_model_folds_the_arcface_class_centres_and_keeps_the_logits():
+    model = tiny_model("efficientnet_v2", 4, arcface=True).eval()
+    x = features()
+    with torch.no_grad():
+        expected = model(x)
+        fused = model.fuse_model()
+        torch.testing.assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+    # One linear layer now: its rows are the unit class centres times arcface_scale.
+    norms = fused.classifier.weight.norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, 30.0))
+    with pytest.raises(RuntimeError, match=r"call model.eval\(\) first"):
+        ArcFaceHead(16, 4).train().fold()
+
+
 # --- Ghost-EfficientNetV2 --------------------------------------------------------------------
 
 

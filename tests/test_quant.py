@@ -560,6 +560,27 @@ def test_dropout_before_the_classifier_does_not_requantize_so_tflite_matches(tmp
     assert (exported.argmax(1) == expected.argmax(1)).all()
 
 
+def test_an_arcface_model_converts_to_tflite_and_runs_at_any_batch(tmp_path, features):
+    # F.normalize's expand_as over the dynamic batch did not lower in litert-torch, and a
+    # keepdim norm became a RESHAPE to the traced batch of 2 that failed at any other batch.
+    torch.manual_seed(0)
+    model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25, arcface=True)
+    _fit(model, features)
+    (check,) = _export(tmp_path, model.eval(), features)
+    assert check.passed
+    assert check.max_abs_diff <= 1e-4
+    int8 = quant.quantize_ptq(model, [features], features[:2])
+    path = export_tflite(Int8Model(int8), features[:2], tmp_path / "m_int8.tflite")
+    run_file = tflite.runner(path)
+    exported = run_file(features.numpy())
+    np.testing.assert_array_equal(run_file(features[:1].numpy()), exported[:1])
+    with torch.no_grad():
+        expected = int8(features).numpy()
+    step = tflite.io_quantization(path)["output"]["scale"]
+    assert np.median(np.abs(exported - expected)) <= 1.01 * step
+    assert (exported.argmax(1) == expected.argmax(1)).all()
+
+
 def test_per_tensor_weights_with_x86_are_refused_at_start(compose_config):
     config = compose_config(
         "run.quantise=true",

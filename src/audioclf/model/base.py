@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from audioclf.model.heads import ArcFaceHead
 from audioclf.model.layers import fuse_conv_bn
 
 
@@ -87,12 +88,16 @@ class Model(nn.Module):
         return block(x)
 
     def fuse_model(self) -> Model:
-        """Fold BatchNorm into the preceding convolutions, in place, for inference and export.
+        """Fold BatchNorm into the preceding convolutions, and an ArcFace head's class-centre
+        normalisation into its weights, in place, for inference and export.
 
         The model must be in eval mode; its outputs stay the same (within float rounding).
         Activations stay separate modules. Returns the model.
         """
         fuse_conv_bn(self)
+        for module in self.modules():
+            if isinstance(module, ArcFaceHead):
+                module.fold()
         return self
 
     def freeze_backbone(self) -> None:

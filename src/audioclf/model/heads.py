@@ -46,9 +46,25 @@ class ArcFaceHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.xavier_uniform_(self.weight)
+        #: `weight` holds `scale` times the unit class centres (`fold()`, for inference).
+        self.folded = False
+
+    def fold(self) -> None:
+        """For inference and export (`Model.fuse_model()`), in eval mode: normalise and scale
+        the class centres once, so the head is one bias-free linear layer on the unit
+        embedding. The logits stay the same; an int8 graph quantizes that layer's weights as
+        any other's instead of computing their norms at run time."""
+        if self.training:
+            raise RuntimeError("fuse_model() folds the ArcFace head: call model.eval() first")
+        if not self.folded:
+            with torch.no_grad():
+                self.weight.copy_(self.scale * _unit(self.weight))
+            self.folded = True
 
     def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        cosine = F.linear(F.normalize(self.dropout(embedding)), F.normalize(self.weight))
+        if self.folded:
+            return F.linear(_unit(self.dropout(embedding)), self.weight)
+        cosine = F.linear(_unit(self.dropout(embedding)), _unit(self.weight))
         if labels is None or not self.training:
             return self.scale * cosine
         sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(1e-7))
@@ -66,3 +82,12 @@ class ArcFaceHead(nn.Module):
     def extra_repr(self) -> str:
         classes, features = self.weight.shape
         return f"{features} -> {classes}, margin={self.margin}, scale={self.scale}"
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its L2 norm (at least 1e-12), as `F.normalize(rows)`.
+
+    Written for TFLite's dynamic batch: litert-torch cannot lower `F.normalize`'s `expand_as`
+    over it, and a `keepdim` norm becomes a RESHAPE to the batch traced at conversion, which
+    fails at any other batch. Dividing the transposed rows broadcasts without either."""
+    return (rows.t() / (rows * rows).sum(dim=1).sqrt().clamp_min(1e-12)).t()
