@@ -36,6 +36,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from audioclf.model import Model
+from audioclf.model.heads import ArcFaceHead, fold_arcface
 from audioclf.model.layers import DropPath
 from audioclf.quantizers import (
     BACKENDS,
@@ -52,8 +53,9 @@ MODES = ("ptq", "qat")
 #: The version of how `prepare` captures and annotates a model. A checkpoint's state loads
 #: into the graph it was prepared as, only. 2: PTQ captures the fused model (1 left PANNs
 #: MobileNets' BatchNorms after pooling in float), dropout shares its input's int8 range (1
-#: requantized after it, which TFLite does not).
-RULES = 2
+#: requantized after it, which TFLite does not). 3: ArcFace heads folded (2 normalised the
+#: class centres in the graph); other models' graphs are those of 2.
+RULES = 3
 _MAX_BATCH = 4096
 
 
@@ -284,6 +286,8 @@ def prepare(
     if qat:
         _warn_batch_norm_arguments(model)
     source = copy.deepcopy(model).cpu()
+    if qat and fold_arcface(source):
+        log.info("QAT: the ArcFace head fine-tunes as its folded linear layer (no margin)")
     if not qat and hasattr(source, "fuse_model"):
         # PTQ quantizes the inference model: its BatchNorm folded, also where torchao's
         # conv-BN folding does not reach (PANNs' MobileNets pool between the two, which left
@@ -355,11 +359,12 @@ def load_quantized(
         state = content["state"]
     except (KeyError, TypeError) as error:
         raise QuantizationError(f"{source}: its quantized entry is malformed ({error})") from error
-    if spec.rules != RULES:
+    if not _oldest_rules(model) <= spec.rules <= RULES:
         # Its state may even load (observers keep their names), but not into the graph that
         # was tested: the int8 model would quantize differently.
+        which = "a newer" if spec.rules > RULES else "an earlier"
         raise QuantizationError(
-            f"{source}: quantized by an earlier version's rules ({spec.rules}, now {RULES}), "
+            f"{source}: quantized by {which} version's rules ({spec.rules}, now {RULES}), "
             "whose graph this version does not rebuild; quantise its float checkpoint again: "
             "run.train=false run.quantise=true run.checkpoint_path=<its run>/checkpoints/best.pth"
         )
@@ -367,6 +372,11 @@ def load_quantized(
     prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)
     load_graph_state(prepared.network, state, source)
     return prepared.convert()
+
+
+def _oldest_rules(model: nn.Module) -> int:
+    """The earliest RULES under which `model`'s graph was the one prepared today."""
+    return 3 if any(isinstance(module, ArcFaceHead) for module in model.modules()) else 2
 
 
 def load_graph_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from audioclf.model.heads import ArcFaceHead
+from audioclf.model.heads import fold_arcface
 from audioclf.model.layers import fuse_conv_bn
 
 
@@ -95,9 +95,7 @@ class Model(nn.Module):
         Activations stay separate modules. Returns the model.
         """
         fuse_conv_bn(self)
-        for module in self.modules():
-            if isinstance(module, ArcFaceHead):
-                module.fold()
+        fold_arcface(self)
         return self
 
     def freeze_backbone(self) -> None:

@@ -50,21 +50,21 @@ class ArcFaceHead(nn.Module):
         self.folded = False
 
     def fold(self) -> None:
-        """For inference and export (`Model.fuse_model()`), in eval mode: normalise and scale
-        the class centres once, so the head is one bias-free linear layer on the unit
-        embedding. The logits stay the same; an int8 graph quantizes that layer's weights as
-        any other's instead of computing their norms at run time."""
-        if self.training:
-            raise RuntimeError("fuse_model() folds the ArcFace head: call model.eval() first")
+        """Normalise and scale the class centres once, so the head is one bias-free linear
+        layer on the unit embedding, for inference and export (`Model.fuse_model()`) and for
+        quantization graphs: their int8 weights are then quantized as any linear layer's,
+        instead of computing norms of int8 weights at run time, which TFLite gets wrong.
+        The logits stay the same. Labels are ignored from then on (no margin); a QAT graph,
+        captured without labels, had none anyway."""
         if not self.folded:
             with torch.no_grad():
-                self.weight.copy_(self.scale * _unit(self.weight))
+                self.weight.copy_(self.scale * F.normalize(self.weight))
             self.folded = True
 
     def forward(self, embedding: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.folded:
             return F.linear(_unit(self.dropout(embedding)), self.weight)
-        cosine = F.linear(_unit(self.dropout(embedding)), _unit(self.weight))
+        cosine = F.linear(_unit(self.dropout(embedding)), F.normalize(self.weight))
         if labels is None or not self.training:
             return self.scale * cosine
         sine = torch.sqrt((1.0 - cosine * cosine).clamp_min(1e-7))
@@ -85,9 +85,19 @@ class ArcFaceHead(nn.Module):
 
 
 def _unit(rows: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its L2 norm (at least 1e-12), as `F.normalize(rows)`.
+    """Each row of a batch divided by its L2 norm (at least 1e-12), as `F.normalize(rows)`.
 
     Written for TFLite's dynamic batch: litert-torch cannot lower `F.normalize`'s `expand_as`
     over it, and a `keepdim` norm becomes a RESHAPE to the batch traced at conversion, which
-    fails at any other batch. Dividing the transposed rows broadcasts without either."""
-    return (rows.t() / (rows * rows).sum(dim=1).sqrt().clamp_min(1e-12)).t()
+    fails at any other batch. Dividing the transposed rows broadcasts without either. (The
+    class centres keep `F.normalize`: their shape is fixed, and a QAT graph's per-channel
+    int8 weights cannot be transposed in TFLite.)"""
+    return (rows.t() / torch.linalg.vector_norm(rows, dim=1).clamp_min(1e-12)).t()
+
+
+def fold_arcface(model: nn.Module) -> int:
+    """`ArcFaceHead.fold()` every ArcFace head of `model`, in place; return how many."""
+    heads = [module for module in model.modules() if isinstance(module, ArcFaceHead)]
+    for head in heads:
+        head.fold()
+    return len(heads)
