@@ -760,3 +760,25 @@ def test_a_diverged_run_is_one_line_and_exit_status_2(tmp_path, monkeypatch):
     log = (tmp_path / "run" / "cli.log").read_text()
     errors = [line.split(" - ", 1)[1] for line in log.splitlines() if "[ERROR]" in line]
     assert errors == ["training diverged in epoch 2: the validation loss is nan"]
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_a_bad_file_error_says_how_to_skip_bad_files(tmp_path, monkeypatch, policy):
+    import sys
+
+    from audioclf import cli
+
+    def bad(config):
+        raise BadAudioError(tmp_path / "empty.wav", "empty file (0 bytes)")
+
+    monkeypatch.setattr(cli, "run", bad)
+    argv = ["main.py", f"hydra.run.dir={tmp_path / 'run'}", f"data.on_bad_file={policy}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    log = (tmp_path / "run" / "cli.log").read_text()
+    errors = [line.split(" - ", 1)[1] for line in log.splitlines() if "[ERROR]" in line]
+    hint = " (data.on_bad_file=skip leaves bad files out, and counts and lists them)"
+    # Under skip, a file that goes bad after the check is not the policy's to mend.
+    assert errors == [f"{tmp_path / 'empty.wav'}: empty file (0 bytes){hint * (policy == 'error')}"]

@@ -400,7 +400,13 @@ def _hydra_main(config: DictConfig) -> float | None:
             raise
         # One line for the user; the traceback only where it was asked for.
         log.debug("traceback", exc_info=True)
-        log.error("%s", error)
+        hint = ""
+        if (
+            isinstance(error, BadAudioError)
+            and OmegaConf.select(config, "data.on_bad_file") == "error"
+        ):
+            hint = " (data.on_bad_file=skip leaves bad files out, and counts and lists them)"
+        log.error("%s%s", error, hint)
         raise SystemExit(2) from error
     except KeyboardInterrupt:
         log.debug("traceback", exc_info=True)
