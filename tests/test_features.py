@@ -137,6 +137,26 @@ def test_frame_longer_than_the_fft_asks_for_a_larger_n_fft():
     assert compute_log_mel(np.zeros(32000), 32000, "tf_yamnet_style", n_fft=1024).shape[1] == 64
 
 
+def test_mel_bands_without_an_fft_bin_are_said_once_naming_the_keys(caplog, recwarn):
+    # librosa warned in every process that built the matrix (each loader worker), five
+    # times in one run, and the keys to change were not named.
+    features._warn_empty_bands.cache_clear()
+    for _ in range(3):
+        wide = compute_log_mel(np.ones(8000, np.float32), 8000, "librosa", n_mels=256)
+    assert features.empty_mel_bands(resolve_params("librosa", 8000, n_mels=256)) == 58
+    assert (wide == wide.min()).all(axis=0).sum() >= 58  # constant bands
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert said == [
+        "log-mel: 58 of 256 mel bands get no FFT bin (n_fft=256 at 8000 Hz: bins 31.2 Hz "
+        "apart), so they are constant; lower n_mels or raise n_fft (features.n_mels, "
+        "features.n_fft)"
+    ]
+    assert not [w for w in recwarn if "Empty filters" in str(w.message)]
+    # The presets are quiet at common rates, except where TensorFlow has such a band too.
+    assert features.empty_mel_bands(resolve_params("librosa", 8000)) == 0
+    assert features.empty_mel_bands(resolve_params("tf_power_db", 44100)) == 1
+
+
 def test_the_mel_projection_runs_numpys_blas_on_one_thread(monkeypatch):
     """OpenBLAS threads it otherwise, and they took cores from torch's in training."""
 

@@ -8,6 +8,8 @@ sample rate the way the TF reference (`make_reference.py`) scales them: `int(sec
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -15,6 +17,8 @@ from typing import Any, ClassVar
 import librosa
 import numpy as np
 from threadpoolctl import ThreadpoolController
+
+log = logging.getLogger(__name__)
 
 # Bump when the feature code changes what it computes: every cached feature is then recomputed.
 FEATURE_CODE_VERSION = 1
@@ -206,7 +210,27 @@ def resolve_params(
         log_offset=float(merged["log_offset"]),
     )
     _validate(params)
+    _warn_empty_bands(params)
     return params
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_empty_bands(params: LogMelParams) -> None:
+    """Log once per process and parameter set when mel bands get no FFT bin. A warning, not
+    an error: TensorFlow's pipeline has such bands too (tf_power_db at 44.1 kHz has one), and
+    the TF presets match it."""
+    empty = empty_mel_bands(params)
+    if empty:
+        log.warning(
+            "log-mel: %d of %d mel bands get no FFT bin (n_fft=%d at %d Hz: bins %.3g Hz "
+            "apart), so they are constant; lower n_mels or raise n_fft (features.n_mels, "
+            "features.n_fft)",
+            empty,
+            params.n_mels,
+            params.n_fft,
+            params.sample_rate,
+            params.sample_rate / params.n_fft,
+        )
 
 
 def _check_sample_rate(sample_rate: Any) -> int:
@@ -290,16 +314,20 @@ def _mel_matrix(
     if scale == "tf":
         matrix = tf_mel_matrix(sample_rate, n_fft, n_mels, fmin_hz, fmax_hz).T
     else:
-        matrix = librosa.filters.mel(
-            sr=sample_rate,
-            n_fft=n_fft,
-            n_mels=n_mels,
-            fmin=fmin_hz,
-            fmax=fmax_hz,
-            htk=scale == "htk",
-            norm="slaney" if scale == "slaney" else None,
-            dtype=np.float64,
-        )
+        # librosa warns of empty bands in every process that builds the matrix (each loader
+        # worker); resolve_params says it once, naming the keys to change.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Empty filters detected", UserWarning)
+            matrix = librosa.filters.mel(
+                sr=sample_rate,
+                n_fft=n_fft,
+                n_mels=n_mels,
+                fmin=fmin_hz,
+                fmax=fmax_hz,
+                htk=scale == "htk",
+                norm="slaney" if scale == "slaney" else None,
+                dtype=np.float64,
+            )
     matrix.setflags(write=False)
     return matrix
 
@@ -314,6 +342,12 @@ def mel_matrix(params: LogMelParams) -> np.ndarray:
         params.fmax_hz,
         params.mel_scale,
     )
+
+
+def empty_mel_bands(params: LogMelParams) -> int:
+    """How many mel bands of `params` no FFT bin falls in: constant inputs to a model (too
+    many mel bands for the FFT's resolution)."""
+    return int((mel_matrix(params).max(axis=1) == 0).sum())
 
 
 @functools.lru_cache(maxsize=32)
