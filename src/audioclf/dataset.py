@@ -25,6 +25,7 @@ from audioclf.audio import (
     decode_audio,
     file_digest,
     fix_length,
+    load_crop,
     pad_for_random_crop,
     read_bytes,
 )
@@ -205,8 +206,7 @@ class SpectrogramDataset(Dataset):
         rng = rng if rng is not None else self._generator()
         if self.augments_audio:
             clip = self.clips[index]
-            waveform = decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
-            waveform = fix_length(waveform, self.clip_samples, rng)
+            waveform = load_crop(clip.path, self.sample_rate, self.clip_samples, rng)
             waveform = self.audio_augment(waveform, self.sample_rate)
             features = log_mel(waveform, self.feature_params)
         else:
