@@ -89,6 +89,15 @@ def test_a_random_crop_of_a_long_file_decodes_only_its_part(
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 3)
     with pytest.raises(BadAudioError, match="corrupt.wav"):
         load_crop(corrupt, 8000, 4000, np.random.default_rng(0))
+    # A file that went bad after the check at start: an error naming it, not a crash.
+    if not whole:
+
+        def gone(*args, **kwargs):
+            raise OSError("gone")
+
+        monkeypatch.setattr(audio.sf.SoundFile, "read", gone)
+        with pytest.raises(BadAudioError, match=r"a\.\w+: cannot decode audio \(gone\)"):
+            load_crop(path, 8000, 4000, np.random.default_rng(0))
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:

@@ -139,10 +139,13 @@ def load_crop(
     period_in, period_out = native // g, sample_rate // g
     first = max(0, offset - _CROP_MARGIN) // period_out
     last = -(-(offset + num_samples + _CROP_MARGIN) // period_out)
-    with sf.SoundFile(str(path)) as handle:
-        handle.seek(first * period_in)
-        count = min(last * period_in, info.frames) - first * period_in
-        samples = handle.read(count, dtype="float32", always_2d=True)
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            handle.seek(first * period_in)
+            count = min(last * period_in, info.frames) - first * period_in
+            samples = handle.read(count, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        raise BadAudioError(path, f"cannot decode audio ({_decode_error(error)})") from error
     if not np.isfinite(samples).all():
         raise BadAudioError(path, "audio contains NaN or infinite samples")
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
