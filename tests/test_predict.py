@@ -338,6 +338,26 @@ def test_a_multi_label_model_predicts_every_label_at_the_threshold(wavs):
     assert (none.labels, [label for label, _ in none.top]) == ([], ["a", "b"])
 
 
+def test_a_multi_label_model_pools_windows_by_their_maximum(wavs):
+    # A label heard in one window is in the file: the mean of 3+ windows hid it.
+    def first_window_only(features):
+        logits = np.full((len(features), 4), -5.0, np.float32)
+        logits[0, 0] = 5.0
+        return logits
+
+    for multi_label, pooled in ((True, ["a"]), (False, ["a"])):
+        predictor = _fixed([0.0] * 4, multi_label)
+        predictor.logits = first_window_only
+        windows = {"window_seconds": 0.1, "hop_seconds": 0.1}
+        result = predict_file(predictor, wavs[0], **windows)
+        assert result.labels == pooled
+        probability = dict(result.top)["a"]
+        assert probability > 0.99 if multi_label else probability < 0.5  # max / mean
+        assert predict_file(predictor, wavs[0], aggregate="mean", **windows).labels == (
+            [] if multi_label else ["a"]
+        )
+
+
 def test_a_multi_class_model_predicts_its_top_label(wavs):
     result = predict_file(_fixed([0.0, 3.0, 1.0, 2.0], multi_label=False), wavs[0], top_k=3)
     assert result.labels == ["b"]

@@ -8,8 +8,10 @@ MODEL is a trainer checkpoint (.pth) or an export (.onnx, TorchScript .pt, .tfli
 JSON sidecar beside it; a waveform-in export gets the windows' samples, the others their
 log-mel. Each file is decoded, resampled and cut into windows of the clip length
 (sliding with `--hop` when it is longer; centred and zero-padded when shorter), each window's
-log-mel computed as in training, and the windows' probabilities aggregated. A file that cannot
-be used is reported with the reason and skipped; the exit status is 1 when any was.
+log-mel computed as in training, and the windows' probabilities aggregated (by default their
+mean, or for a multi-label model their maximum: a label heard in one window is in the file).
+A file that cannot be used is reported with the reason and skipped; the exit status is 1 when
+any was.
 
 Each result names its predicted labels: the most probable one, or for a multi-label model every
 label whose probability reaches `--threshold` (0.5, as the trainer's F1), possibly none.
@@ -213,7 +215,7 @@ def predict_file(
     top_k: int = 3,
     window_seconds: float | None = None,
     hop_seconds: float | None = None,
-    aggregate: str = "mean",
+    aggregate: str | None = None,
     per_window: bool = False,
     embed: bool = False,
     batch_size: int = 32,
@@ -249,6 +251,8 @@ def predict_file(
     else:
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    if aggregate is None:
+        aggregate = "max" if predictor.multi_label else "mean"
     pooled = probabilities.mean(axis=0) if aggregate == "mean" else probabilities.max(axis=0)
 
     def decide(row: np.ndarray) -> tuple[list[tuple[str, float]], list[str]]:
@@ -398,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--window", type=_positive(float), help="window seconds (default: clip length)"
     )
     parser.add_argument("--hop", type=_positive(float), help="hop seconds (default: half a window)")
-    parser.add_argument("--aggregate", choices=("mean", "max"), default="mean")
+    parser.add_argument(
+        "--aggregate",
+        choices=("mean", "max"),
+        help="pooling of the windows (default: mean; max for a multi-label model)",
+    )
     parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
     parser.add_argument(
         "--threshold",
