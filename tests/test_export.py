@@ -15,8 +15,9 @@ from onnx import numpy_helper
 
 from audioclf.cli import run
 from audioclf.export import ExportError, check_export, export_model, inference_model, load_runner
-from audioclf.features import FeatureNormalization, compute_log_mel, resolve_params
+from audioclf.features import compute_log_mel, resolve_params
 from audioclf.model import create_model
+from audioclf.normalization import FeatureNormalization
 from conftest import fsdd_clip, tiny_split_manifest
 
 PARAMS = resolve_params("librosa", 8000)

@@ -11,9 +11,10 @@ import torch
 
 from audioclf.audio import fix_length, load_audio
 from audioclf.export import ExportError, export_model, load_runner
-from audioclf.features import PRESETS, FeatureNormalization, log_mel, resolve_params
+from audioclf.features import PRESETS, log_mel, resolve_params
 from audioclf.frontend import LogMelFrontEnd
 from audioclf.model import create_model
+from audioclf.normalization import FeatureNormalization
 from conftest import TEST_DATA, fsdd_clip
 
 GOLDENS = TEST_DATA / "tf_logmel"

@@ -17,10 +17,11 @@ from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import run
 from audioclf.export import ExportError, Int8Model, export_model
 from audioclf.export.formats import export_tflite
-from audioclf.features import FeatureNormalization, resolve_params
+from audioclf.features import resolve_params
 from audioclf.model import create_model
 from audioclf.model.heads import LinearHead
 from audioclf.model.layers import ConvBnAct
+from audioclf.normalization import FeatureNormalization
 from audioclf.pipeline import build_model
 from audioclf.predict import main as predict_main
 from audioclf.settings import ConfigError, load_settings

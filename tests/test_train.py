@@ -35,13 +35,14 @@ from audioclf.checkpoint import (
 )
 from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset
-from audioclf.features import FeatureNormalization, LogMelParams, log_mel, resolve_params
+from audioclf.features import LogMelParams, log_mel, resolve_params
 from audioclf.index import Clip, DatasetError
 from audioclf.loading import EpochSampler, make_loader
 from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import multiclass_metrics, multilabel_metrics, write_evaluation
 from audioclf.model import CheckpointError, Model
 from audioclf.model.heads import LinearHead
+from audioclf.normalization import FeatureNormalization
 from audioclf.pipeline import class_weights
 from audioclf.predict import load_predictor
 from audioclf.schedules import EarlyStopping, Schedule, ScheduleSpec, lr_factor, make_optimizer

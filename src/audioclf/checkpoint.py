@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError
 from audioclf.model.pretrained import load_file
+from audioclf.normalization import FeatureNormalization
 from audioclf.settings import ConfigError, Settings, fill_missing_keys, load_settings
 
 log = logging.getLogger(__name__)

@@ -31,15 +31,10 @@ from audioclf.audio import (
 )
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache, FeatureStore, feature_key, parameters_digest, store_key
-from audioclf.features import (
-    FEATURE_CODE_VERSION,
-    FeatureNormalization,
-    LogMelParams,
-    log_mel,
-    num_frames,
-)
+from audioclf.features import FEATURE_CODE_VERSION, LogMelParams, log_mel, num_frames
 from audioclf.index import Clip, DatasetError
 from audioclf.loading import worker_options
+from audioclf.normalization import FeatureNormalization
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.dataset import SpectrogramDataset, prepare
-from audioclf.features import FeatureNormalization
 from audioclf.model import CheckpointError, Model, load_state, read_state_dict
+from audioclf.normalization import FeatureNormalization
 from audioclf.pipeline import build_model, feature_params
 from audioclf.settings import Settings
 

@@ -23,7 +23,7 @@ from audioclf.dataset import (
     feature_statistics,
     prepare,
 )
-from audioclf.features import FeatureNormalization, LogMelParams, num_frames, resolve_params
+from audioclf.features import LogMelParams, num_frames, resolve_params
 from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
 from audioclf.layouts import (
     index_folder,
@@ -35,6 +35,7 @@ from audioclf.layouts import (
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
+from audioclf.normalization import FeatureNormalization
 from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings
 
 

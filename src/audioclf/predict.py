@@ -35,9 +35,10 @@ import torch
 from audioclf.audio import BadAudioError, fix_length, load_audio
 from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.export import ExportError, load_runner
-from audioclf.features import FeatureNormalization, LogMelParams, log_mel
+from audioclf.features import LogMelParams, log_mel
 from audioclf.layouts import AUDIO_EXTENSIONS, audio_files_below
 from audioclf.model import CheckpointError, Model, create_model, load_state
+from audioclf.normalization import FeatureNormalization
 from audioclf.quant import QuantizationError, load_quantized
 
 EMBEDDINGS_NEED_CHECKPOINT = "--embeddings needs a trainer checkpoint (.pth)"

@@ -24,9 +24,10 @@ from audioclf.export.modules import (
     inference_model,
 )
 from audioclf.export.sidecar import LAYOUTS, sidecar
-from audioclf.features import FeatureNormalization, LogMelParams
+from audioclf.features import LogMelParams
 from audioclf.frontend import LogMelFrontEnd
 from audioclf.model import Model
+from audioclf.normalization import FeatureNormalization
 from audioclf.quant import QuantizedModel
 
 log = logging.getLogger(__name__)

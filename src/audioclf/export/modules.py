@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from audioclf.features import FeatureNormalization
 from audioclf.frontend import LogMelFrontEnd
 from audioclf.model import Model
+from audioclf.normalization import FeatureNormalization
 from audioclf.quant import QuantizedModel
 
 

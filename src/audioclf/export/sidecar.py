@@ -10,7 +10,8 @@ from torch import nn
 
 from audioclf.export.formats import OUTPUT_NAME
 from audioclf.export.modules import InferenceModel, Int8Model, WaveformModel, input_name, unwrap
-from audioclf.features import FeatureNormalization, LogMelParams
+from audioclf.features import LogMelParams
+from audioclf.normalization import FeatureNormalization
 
 LAYOUTS = {
     "nchw": "NCHW: (batch, 1, frames, mels), log-mel as compute_log_mel returns it",
