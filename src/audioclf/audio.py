@@ -123,15 +123,13 @@ def load_crop(
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
         info = None  # the whole-file path names the error
-    if info is None or info.format not in _SEEKABLE:
-        return fix_length(load_audio(path, sample_rate), num_samples, rng)
-    native = info.samplerate
-    # The resampled length, as librosa.resample computes it.
-    length = (
-        info.frames if native == sample_rate else math.ceil(info.frames * (sample_rate / native))
-    )
+    length = 0  # decode whole: unreadable here, or no exact seeking
+    if info is not None and info.format in _SEEKABLE:
+        # The resampled length, as librosa.resample computes it (exact at the same rate).
+        length = math.ceil(info.frames * (sample_rate / info.samplerate))
     if length < 2 * num_samples:
         return fix_length(load_audio(path, sample_rate), num_samples, rng)
+    native = info.samplerate
     offset = int(rng.integers(0, length - num_samples + 1))
     # Read whole resampling periods (native/g source samples are sample_rate/g target ones),
     # so the part's output samples fall on the whole file's.

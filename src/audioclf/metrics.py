@@ -57,8 +57,12 @@ def multiclass_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str,
     }
 
 
+#: Multi-label decisions: a label is predicted at or above this probability.
+THRESHOLD = 0.5
+
+
 def multilabel_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.5
+    logits: torch.Tensor, targets: torch.Tensor, threshold: float = THRESHOLD
 ) -> dict[str, Any]:
     """mAP and macro ROC-AUC of the sigmoid scores; per-label accuracy and macro precision /
     recall / F1 at `threshold`; per-label figures. Targets are multi-hot (N, C).

@@ -42,7 +42,8 @@ from audioclf.normalization import FeatureNormalization
 from audioclf.quant import QuantizationError, load_quantized
 
 EMBEDDINGS_NEED_CHECKPOINT = "--embeddings needs a trainer checkpoint (.pth)"
-#: A multi-label model's decision threshold when none is given: the trainer's, for its F1.
+#: A multi-label model's decision threshold when none is given: the trainer's for its F1
+#: (`audioclf.metrics.THRESHOLD`, whose torchmetrics import would add 2.5 s to every call).
 THRESHOLD = 0.5
 
 
@@ -366,30 +367,24 @@ def write_embeddings(results: Sequence[FilePrediction], out: Path) -> tuple[Path
     return npy, table
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
-    """An argparse type: a number of `kind` above 0, else argparse's usage error."""
+def _number(kind: type, accepts: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` that `accepts` takes, else argparse's usage error
+    saying it must be `expected` (NaN fails every comparison, so it is refused too)."""
 
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            value = 0  # not a number: refused below, as a non-positive one is
-        if not value > 0:  # NaN too
-            raise argparse.ArgumentTypeError(f"must be a number above 0, not {text!r}")
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {expected}, not {text!r}")
         return value
 
     return parse
 
 
-def _probability(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], not {text!r}")
-    return value
+def _positive(kind: type) -> Callable[[str], Any]:
+    return _number(kind, lambda value: value > 0, "a number above 0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--per-window", action="store_true", help="also each window's top-k")
     parser.add_argument(
         "--threshold",
-        type=_probability,
+        type=_number(float, lambda value: 0 <= value <= 1, "a probability in [0, 1]"),
         help=f"multi-label models: predict each label at or above it (default {THRESHOLD})",
     )
     parser.add_argument("--embeddings", type=Path, help="write pooled embeddings to OUT.npy/.csv")

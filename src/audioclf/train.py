@@ -38,6 +38,7 @@ from audioclf.checkpoint import (
 )
 from audioclf.losses import classification_loss, distillation_loss, mixup
 from audioclf.metrics import (
+    THRESHOLD,
     format_report,
     multiclass_metrics,
     multilabel_metrics,
@@ -106,7 +107,7 @@ class Trainer:
         *,
         device: str | torch.device = "cpu",
         multi_label: bool = False,
-        threshold: float = 0.5,
+        threshold: float = THRESHOLD,
         class_weights: torch.Tensor | None = None,
         checkpoint_extra: dict[str, Any] | None = None,
         seed: int = 0,
