@@ -247,12 +247,24 @@ def test_qat_turns_stochastic_depth_off_and_refuses_other_random_branches(featur
 
 
 def test_qat_conversion_traces_torchaos_patterns_once_and_converts_the_same(features, monkeypatch):
+    quant.load_torchao()
     from torchao.quantization.pt2e import qat_utils, utils
 
-    prepared = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
-    F.cross_entropy(prepared(features), torch.arange(len(features)) % 3).backward()
-    first = prepared.convert()
     traced_once = utils._get_aten_graph_module_for_pattern
+    traced_once.traces.clear()  # every pattern is traced in this test
+    # Traced by torch.export's non-strict tracer (torchao's strict one took twice as long).
+    export, stricts = torch.export.export, []
+
+    def recording(*args, strict: bool = False, **kwargs):
+        stricts.append(strict)
+        return export(*args, strict=strict, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.export, "export", recording)
+        prepared = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
+        F.cross_entropy(prepared(features), torch.arange(len(features)) % 3).backward()
+        first = prepared.convert()
+    assert len(stricts) > 100 and not any(stricts)
     known = len(traced_once.traces)
     assert known > 100  # the conv-BN patterns, kept
     with warnings.catch_warnings(record=True) as caught:
@@ -261,9 +273,12 @@ def test_qat_conversion_traces_torchaos_patterns_once_and_converts_the_same(feat
     assert len(traced_once.traces) == known  # nothing traced a second time
     # Copying graphs used to print torch's pytree FutureWarning to the user's console.
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
-    # The same int8 model as torchao's own tracing gives.
+    # The same QAT graph and int8 model as torchao's own (strict) tracing of its patterns
+    # gives: the patterns are traced by torch.export's non-strict tracer.
     for module in (utils, qat_utils):
         monkeypatch.setattr(module, "_get_aten_graph_module_for_pattern", traced_once.original)
+    reference_prepared = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
+    assert prepared.network.code == reference_prepared.network.code
     fresh = prepared.convert()
     with torch.no_grad():
         reference = fresh(features)
