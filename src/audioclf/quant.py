@@ -15,14 +15,16 @@ stochastic depth is off in QAT graphs (`capture`).
 `QuantizedModel` puts a prepared or converted graph behind the zoo's interface
 (`forward(x, labels=None)`, train/eval), so the Trainer fine-tunes and tests it unchanged.
 Its checkpoint holds the *prepared* graph's state (weights plus observer / fake-quantizer
-statistics) and how it was prepared: `load_quantized` rebuilds the float architecture,
-prepares it the same way, loads that state and converts, which gives the same int8 model.
+statistics), how it was prepared and each observer's quantization parameters: `load_quantized`
+rebuilds the float architecture, prepares it the same way, loads that state and converts with
+those parameters, which gives the same int8 model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import types
 import warnings
@@ -155,6 +157,8 @@ class QuantizedModel(nn.Module):
         self.converted = converted
         #: The prepared graph's state, kept at conversion: what a checkpoint stores.
         self.prepared_state: dict[str, torch.Tensor] | None = None
+        #: Each observer's [scale, zero point] that conversion used, by name (`pin_qparams`).
+        self.qparams: dict[str, list[torch.Tensor]] | None = None
         self._bn_frozen = False
         self._observers_frozen = False
 
@@ -188,8 +192,11 @@ class QuantizedModel(nn.Module):
             log.info("QAT epoch %d: quantization ranges frozen", epoch + 1)
         self.train(self.training)
 
-    def convert(self) -> QuantizedModel:
-        """The int8 model (a new module; this one is left as it was)."""
+    def convert(
+        self, qparams: dict[str, Any] | None = None, source: str = "checkpoint"
+    ) -> QuantizedModel:
+        """The int8 model (a new module; this one is left as it was), with the observers'
+        quantization parameters given as `qparams` (an int8 checkpoint's) or computed."""
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         if self.converted:
@@ -197,17 +204,96 @@ class QuantizedModel(nn.Module):
         state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
         # convert_pt2e works in place: convert a copy rebuilt from the state.
         graph = copy_graph(self.network)
+        pinned = pin_qparams(graph, qparams, source)
         with warnings.catch_warnings(), _qat_folding(self.spec.mode == "qat"):
             warnings.simplefilter("ignore")
             converted = convert_pt2e(graph, fold_quantize=False)
         result = QuantizedModel(converted, self.spec, converted=True)
         result.prepared_state = state
+        result.qparams = pinned
         return result.eval()
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """What an int8 checkpoint stores: the spec and the prepared graph's state."""
+        """What an int8 checkpoint stores: the spec, the prepared graph's state and (once
+        converted) the quantization parameters its conversion used."""
         state = self.prepared_state if self.converted else self.network.state_dict()
-        return {"spec": asdict(self.spec), "state": dict(state)}
+        content = {"spec": asdict(self.spec), "state": dict(state)}
+        if self.qparams is not None:
+            content["qparams"] = dict(self.qparams)
+        return content
+
+
+def pin_qparams(
+    graph: GraphModule, stored: dict[str, Any] | None = None, source: str = "checkpoint"
+) -> dict[str, list[torch.Tensor]]:
+    """Fix the quantization parameters that convert_pt2e reads from each observer (or fake
+    quantizer) of `graph`: `stored` ones, or each computed here once. HistogramObserver
+    searches for its range on every call (11 of the 11.3 s of converting a PANNs MobileNetV1),
+    and an int8 checkpoint's load paid that again. Returns them, by observer name."""
+    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+    # By node: an observer shared by two nodes is one module under two names.
+    modules = {
+        node.target: graph.get_submodule(node.target)
+        for node in graph.graph.nodes
+        if node.op == "call_module"
+    }
+    observers = {
+        name: module
+        for name, module in modules.items()
+        if isinstance(module, ObserverBase | FakeQuantizeBase)
+    }
+    if stored is not None:
+        missing, unexpected = (
+            sorted(set(observers) - set(stored)),
+            sorted(set(stored) - set(observers)),
+        )
+        if missing or unexpected:
+            raise QuantizationError(
+                f"{source}: its quantization parameters do not match the graph's observers: "
+                f"missing {_some(missing)}, unexpected {_some(unexpected)}"
+            )
+    pinned = {}
+    for name, observer in observers.items():
+        if stored is None:
+            scale, zero_point = observer.calculate_qparams()
+        else:
+            scale, zero_point = _checked_qparams(stored[name], observer, f"{source}: {name}")
+        scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
+        pinned[name] = [scale, zero_point]
+        # An instance attribute: convert_pt2e calls it (the class's method searched again).
+        observer.calculate_qparams = functools.partial(_pinned, scale, zero_point)
+    return pinned
+
+
+def _pinned(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scale, zero_point
+
+
+def _checked_qparams(value: Any, observer: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
+    """A stored [scale, zero point] pair for `observer`, or a QuantizationError saying why not."""
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(item, torch.Tensor) for item in value)
+    ):
+        raise QuantizationError(f"{where}: quantization parameters must be [scale, zero point]")
+    scale, zero_point = value
+    # Per tensor one value, per channel one per channel, as the observer's own statistics.
+    reference = getattr(observer, "min_val", getattr(observer, "scale", None))
+    size = None if not isinstance(reference, torch.Tensor) else max(reference.numel(), 1)
+    if (
+        not scale.is_floating_point()
+        or zero_point.is_floating_point()
+        or scale.shape != zero_point.shape
+        or (size is not None and scale.numel() != size)
+        or not bool(torch.isfinite(scale).all() and (scale > 0).all())
+    ):
+        raise QuantizationError(
+            f"{where}: quantization parameters out of range (scale {tuple(scale.shape)} "
+            f"{scale.dtype}, zero point {tuple(zero_point.shape)} {zero_point.dtype})"
+        )
+    return scale, zero_point
 
 
 @contextlib.contextmanager
@@ -371,7 +457,8 @@ def load_quantized(
     example = torch.zeros(2, *spec.input_shape)
     prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)
     load_graph_state(prepared.network, state, source)
-    return prepared.convert()
+    # Checkpoints from before the parameters were stored: computed from the state, as then.
+    return prepared.convert(content.get("qparams"), source)
 
 
 def _oldest_rules(model: nn.Module) -> int:
