@@ -152,8 +152,25 @@ MEANT = "no such key; did you mean"
     [
         (["training.batchsize=3"], [f"training.batchsize: {MEANT} training.batch_size?"]),
         (["model=panns_cnn14", "features.fmax=1"], [f"features.fmax: {MEANT} features.fmax_hz?"]),
-        # A key of another model's options is known: Hydra names it for the model chosen.
-        (["model.params.ghost_ratio=3", "training.lr=1", "+training.x=1", "hydra.job.name=j"], []),
+        (["training.lr=1", "+training.x=1", "hydra.job.name=j", "model=panns_cnn14"], []),
+        # A key of another option of the group: which options have it, and the chosen one's.
+        (
+            ["model.params.ghost_ratio=3", "model=panns_mobilenetv1", "model.params.dropout=0"],
+            [
+                "model.params.ghost_ratio: not a key of model=panns_mobilenetv1, but of "
+                "model=ghost_efficientnet_v2 (model.params of panns_mobilenetv1: n_mels, "
+                "dropout, pretrained_path, freeze_backbone, gradient_checkpointing)"
+            ],
+        ),
+        (
+            ["teacher_model.checkpoint_path=t.pth"],
+            [
+                "teacher_model.checkpoint_path: no teacher_model is chosen; choose one first: "
+                "teacher_model=efficientnet_v2|efficientnet_v2_micro|efficientnet_v2_qat|"
+                "ghost_efficientnet_v2|panns_cnn14|panns_mobilenetv1|panns_mobilenetv2"
+            ],
+        ),
+        (["teacher_model=panns_cnn14", "teacher_model.checkpoint_path=t.pth"], []),
         (
             ["augmentations.audio.transforms.7.p=0.5"],
             [

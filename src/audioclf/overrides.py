@@ -35,20 +35,44 @@ def config_groups() -> list[str]:
     return sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir())
 
 
-def known_keys() -> set[str]:
-    """Every key of the config under any option of any group (`model.params.width_mult`,
-    `augmentations.audio.transforms.0.p`), composed by Hydra as a run would compose it."""
+def option_keys() -> tuple[list[str], dict[str, dict[str, list[str]]]]:
+    """Every key of the config, composed by Hydra as a run would compose it with each option
+    of each group: the keys outside the groups, and by group and option the keys under the
+    group (`model` -> `panns_cnn14` -> [`model.name`, `model.params.n_mels`, ...]), each in
+    the config's order."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    groups = config_groups()
+    common: dict[str, None] = {}
+    by_option: dict[str, dict[str, list[str]]] = {group: {} for group in groups}
     GlobalHydra.instance().clear()
-    keys: set[str] = set()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        for group in config_groups():
+        for group in groups:
             for option in sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml")):
                 config = compose("config", overrides=[f"{group}={option}"])
-                keys.update(_leaf_keys(OmegaConf.to_container(config, resolve=False)))
-    return keys
+                keys = list(_leaf_keys(OmegaConf.to_container(config, resolve=False)))
+                by_option[group][option] = [k for k in keys if k.startswith(f"{group}.")]
+                common.update(dict.fromkeys(k for k in keys if k.split(".")[0] not in groups))
+    return list(common), by_option
+
+
+def chosen_options(arguments: Iterable[str]) -> dict[str, str | None]:
+    """Each group's option for a command line: config.yaml's defaults, then `group=option`
+    (or `+group=`, `++group=`) and `~group` overrides (None: no option, as `teacher_model`)."""
+    groups = set(config_groups())
+    chosen: dict[str, str | None] = {}
+    primary = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "config.yaml"))
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, dict):
+            chosen.update((group, option) for group, option in entry.items() if group in groups)
+    for argument in arguments:
+        key, _, option = argument.lstrip("+").partition("=")
+        if key.startswith("~") and key[1:] in groups:
+            chosen[key[1:]] = None
+        elif key in groups and option:
+            chosen[key] = None if option == "null" else option
+    return chosen
 
 
 def _leaf_keys(value: Any, key: str = "") -> Iterator[str]:
@@ -83,8 +107,42 @@ def unknown_key_hints(arguments: Sequence[str]) -> list[str]:
     keys = override_keys(arguments)
     if not keys:
         return []
-    known = known_keys()
-    return [_hint(key, known) for key in keys if not _is_known(key, known)]
+    common, by_option = option_keys()
+    chosen = chosen_options(arguments)
+    # The keys of the config this command line composes, when its options exist.
+    known = set(common)
+    for group, option in chosen.items():
+        known.update(by_option.get(group, {}).get(option or "", []))
+    hints = []
+    for key in keys:
+        if not _is_known(key, known):
+            group = key.split(".")[0]
+            other = _other_option_hint(key, group, chosen.get(group), by_option.get(group, {}))
+            hints.append(other or _hint(key, known))
+    return hints
+
+
+def _other_option_hint(
+    key: str, group: str, option: str | None, options: dict[str, list[str]]
+) -> str | None:
+    """For a key that other options of its group have (`model.params.width_mult` with
+    model=panns_cnn14): which, and the keys beside it that the chosen option has."""
+    having = [name for name, keys in options.items() if _is_known(key, set(keys))]
+    if not having:
+        return None
+    if option is None:
+        return f"{key}: no {group} is chosen; choose one first: {group}={'|'.join(having)}"
+    if option not in options:
+        return None  # Hydra names the option it cannot find
+    parent = key.rsplit(".", 1)[0]
+    beside = dict.fromkeys(
+        k.removeprefix(f"{parent}.").split(".")[0]
+        for k in options[option]
+        if k.startswith(f"{parent}.")
+    )
+    return f"{key}: not a key of {group}={option}, but of {group}={', '.join(having)}" + (
+        f" ({parent} of {option}: {', '.join(beside)})" if beside else ""
+    )
 
 
 def _is_known(key: str, known: set[str]) -> bool:
