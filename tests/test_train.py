@@ -1521,9 +1521,11 @@ def test_multirun_sweep_runs_each_value_into_its_own_folder(tmp_path):
 # ---------------------------------------------------------------- multi-label
 
 
-def _multi_labeltiny_split_manifest(tmp_path) -> list[str]:
+def _multi_labeltiny_split_manifest(tmp_path, negatives: bool = False) -> list[str]:
+    """Digits 1-3 tagged with their names and parities; with `negatives`, 4s with no tag."""
     rows = []
-    for digit, tags in ((1, "one;odd"), (2, "two;even"), (3, "odd;three")):
+    tagged = [(1, "one;odd"), (2, "two;even"), (3, "odd;three")] + ([(4, "")] if negatives else [])
+    for digit, tags in tagged:
         for index, split in [(10, "train"), (11, "train"), (12, "train"), (13, "train")] + [
             (5, "val"),
             (6, "val"),
@@ -1548,10 +1550,14 @@ def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
     path = write_manifest(
         tmp_path / "m.csv",
         ["path", "label"],
-        [("1_jackson_10.wav", "odd; one;odd"), ("2_jackson_10.wav", "even;two")],
+        [
+            ("1_jackson_10.wav", "odd; one;odd"),
+            ("2_jackson_10.wav", "even;two"),
+            ("5_jackson_10.wav", ""),  # a negative: no class applies
+        ],
     )
     listing = index_manifest(path, FSDD, 0.0, 0.0, multi_label=True)
-    assert [clip.label for clip in listing.clips] == ["odd;one", "even;two"]
+    assert [clip.label for clip in listing.clips] == ["odd;one", "even;two", ""]
     index = split_listing(listing, seed=0, multi_label=True)
     assert index.classes == ["even", "odd", "one", "two"]
     dataset = SpectrogramDataset(
@@ -1564,13 +1570,18 @@ def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
         multi_label=True,
     )
     targets = {clip.label: dataset.label_index(clip).tolist() for clip in dataset.clips}
-    assert targets == {"odd;one": [0, 1, 1, 0], "even;two": [1, 0, 0, 1]}
+    assert targets == {"odd;one": [0, 1, 1, 0], "even;two": [1, 0, 0, 1], "": [0, 0, 0, 0]}
+    # A multi-class manifest still refuses an empty label.
+    with pytest.raises(DatasetError, match=r"m\.csv, line 4: empty label"):
+        index_manifest(path, FSDD, 0.0, 0.0)
 
 
-def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tmp_path):
+def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tmp_path, caplog):
+    # With clips that no class applies to (negatives, an empty label cell), counted apart.
+    caplog.set_level(logging.INFO, logger="audioclf")
     summary = run(
         compose_config(
-            *_multi_labeltiny_split_manifest(tmp_path),
+            *_multi_labeltiny_split_manifest(tmp_path, negatives=True),
             "run.train=true",
             "run.test=true",
             "training.epochs=2",
@@ -1579,6 +1590,9 @@ def test_multi_label_main_job_trains_with_bce_and_reports_map(compose_config, tm
     )
     assert summary["classes"] == ["even", "odd", "one", "three", "two"]
     assert summary["splits"]["train"]["per_class"]["odd"] == 8
+    assert summary["splits"]["train"]["clips"] == 16
+    assert [summary["splits"][split]["no_label"] for split in ("train", "val", "test")] == [4, 2, 2]
+    assert "train        16 clips (4-8 per class, 4 with no label)" in caplog.text
     test = summary["test"]
     assert {"mAP", "roc_auc", "f1", "accuracy"} <= set(test)
     assert 0.0 <= test["mAP"] <= 1.0
@@ -1657,6 +1671,8 @@ def test_the_main_jobs_balanced_sampler_weighs_multi_label_clips_by_their_labels
 
     rows = [(f"1_jackson_{i}.wav", "a" if i < 16 else "a;b", "train") for i in range(10, 18)]
     rows += [(f"2_jackson_{i}.wav", "a;b", "val") for i in range(10, 12)]
+    # Clips with no label weigh as one class together.
+    rows += [(f"3_jackson_{i}.wav", "", "train") for i in range(10, 12)]
     path = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
     settings = load_settings(
         compose_config(
@@ -1667,9 +1683,8 @@ def test_the_main_jobs_balanced_sampler_weighs_multi_label_clips_by_their_labels
     )
     _, datasets, _ = build_datasets(settings)
     weights = build_loaders(settings, datasets, torch.device("cpu"))["train"].sampler.weights
-    expected = [
-        1 / 8 if clip.label == "a" else (1 / 8 + 1 / 2) / 2 for clip in datasets["train"].clips
-    ]
+    weight = {"a": 1 / 8, "a;b": (1 / 8 + 1 / 2) / 2, "": 1 / 2}
+    expected = [weight[clip.label] for clip in datasets["train"].clips]
     np.testing.assert_allclose(weights, expected)
 
 

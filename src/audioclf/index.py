@@ -44,8 +44,9 @@ class Clip:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The clip's labels: one, or for multi-label data those joined by ';' in `label`."""
-        return tuple(self.label.split(MULTI_LABEL_SEPARATOR))
+        """The clip's labels: one, or for multi-label data those joined by ';' in `label`
+        (none for a multi-label clip whose label is empty: a negative, no tag applies)."""
+        return tuple(self.label.split(MULTI_LABEL_SEPARATOR)) if self.label else ()
 
     @property
     def where(self) -> str:

@@ -309,8 +309,9 @@ def index_manifest(
     others mapped to those by `columns` (see `_manifest_columns`). Rows with the same `group`
     (a speaker, a source recording) land in one split.
 
-    With `multi_label`, a label cell holds one or more labels separated by ';' (FSD50K
-    style); they are kept sorted and without repeats, so `b;a;a` is `a;b`.
+    With `multi_label`, a label cell holds labels separated by ';' (FSD50K style); they are
+    kept sorted and without repeats, so `b;a;a` is `a;b`. An empty cell is a clip that no
+    class applies to (a negative: all targets 0).
 
     Paths are relative to `root`, or to the manifest's folder when `root` is None. With
     `test_fold` set, rows of that fold are the test split and rows of `val_fold` (if set) the
@@ -350,9 +351,9 @@ def index_manifest(
         cells = {name: value.strip() for name, value in zip(header, values, strict=True)}
         row = {name: read(cells) for name, read in readers.items()}
         for name in ("path", "label"):
-            if not row[name]:
+            if not row[name] and not (name == "label" and multi_label):
                 raise DatasetError(f"{where}: empty {name}")
-        if multi_label:
+        if multi_label and row["label"]:
             labels = [label.strip() for label in row["label"].split(MULTI_LABEL_SEPARATOR)]
             if not all(labels):
                 raise DatasetError(f"{where}: empty label in {row['label']!r}")

@@ -72,12 +72,14 @@ class EpochSampler(Sampler):
 
 def balanced_weights(clips: Sequence[Clip], multi_label: bool = False) -> list[float]:
     """Per-item sampling weights that give every class the same expected share (multi-label:
-    each clip weighs the mean of its labels' inverse counts)."""
+    each clip weighs the mean of its labels' inverse counts; clips with no label, together,
+    the share of one class)."""
     if not multi_label:
         counts = Counter(clip.label for clip in clips)
         return [1.0 / counts[clip.label] for clip in clips]
-    counts = Counter(label for clip in clips for label in clip.labels)
-    return [float(np.mean([1.0 / counts[label] for label in clip.labels])) for clip in clips]
+    tags = [clip.labels or ("",) for clip in clips]  # "": no label
+    counts = Counter(label for labels in tags for label in labels)
+    return [float(np.mean([1.0 / counts[label] for label in labels])) for labels in tags]
 
 
 def _die_with_parent() -> None:

@@ -43,6 +43,8 @@ def prepare_splits(
         cache_use["not_cached"] += report.checked_only
         bad_files += [{"split": split, "path": p, "reason": r} for p, r in report.bad_files]
         splits[split] = {"clips": len(dataset), "per_class": class_counts(dataset)}
+        if dataset.multi_label:
+            splits[split]["no_label"] = sum(1 for clip in dataset.clips if not clip.labels)
     train = datasets["train"]
     return {
         **(description or {}),
@@ -80,6 +82,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for split, info in summary["splits"].items():
         per_class = info["per_class"].values()
         spread = f"{min(per_class)}-{max(per_class)} per class" if per_class else "empty"
+        if info.get("no_label"):
+            spread += f", {info['no_label']} with no label"
         lines.append(f"{split:<12} {info['clips']} clips ({spread})")
     features = summary["features"]
     cache = summary["cache"]
