@@ -118,6 +118,38 @@ def test_a_short_fit_lowers_the_loss_and_learns(tmp_path):
     assert result["history"][-1]["val_accuracy"] > 0.8
 
 
+def test_accumulated_batches_step_as_one_batch_of_their_clips(tmp_path, caplog):
+    # 10 clips in batches of 4, two batches a step: the steps of batches of 8 (4 + 4, then the
+    # 2 left over alone), so the same weights. No BatchNorm or dropout: their batch
+    # statistics and random draws would differ.
+    def fit(batch_size: int, accumulate: int) -> Trainer:
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
+        options = _options(epochs=2, amp=False, accumulate_grad_batches=accumulate)
+        trainer = Trainer(model, options, ["a", "b", "c"], tmp_path / f"{batch_size}x{accumulate}")
+        train = DataLoader(_separable(10), batch_size=batch_size)
+        trainer.fit(train, DataLoader(_separable(6, seed=1), batch_size=6))
+        return trainer
+
+    caplog.set_level(logging.INFO, logger="audioclf")
+    accumulated, large, small = fit(4, 2), fit(8, 1), fit(4, 1)
+    assert "10 clips in 3 batches per epoch, an optimizer step every 2 batches;" in caplog.text
+    for key, value in large.model.state_dict().items():
+        torch.testing.assert_close(accumulated.model.state_dict()[key], value)
+        assert not torch.allclose(small.model.state_dict()[key], value)
+    # Two optimizer steps an epoch: the schedule and the logged gradient norm are per step.
+    assert accumulated.schedule.state_dict() == large.schedule.state_dict()
+    for one, other in zip(accumulated.history, large.history, strict=True):
+        assert one["lr"] == pytest.approx(other["lr"])
+        assert one["grad_norm"] == pytest.approx(other["grad_norm"], rel=1e-5)
+
+
 def test_any_module_that_takes_features_trains(tmp_path):
     # A plain PyTorch module has no `labels` parameter: it was called with two arguments.
     torch.manual_seed(0)
@@ -1455,6 +1487,9 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
         tmp_path,
         *tiny_split_manifest(tmp_path),
         "training.epochs=2",
+        # Batches that do not step keep their gradients in their process (DDP's no_sync).
+        "training.batch_size=2",
+        "training.accumulate_grad_batches=2",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert "x 2 processes (DDP)" in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +84,28 @@ def distillation_loss(
             log_target=True,
         )
     return alpha * hard + (1 - alpha) * temperature**2 * soft
+
+
+def training_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    multi_label: bool,
+    label_smoothing: float,
+    class_weights: torch.Tensor | None,
+    distillation: Any,
+) -> torch.Tensor:
+    """A training batch's loss: `classification_loss`, or with a teacher's logits
+    `distillation_loss` at `distillation`'s alpha and temperature."""
+    if teacher_logits is None:
+        return classification_loss(logits, targets, multi_label, label_smoothing, class_weights)
+    return distillation_loss(
+        logits,
+        teacher_logits,
+        targets,
+        distillation.alpha,
+        distillation.temperature,
+        multi_label,
+        label_smoothing,
+        class_weights,
+    )

@@ -134,6 +134,13 @@ class StepModel:
         elif compile:
             log.warning("training.compile: no C++ compiler found; training runs eagerly")
 
+    def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Around a forward and backward: under DDP, without `sync` the gradients stay in
+        this process (`no_sync`: a batch of an accumulation that does not step yet)."""
+        if sync or not isinstance(self.eager, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.eager.no_sync()
+
     def __call__(self, features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         inputs = (features, labels) if self.takes_labels else (features,)
         if self.compiled is None:

@@ -167,6 +167,8 @@ class TrainingConfig:
     """The `training` section; the defaults are config.yaml's, for use from Python."""
 
     batch_size: int = bounded(64, ge=1)
+    #: An optimizer step every N batches, on their summed gradients (batch_size x N per step).
+    accumulate_grad_batches: int = bounded(1, ge=1)
     epochs: int = bounded(30, ge=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = bounded(1e-3, gt=0)

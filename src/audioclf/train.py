@@ -36,7 +36,7 @@ from audioclf.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from audioclf.losses import classification_loss, distillation_loss, mixup
+from audioclf.losses import classification_loss, mixup, training_loss
 from audioclf.metrics import (
     THRESHOLD,
     format_report,
@@ -179,7 +179,8 @@ class Trainer:
         """Train for `options.epochs` (or until early stopping), validating every epoch;
         then load the best weights. Returns the best monitored value and the history."""
         options = self.options
-        steps_per_epoch = len(train_loader)
+        # Optimizer steps: one per `accumulate_grad_batches` batches, and one for the rest.
+        steps_per_epoch = math.ceil(len(train_loader) / options.accumulate_grad_batches)
         self.optimizer = make_optimizer(
             self.model.parameters(),
             options.optimizer,
@@ -204,6 +205,7 @@ class Trainer:
             self.amp_dtype if self.amp else None,
             self.channels_last,
             self.step_model.compiled is not None,
+            options.accumulate_grad_batches,
         )
         if self.early_stopping.should_stop:
             log.info("the resumed run had stopped early: nothing left to train")
@@ -266,7 +268,7 @@ class Trainer:
         stats = EpochStats()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
-        grad_norm_sum = 0.0
+        grad_norm_sum, optimizer_steps = 0.0, 0
         started = time.perf_counter()
         bar = tqdm(
             loader,
@@ -292,53 +294,36 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad(), self._autocast():
                     teacher_logits = self.teacher(features)
-            with self._autocast():
-                logits = self.step_model(features, head_labels)
-                if teacher_logits is None:
-                    loss = classification_loss(
+            # Accumulation: each batch adds its share of its group's mean loss to the
+            # gradients; the group's last batch steps (under DDP, the others do not reduce).
+            first = step - step % options.accumulate_grad_batches
+            group = min(options.accumulate_grad_batches, len(loader) - first)
+            steps = step - first == group - 1
+            if step == first:
+                self.optimizer.zero_grad(set_to_none=True)
+            with self.step_model.gradient_sync(steps):
+                with self._autocast():
+                    logits = self.step_model(features, head_labels)
+                    loss = training_loss(
                         logits,
                         loss_targets,
-                        self.multi_label,
-                        options.label_smoothing,
-                        self.class_weights,
-                    )
-                else:
-                    loss = distillation_loss(
-                        logits,
                         teacher_logits,
-                        loss_targets,
-                        options.distillation.alpha,
-                        options.distillation.temperature,
                         self.multi_label,
                         options.label_smoothing,
                         self.class_weights,
+                        options.distillation,
                     )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            # The pre-clip norm is logged; an infinite max_norm measures without clipping.
-            grad_norm = nn.utils.clip_grad_norm_(
-                self.model.parameters(), options.grad_clip_norm or math.inf
-            )
-            if options.grad_clip_value is not None:
-                nn.utils.clip_grad_value_(self.model.parameters(), options.grad_clip_value)
-            grad_norm = float(grad_norm)
-            # fp16's GradScaler skips an overflowing step itself; elsewhere the step is NaN.
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                raise self._diverged(
-                    epoch,
-                    f"batch {step + 1} of {len(loader)} gave a loss of {loss.item():.4g} and a "
-                    f"gradient norm of {grad_norm:.4g}; stopped before the step",
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            stats.lr = self.optimizer.param_groups[0]["lr"]
-            self.schedule.step_batch()
+                self.scaler.scale(loss / group).backward()
+            if steps:
+                grad_norm = self._step(epoch, step, len(loader), loss)
+                grad_norm_sum += grad_norm
+                optimizer_steps += 1
+                stats.lr = self.optimizer.param_groups[0]["lr"]
+                self.schedule.step_batch()
             batch = features.shape[0]
             stats.clips += batch
             loss_sum += loss.detach() * batch
             correct += self._correct(logits.detach(), targets)
-            grad_norm_sum += grad_norm
             if bar.disable is False and step % 10 == 0:
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(
@@ -355,7 +340,7 @@ class Trainer:
         stats.seconds = time.perf_counter() - started
         stats.loss = float(loss_sum) / max(stats.clips, 1)
         stats.accuracy = float(correct) / max(stats.clips, 1)
-        stats.grad_norm = grad_norm_sum / max(len(loader), 1)
+        stats.grad_norm = grad_norm_sum / max(optimizer_steps, 1)
         stats.clips_per_second = stats.clips / max(stats.seconds, 1e-9)
         return stats
 
@@ -403,6 +388,28 @@ class Trainer:
         return metrics["accuracy"], metrics["precision"], metrics["recall"], metrics["f1"]
 
     # ------------------------------------------------------------ pieces
+
+    def _step(self, epoch: int, batch: int, batches: int, loss: torch.Tensor) -> float:
+        """Clip the accumulated gradients and step; the pre-clip gradient norm."""
+        options = self.options
+        self.scaler.unscale_(self.optimizer)
+        # The pre-clip norm is logged; an infinite max_norm measures without clipping.
+        grad_norm = nn.utils.clip_grad_norm_(
+            self.model.parameters(), options.grad_clip_norm or math.inf
+        )
+        if options.grad_clip_value is not None:
+            nn.utils.clip_grad_value_(self.model.parameters(), options.grad_clip_value)
+        grad_norm = float(grad_norm)
+        # fp16's GradScaler skips an overflowing step itself; elsewhere the step is NaN.
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            raise self._diverged(
+                epoch,
+                f"batch {batch + 1} of {batches} gave a loss of {loss.item():.4g} and a "
+                f"gradient norm of {grad_norm:.4g}; stopped before the step",
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm
 
     def _diverged(self, epoch: int, what: str) -> TrainingDiverged:
         lr = self.optimizer.param_groups[0]["lr"]

@@ -57,13 +57,14 @@ class TrainingLog:
         amp_dtype: torch.dtype | None,
         channels_last: bool,
         compiled: bool,
+        accumulate: int = 1,
     ) -> None:
         """The line at the start of training: size, device, threads, data and speed switches."""
         parameters = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info(
             "training %s: %s parameters (%s trainable) on %s%s, %d threads; %d clips in %d "
-            "batches per epoch; amp %s, channels_last %s, compile %s",
+            "batches per epoch%s; amp %s, channels_last %s, compile %s",
             type(model).__name__,
             f"{parameters:,}",
             f"{trainable:,}",
@@ -72,6 +73,7 @@ class TrainingLog:
             torch.get_num_threads(),
             clips,
             batches,
+            f", an optimizer step every {accumulate} batches" if accumulate > 1 else "",
             "off" if amp_dtype is None else f"on ({str(amp_dtype).removeprefix('torch.')})",
             "on" if channels_last else "off",
             "on" if compiled else "off",
@@ -167,6 +169,8 @@ def run_hparams(options: TrainingConfig, amp: bool) -> dict[str, Any]:
         "weight_decay": options.weight_decay,
         "lr_schedule": options.lr_schedule,
         "epochs": options.epochs,
+        "batch_size": options.batch_size,
+        "accumulate_grad_batches": options.accumulate_grad_batches,
         "label_smoothing": options.label_smoothing,
         "mixup_alpha": options.mixup_alpha,
         "grad_clip_norm": options.grad_clip_norm or 0.0,
