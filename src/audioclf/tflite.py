@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,18 @@ def io_quantization(path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def quiet_logs() -> Iterator[None]:
     """litert-torch logs through logging, prints its progress (about 70 lines a file) to
-    stdout unless LITERT_TORCH_SHOW_PROGRESS is off, and native messages to stderr; errors
-    still raise."""
+    stdout unless LITERT_TORCH_SHOW_PROGRESS is off, and native messages to stderr; its
+    copies of exported programs raise torch's pytree FutureWarning (`isinstance(treespec,
+    LeafSpec)`), up to 30 a file, which warning capture (pytest's, a notebook's) showed
+    though stderr is silenced. Errors still raise."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     progress = os.environ.get(_PROGRESS)
     os.environ[_PROGRESS] = "n"
     stderr = os.dup(2)
     try:
-        with open(os.devnull, "w") as sink:
+        with open(os.devnull, "w") as sink, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
             os.dup2(sink.fileno(), 2)
             yield
     finally:
