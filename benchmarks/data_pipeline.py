@@ -31,9 +31,10 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from audioclf import audio
-from audioclf.cli import CONFIG_DIR, seed_everything
+from audioclf.cli import CONFIG_DIR
 from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import log_mel
+from audioclf.job import seed_everything
 from audioclf.loading import make_loader
 from audioclf.pipeline import build_datasets
 from audioclf.settings import load_settings

@@ -22,10 +22,11 @@ import pytest
 
 from audioclf.audio import BadAudioError, load_audio
 from audioclf.cache import SHARDS, FeatureCache, FeatureStore
-from audioclf.cli import make_output_dir, run
+from audioclf.cli import run
 from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import PRESETS, compute_log_mel, resolve_params
 from audioclf.index import Clip, DatasetError, split_listing
+from audioclf.job import make_output_dir
 from audioclf.layouts import index_manifest
 from audioclf.model import CheckpointError, ModelError, create_model, read_state_dict
 from audioclf.settings import ConfigError, load_settings
