@@ -204,9 +204,9 @@ class QuantizedModel(nn.Module):
         state = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
         # convert_pt2e works in place: convert a copy rebuilt from the state.
         graph = copy_graph(self.network)
-        pinned = pin_qparams(graph, qparams, source)
         with warnings.catch_warnings(), _qat_folding(self.spec.mode == "qat"):
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # torchao's, an observer's that never ran included
+            pinned = pin_qparams(graph, qparams, source)
             converted = convert_pt2e(graph, fold_quantize=False)
         result = QuantizedModel(converted, self.spec, converted=True)
         result.prepared_state = state
