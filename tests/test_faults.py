@@ -219,7 +219,9 @@ def test_split_left_without_a_class_by_bad_files_is_an_error_naming_it(compose_c
     broken.write_bytes(b"")
     rows = [row for row in rows if not (row[1] == "4" and row[2] == "val")]
     rows.append((str(broken), "4", "val"))
-    with pytest.raises(DatasetError, match=r"val split has no clip of class\(es\) \['4'\]"):
+    with pytest.raises(
+        DatasetError, match=r"val split \(\d+ clips\) has no clip of class\(es\) \['4'\]; add"
+    ):
         run(compose_config(*_job_manifest(tmp_path, rows)))
 
 

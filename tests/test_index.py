@@ -352,7 +352,13 @@ def test_a_class_too_small_for_its_share_still_gives_each_split_a_clip():
         }
     # Training keeps one clip of a class first: a pair has none left for the test split.
     pair = [Clip(Path(f"pair/{i}.wav"), "pair") for i in range(2)]
-    with pytest.raises(DatasetError, match=r"test split has no clip of class\(es\) \['pair'\]"):
+    # Said so, with what helps (a larger test share would not).
+    with pytest.raises(
+        DatasetError,
+        match=r"test split \(5 clips\) has no clip of class\(es\) \['pair'\]: 'pair' has 2 in "
+        r"all, fewer than the splits \(train, val, test\); add clips \(3 or more a class\), or "
+        r"set data.test_fraction=0",
+    ):
         split_listing(Listing("x", clips + pair, {"val": 0.1, "test": 0.1}), 0, str)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -269,6 +270,28 @@ def split_listing(
     return _finish_index(splits, listing.source, multi_label, classes)
 
 
+def _absent_message(
+    source: str, split: str, absent: list[str], splits: dict[str, list[Clip]]
+) -> str:
+    """Why a (multi-class) split lacks classes, and what to do: a class with fewer clips in
+    all than the splits in use cannot be in each; otherwise the split's share is too small."""
+    used = [name for name in SPLITS if splits[name]]
+    totals = Counter(clip.label for name in used for clip in splits[name])
+    few = [label for label in absent if totals[label] < len(used)]
+    message = (
+        f"{source}: the {split} split ({len(splits[split])} clips) has no clip of class(es) "
+        f"{absent}"
+    )
+    if not few:
+        return f"{message}; add clips, or raise data.{split}_fraction for a ratio split"
+    counts = ", ".join(f"{label!r} has {totals[label]}" for label in few)
+    return (
+        f"{message}: {counts} in all, fewer than the splits ({', '.join(used)}); add clips "
+        f"({len(used)} or more a class)"
+        + (", or set data.test_fraction=0 (no test split)" if "test" in used else "")
+    )
+
+
 def _finish_index(
     splits: dict[str, list[Clip]],
     source: str,
@@ -305,9 +328,5 @@ def _finish_index(
             # hold every class a model knows: say so, go on.
             log.warning("%s: the %s split has no clip of %s", source, split, absent)
         elif labels and absent:
-            raise DatasetError(
-                f"{source}: the {split} split has no clip of class(es) {absent} "
-                f"({len(splits[split])} clips; add clips, or raise data.{split}_fraction for "
-                "a ratio split)"
-            )
+            raise DatasetError(_absent_message(source, split, absent, splits))
     return DatasetIndex(classes, splits)
