@@ -124,13 +124,7 @@ def test_accumulated_batches_step_as_one_batch_of_their_clips(tmp_path, caplog):
     # statistics and random draws would differ.
     def fit(batch_size: int, accumulate: int) -> Trainer:
         torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(4, 3),
-        )
+        model = _plain_net(4)
         options = _options(epochs=2, amp=False, accumulate_grad_batches=accumulate)
         trainer = Trainer(model, options, ["a", "b", "c"], tmp_path / f"{batch_size}x{accumulate}")
         train = DataLoader(_separable(10), batch_size=batch_size)
@@ -150,16 +144,22 @@ def test_accumulated_batches_step_as_one_batch_of_their_clips(tmp_path, caplog):
         assert one["grad_norm"] == pytest.approx(other["grad_norm"], rel=1e-5)
 
 
-def test_any_module_that_takes_features_trains(tmp_path):
-    # A plain PyTorch module has no `labels` parameter: it was called with two arguments.
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
+def _plain_net(channels: int) -> nn.Module:
+    """A plain PyTorch module (no `labels` parameter, no BatchNorm or dropout): conv, ReLU,
+    mean pool, linear, for 3 classes."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(8, 3),
+        nn.Linear(channels, 3),
     )
+
+
+def test_any_module_that_takes_features_trains(tmp_path):
+    # A plain PyTorch module has no `labels` parameter: it was called with two arguments.
+    torch.manual_seed(0)
+    model = _plain_net(8)
     trainer = Trainer(model, _options(epochs=8), ["a", "b", "c"], tmp_path)
     train, val = _loaders(96)
     best = trainer.fit(train, val)["best"]
