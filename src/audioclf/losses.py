@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from audioclf.settings import DistillationConfig
 
 
 def classification_loss(
@@ -93,7 +96,7 @@ def training_loss(
     multi_label: bool,
     label_smoothing: float,
     class_weights: torch.Tensor | None,
-    distillation: Any,
+    distillation: DistillationConfig,
 ) -> torch.Tensor:
     """A training batch's loss: `classification_loss`, or with a teacher's logits
     `distillation_loss` at `distillation`'s alpha and temperature."""

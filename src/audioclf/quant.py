@@ -233,15 +233,11 @@ def pin_qparams(
     from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
 
     # By node: an observer shared by two nodes is one module under two names.
-    modules = {
-        node.target: graph.get_submodule(node.target)
-        for node in graph.graph.nodes
-        if node.op == "call_module"
-    }
+    calls = [node.target for node in graph.graph.nodes if node.op == "call_module"]
     observers = {
         name: module
-        for name, module in modules.items()
-        if isinstance(module, ObserverBase | FakeQuantizeBase)
+        for name in calls
+        if isinstance(module := graph.get_submodule(name), ObserverBase | FakeQuantizeBase)
     }
     if stored is not None:
         missing, unexpected = (
