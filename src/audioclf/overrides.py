@@ -9,7 +9,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from audioclf.settings import CONFIG_DIR, close_matches
+from audioclf.settings import CONFIG_DIR
+from audioclf.typed_config import close_matches
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")
 _BARE_EQUALS = re.compile(r"(?<!\\)=")

@@ -1,27 +1,25 @@
 """The run's settings: every config section checked at start, as frozen dataclasses.
 
 Each section is a dataclass whose annotations give the types and whose field metadata gives
-the ranges and choices. `load_settings` turns a composed Hydra config into them, and any value
-that cannot work is a ConfigError naming the key and what it allows, before anything runs.
-The library below the CLI takes these dataclasses or plain values, never a DictConfig.
+the ranges and choices (`audioclf.typed_config` fills and checks them). `load_settings` turns
+a composed Hydra config into them, and any value that cannot work is a ConfigError naming the
+key and what it allows, before anything runs. The library below the CLI takes these
+dataclasses or plain values, never a DictConfig.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
-import math
 import re
-import types
-import typing
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
+
+from audioclf.typed_config import ConfigError, bounded, build_section, join_key
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
 
@@ -36,23 +34,6 @@ _DEFAULTS = {
     "run": "config.yaml",
     "augmentations": "config.yaml",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot work; the message names the key."""
-
-
-def bounded(
-    default: Any = dataclasses.MISSING,
-    *,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    lt: float | None = None,
-) -> Any:
-    """A dataclass field with a numeric range, checked by `load_settings`."""
-    bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt}
-    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
 
 
 # ---------------------------------------------------------------- sections
@@ -301,7 +282,7 @@ def load_settings(config: DictConfig) -> Settings:
     except MissingMandatoryValue as error:
         raise ConfigError(f"{error.full_key} must be set (it is ??? in the config)") from error
     values.pop("hydra", None)
-    settings = _build(Settings, values, "")
+    settings = build_section(Settings, values, "")
     if not _DEVICE.match(settings.system.device):
         raise ConfigError(
             f"system.device must be auto, cpu, cuda, cuda:N or mps, not {settings.system.device!r}"
@@ -387,137 +368,10 @@ def _fill(stored: DictConfig, defaults: DictConfig, key: str, added: list[str]) 
         default = defaults[name]
         if name not in stored:
             stored[name] = default
-            added.append(_join(key, name))
+            added.append(join_key(key, name))
         elif isinstance(default, DictConfig) and isinstance(stored[name], DictConfig):
-            _fill(stored[name], default, _join(key, name), added)
+            _fill(stored[name], default, join_key(key, name), added)
 
 
 def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def close_matches(name: str, known: Iterable[str]) -> list[str]:
-    """The known names `name` was probably meant to be (a typo or two): the closest, and any
-    about as close, at most 3."""
-    scored = sorted(
-        ((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in known), reverse=True
-    )
-    if not scored:
-        return []
-    return [k for ratio, k in scored[:3] if ratio >= max(0.8, scored[0][0] - 0.05)]
-
-
-def _build(cls: type, values: Any, key: str) -> Any:
-    """The dataclass `cls` from a mapping at config key `key`, every field checked."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{key} must be a section (key: value), not {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        close = [_join(key, match) for name in unknown for match in close_matches(name, fields)]
-        raise ConfigError(
-            f"unknown key(s) {[_join(key, name) for name in unknown]}"
-            + (f"; did you mean {' or '.join(close)}?" if close else "")
-        )
-    hints = typing.get_type_hints(cls)
-    arguments = {}
-    for name, spec in fields.items():
-        full_key = _join(key, name)
-        if name not in values:
-            if spec.default is dataclasses.MISSING:
-                raise ConfigError(f"missing key {full_key}")
-            continue
-        arguments[name] = _check(values[name], hints[name], full_key, spec.metadata)
-    return cls(**arguments)
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _check(value: Any, hint: Any, key: str, bounds: typing.Mapping[str, float]) -> Any:
-    """`value` if it fits `hint` and `bounds`; else a ConfigError naming `key`."""
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    if value is None:
-        if type(None) in options:
-            return None
-        raise ConfigError(f"{key} must be set ({_describe(hint, bounds)}), not null")
-    for option in options:
-        if option is type(None):
-            continue
-        if dataclasses.is_dataclass(option):
-            if isinstance(value, dict):
-                return _build(option, value, key)
-            continue
-        if typing.get_origin(option) is Literal:
-            if value in typing.get_args(option) and isinstance(value, str):
-                return value
-            continue
-        if typing.get_origin(option) is list:
-            if isinstance(value, list):
-                (item,) = typing.get_args(option)
-                return [_check(v, item, f"{key}[{i}]", {}) for i, v in enumerate(value)]
-            continue
-        if option is dict and isinstance(value, dict):
-            return value
-        converted = _scalar(value, option)
-        if converted is not None:
-            if not _in_bounds(converted, bounds):
-                raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
-            return converted
-    raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
-
-
-def _is_union(hint: Any) -> bool:
-    return isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-
-
-def _scalar(value: Any, option: Any) -> Any:
-    """`value` as the scalar type `option`, or None when it is not one."""
-    if option is bool:
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):
-        return None
-    if option is int:
-        return value if isinstance(value, int) else None
-    if option is float:
-        if isinstance(value, int | float) and not math.isnan(value):
-            return float(value)
-        return None
-    if option is str:
-        return value if isinstance(value, str) else None
-    return None
-
-
-def _in_bounds(value: Any, bounds: typing.Mapping[str, float]) -> bool:
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return True
-    tests = {
-        "ge": lambda limit: value >= limit,
-        "gt": lambda limit: value > limit,
-        "le": lambda limit: value <= limit,
-        "lt": lambda limit: value < limit,
-    }
-    return all(tests[name](limit) for name, limit in bounds.items())
-
-
-def _describe(hint: Any, bounds: typing.Mapping[str, float]) -> str:
-    """What a key allows, in words: 'a whole number >= 1', 'one of ...', 'null or ...'."""
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-    limits = " and ".join(f"{symbols[name]} {limit:g}" for name, limit in bounds.items())
-    words = []
-    for option in options:
-        if option is type(None):
-            words.append("null")
-        elif typing.get_origin(option) is Literal:
-            words.append("one of " + ", ".join(map(str, typing.get_args(option))))
-        elif typing.get_origin(option) is list:
-            words.append("a list")
-        elif option in (int, float):
-            noun = "a whole number" if option is int else "a number"
-            words.append(f"{noun} {limits}".strip())
-        else:
-            names = {bool: "true or false", str: "text", dict: "a section"}
-            words.append(names.get(option, getattr(option, "__name__", str(option))))
-    return " or ".join(words)
