@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 
 from audioclf.audio import BadAudioError
 from audioclf.cli import run
@@ -42,7 +44,7 @@ def _manifest_overrides(manifest, *extra):
     ]
 
 
-def test_main_job_writes_a_dataset_summary(compose_config, manifest, tmp_path):
+def test_main_job_writes_a_dataset_summary(compose_config, manifest, manifest_rows, tmp_path):
     summary = run(compose_config(*_manifest_overrides(manifest)))
     assert summary["classes"] == ["3", "4"]
     assert {split: info["clips"] for split, info in summary["splits"].items()} == {
@@ -52,8 +54,40 @@ def test_main_job_writes_a_dataset_summary(compose_config, manifest, tmp_path):
     }
     assert summary["features"]["shape"] == [1, 101, 64]
     assert summary["bad_files"] == []
+    # The files' own rates and lengths, as soundfile reads them; nothing to warn of.
+    lengths = [sf.info(FSDD / row[0]).duration for row in manifest_rows]
+    assert summary["audio"] == {
+        "sample_rates": {"8000": 24},
+        "seconds": {
+            "min": round(min(lengths), 3),
+            "median": round(statistics.median(lengths), 3),
+            "max": round(max(lengths), 3),
+        },
+        "warnings": [],
+    }
     written = json.loads((tmp_path / "outputs" / "dataset_summary.json").read_text())
     assert written == summary
+
+
+def test_files_below_the_sample_rate_or_longer_than_the_clip_are_warned_of(
+    compose_config, manifest, caplog
+):
+    # FSDD is 8 kHz, with clips of 0.3-0.6 s: a 16 kHz run upsamples every file, and 0.2 s
+    # windows see a part of each word.
+    overrides = _manifest_overrides(manifest, "data.sample_rate=16000", "data.clip_seconds=0.2")
+    summary = run(compose_config(*overrides))
+    upsampled, windowed = summary["audio"]["warnings"]
+    assert upsampled.startswith("24 of 24 files are recorded below data.sample_rate=16000 Hz")
+    assert "(8000 Hz: 24)" in upsampled
+    assert "data.sample_rate=8000 fits 24 of them" in upsampled
+    assert windowed.startswith("the median file is 0.4 s long, data.clip_seconds=0.2")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert upsampled in warned
+    assert windowed in warned
+    assert "files        8000 Hz: 24; 0." in caplog.text  # the summary's line
+    # Downsampling warns of nothing; nor does a clip length that covers the files.
+    summary = run(compose_config(*_manifest_overrides(manifest, "data.sample_rate=4000")))
+    assert summary["audio"]["warnings"] == []
 
 
 def test_second_run_reads_evaluation_features_from_the_cache(compose_config, manifest):

@@ -8,6 +8,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import librosa
 import numpy as np
@@ -87,10 +88,18 @@ def _read_samples(data: bytes, path: str | Path) -> tuple[np.ndarray, int]:
     return samples, native_rate
 
 
-def check_audio(data: bytes, path: str | Path) -> None:
-    """Raise BadAudioError when audio bytes cannot be used (cheaper than decoding: no
-    resampling, which cannot turn a usable file unusable)."""
-    _read_samples(data, path)
+class AudioInfo(NamedTuple):
+    """A file's own sample rate and length."""
+
+    sample_rate: int
+    seconds: float
+
+
+def check_audio(data: bytes, path: str | Path) -> AudioInfo:
+    """The file's own rate and length; BadAudioError when audio bytes cannot be used (cheaper
+    than decoding: no resampling, which cannot turn a usable file unusable)."""
+    samples, native_rate = _read_samples(data, path)
+    return AudioInfo(native_rate, samples.shape[0] / native_rate)
 
 
 def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:

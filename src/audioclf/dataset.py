@@ -12,7 +12,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from audioclf.audio import (
     RESAMPLER,
+    AudioInfo,
     BadAudioError,
     check_audio,
     decode_audio,
@@ -295,7 +296,8 @@ class _PrepareView(Dataset):
 
 
 class _CheckView(Dataset):
-    """Each item: (index, error message or None) for one clip's file; runs in loader workers."""
+    """Each item: (index, the file's AudioInfo or None, error message or None) for one clip's
+    file; runs in loader workers."""
 
     def __init__(self, clips: Sequence[Clip]) -> None:
         self.clips = clips
@@ -303,13 +305,12 @@ class _CheckView(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def __getitem__(self, index: int) -> tuple[int, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, AudioInfo | None, str | None]:
         path = self.clips[index].path
         try:
-            check_audio(read_bytes(path), path)
+            return index, check_audio(read_bytes(path), path), None
         except BadAudioError as error:
-            return index, error.reason
-        return index, None
+            return index, None, error.reason
 
 
 def check_clips(
@@ -318,24 +319,29 @@ def check_clips(
     num_workers: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[list[Clip], list[tuple[Clip, str]]]:
-    """Decode every clip's file once; return the usable clips and the bad ones with reasons.
+    """Decode every clip's file once; return the usable clips, each with its file's own
+    `sample_rate` and `seconds`, and the bad ones with reasons.
 
     `on_bad_file="error"` raises BadAudioError naming the first bad file; "skip" logs each
     once. The main job runs this before splitting, so splits are made of usable files only.
     """
     _check_policy(on_bad_file)
     loader = DataLoader(_CheckView(clips), batch_size=None, **worker_options(num_workers))
+    good: dict[int, Clip] = {}
     bad: dict[int, str] = {}
-    for index, error in progress(loader) if progress is not None else loader:
-        if error is None:
-            continue
+    for index, info, error in progress(loader) if progress is not None else loader:
         clip = clips[index]
+        if error is None:
+            good[int(index)] = replace(clip, sample_rate=info.sample_rate, seconds=info.seconds)
+            continue
         if on_bad_file == "error":
             raise BadAudioError(clip.path, error)
         log.warning("skipping bad audio file %s: %s", clip.where, error)
         bad[int(index)] = error
-    good = [clip for index, clip in enumerate(clips) if index not in bad]
-    return good, [(clips[index], reason) for index, reason in sorted(bad.items())]
+    return (
+        [good[index] for index in sorted(good)],
+        [(clips[index], reason) for index, reason in sorted(bad.items())],
+    )
 
 
 def _check_policy(on_bad_file: str) -> None:

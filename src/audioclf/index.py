@@ -34,7 +34,8 @@ class Clip:
 
     `split` is the split the dataset's layout puts it in (None: the ratio split decides);
     `origin` says where it was listed (a manifest line), for messages. Clips of one `group`
-    (a speaker, a source recording) are never split apart.
+    (a speaker, a source recording) are never split apart. `sample_rate` and `seconds` are
+    the file's own, once `audioclf.dataset.check_clips` has read it (None before).
     """
 
     path: Path
@@ -42,6 +43,8 @@ class Clip:
     split: str | None = None
     origin: str = field(default="", compare=False)
     group: str | None = field(default=None, compare=False)
+    sample_rate: int | None = field(default=None, compare=False)
+    seconds: float | None = field(default=None, compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:

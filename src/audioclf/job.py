@@ -207,6 +207,8 @@ def _run(config: DictConfig) -> dict[str, Any]:
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if is_main_process():
+        for warning in (summary["audio"] or {}).get("warnings", []):
+            log.warning("%s", warning)
         (output_dir / "dataset_summary.json").write_text(json.dumps(summary, indent=1))
         log.info(
             "dataset summary (%s):\n%s",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import Counter
 from typing import Any
 
 from tqdm import tqdm
@@ -46,6 +48,7 @@ def prepare_splits(
         if dataset.multi_label:
             splits[split]["no_label"] = sum(1 for clip in dataset.clips if not clip.labels)
     train = datasets["train"]
+    clips = [clip for dataset in datasets.values() for clip in dataset.clips]
     return {
         **(description or {}),
         "classes": train.classes,
@@ -53,6 +56,7 @@ def prepare_splits(
         "sample_rate": train.sample_rate,
         "clip_seconds": train.clip_seconds,
         "clip_samples": train.clip_samples,
+        "audio": describe_audio(clips, train.sample_rate, train.clip_seconds),
         "features": {
             "preset": preset,
             "shape": list(train.feature_shape),
@@ -72,6 +76,54 @@ def prepare_splits(
     }
 
 
+def describe_audio(clips: list, sample_rate: int, clip_seconds: float) -> dict[str, Any] | None:
+    """The files' own sample rates (files per rate) and lengths (min, median, max seconds),
+    and warnings for settings that do not fit them: most files below `sample_rate`
+    (upsampled: the upper mel bands hold nothing), or a median file much longer than
+    `clip_seconds` (each clip is seen in a window of that length). None when the clips were
+    not checked (`check_clips` gives each its file's rate and length)."""
+    checked = [clip for clip in clips if clip.seconds is not None]
+    if not checked:
+        return None
+    rates = Counter(clip.sample_rate for clip in checked)
+    seconds = [clip.seconds for clip in checked]
+    median = statistics.median(seconds)
+    warnings = []
+    below = sorted(rate for rate in rates if rate < sample_rate)
+    upsampled = sum(rates[rate] for rate in below)
+    if upsampled * 2 > len(checked):
+        top = max(below, key=lambda rate: (rates[rate], rate))
+        warnings.append(
+            f"{upsampled} of {len(checked)} files are recorded below data.sample_rate="
+            f"{sample_rate} Hz ({_rates(rates, below)}): they are upsampled, and the features "
+            f"above {max(below) // 2} Hz hold nothing; data.sample_rate={top} fits "
+            f"{rates[top]} of them"
+        )
+    if median > 2 * clip_seconds:
+        warnings.append(
+            f"the median file is {median:.1f} s long, data.clip_seconds={clip_seconds:g}: "
+            f"training sees a random {clip_seconds:g} s window of each clip and evaluation "
+            f"its centred {clip_seconds:g} s; set data.clip_seconds to the length the "
+            "classes need to be heard"
+        )
+    return {
+        "sample_rates": {str(rate): count for rate, count in sorted(rates.items())},
+        "seconds": {
+            "min": round(min(seconds), 3),
+            "median": round(median, 3),
+            "max": round(max(seconds), 3),
+        },
+        "warnings": warnings,
+    }
+
+
+def _rates(rates: Counter, chosen: list[int]) -> str:
+    """'8000 Hz: 70, 11025 Hz: 3' for the chosen rates, most files first (at most 3)."""
+    ordered = sorted(chosen, key=lambda rate: (-rates[rate], rate))
+    text = ", ".join(f"{rate} Hz: {rates[rate]}" for rate in ordered[:3])
+    return text + (f", {len(ordered) - 3} more rates" if len(ordered) > 3 else "")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The dataset summary as a few readable lines."""
     classes = summary["classes"]
@@ -87,6 +139,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{split:<12} {info['clips']} clips ({spread})")
     features = summary["features"]
     cache = summary["cache"]
+    audio = summary.get("audio")
+    if audio:
+        rates = Counter({int(rate): count for rate, count in audio["sample_rates"].items()})
+        seconds = audio["seconds"]
+        lines.append(
+            f"files        {_rates(rates, list(rates))}; {seconds['min']:.2f}-"
+            f"{seconds['max']:.2f} s, median {seconds['median']:.2f} s"
+        )
     lines += [
         f"clip         {summary['clip_seconds']} s = {summary['clip_samples']} samples "
         f"at {summary['sample_rate']} Hz",
