@@ -167,13 +167,22 @@ def test_any_module_that_takes_features_trains(tmp_path):
     assert trainer.test(val)[0] == pytest.approx(best)  # the best weights, loaded
 
 
-def test_bf16_autocast_runs_on_the_cpu(tmp_path):
+def test_bf16_autocast_trains_on_the_cpu_and_evaluation_is_float32(tmp_path):
     trainer = _trainer(tmp_path, _options(epochs=1, amp=True))
     seen = []
-    trainer.model.classifier.fc.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    trainer.fit(*_loaders())
+    trainer.model.classifier.fc.register_forward_hook(
+        lambda module, i, o: seen.append((module.training, o.dtype))
+    )
+    train, val = _loaders()
+    trainer.fit(train, val)
     assert (trainer.amp, trainer.amp_dtype) == (True, torch.bfloat16)
-    assert torch.bfloat16 in seen
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    # Validation and test see the float32 model that is saved, exported and quantised.
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    logits, _, _ = trainer.evaluate(val)
+    features = torch.cat([batch[0] for batch in val])
+    with torch.no_grad():
+        assert torch.equal(logits, trainer.model.eval()(features))
     assert math.isfinite(trainer.history[-1]["train_loss"])
 
 

@@ -298,7 +298,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
         if settings.run.test and datasets["test"].clips:
             int8_trainer = Trainer(
                 quantized,
-                # The int8 graph is tested as it runs once exported: no autocast.
+                # The int8 graph as it runs once exported: no bf16 handling of its convolutions.
                 dataclasses.replace(settings.training, amp=False),
                 index.classes,
                 output_dir,

@@ -346,14 +346,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Logits and targets of every batch, and the mean loss, in eval mode."""
+        """Logits and targets of every batch, and the mean loss, in eval mode and float32
+        (no autocast): the figures are those of the model as it is saved, exported and
+        quantised, which bf16 or fp16 would move by a clip or two."""
         self.model.eval()
         all_logits, all_targets, loss_sum, count = [], [], 0.0, 0
         for features, targets, *_ in loader:
             features, targets = self._to_device(features, targets)
-            with self._autocast():
-                logits = self.step_model(features, None)
-            logits = logits.float()
+            logits = self.step_model(features, None).float()
             loss = classification_loss(logits, targets, self.multi_label)
             loss_sum += float(loss) * features.shape[0]
             count += features.shape[0]
