@@ -4,6 +4,7 @@ load with the official names; ArcFace, freezing and gradient checkpointing do wh
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,9 +12,11 @@ import soundfile as sf
 import soxr
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 import audioclf.model.base as model_base
+from audioclf.cli import run
 from audioclf.features import compute_log_mel
 from audioclf.model import (
     CheckpointError,
@@ -22,11 +25,12 @@ from audioclf.model import (
     create_model,
     list_models,
     register_model,
+    registry,
 )
 from audioclf.model.ghost_effv2 import GhostModule
 from audioclf.model.heads import ArcFaceHead
 from audioclf.model.layers import SqueezeExcite, spatial_mean
-from conftest import TEST_DATA, fsdd_clip
+from conftest import REPO, TEST_DATA, fsdd_clip, tiny_split_manifest
 
 PANNS = {
     "panns_cnn14": "Cnn14",
@@ -494,3 +498,33 @@ def test_unknown_model_name_lists_the_registered_ones():
 def test_unknown_model_parameter_is_named(name, param):
     with pytest.raises(ModelError, match=param):
         create_model(name, 3, **{param: 1})
+
+
+def test_the_readmes_example_model_trains_in_the_main_job_and_fuses(
+    compose_config, tmp_path, monkeypatch
+):
+    """README, "Adding a model": its code and yaml, as printed, give a model that registers,
+    runs the main job, learns, and fuses to the same outputs."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Adding a model") : readme.index("## Training and eval")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    model_yaml = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # unregistered after
+    exec(compile(code, "README.md: my_net.py", "exec"), {"__name__": "my_net"})  # noqa: S102
+    config = compose_config(
+        *tiny_split_manifest(tmp_path), "run.train=true", "run.test=true", "training.epochs=3"
+    )
+    with open_dict(config):
+        config.model = OmegaConf.create(model_yaml)
+    summary = run(config)
+    assert summary["model"]["name"] == "my_net"
+    history = summary["training"]["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    model = create_model("my_net", 2, **OmegaConf.to_container(config.model.params))
+    model.eval()
+    inputs = torch.randn(3, 1, FRAMES, MELS)
+    with torch.no_grad():
+        expected = model(inputs)
+        model.fuse_model()
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        assert torch.allclose(model(inputs), expected, atol=1e-5)
