@@ -132,6 +132,21 @@ def test_augmentation_probability_override_from_the_cli():
     assert "p: 0.125" in result.stdout
 
 
+def test_help_says_what_the_app_is_and_lists_the_groups():
+    result = subprocess.run(
+        [sys.executable, "main.py", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("audioclf: train, test, quantise and export")
+    assert "model: efficientnet_v2, efficientnet_v2_micro, efficientnet_v2_qat," in result.stdout
+    assert "audioclf-predict MODEL FILE_OR_DIR" in result.stdout
+    assert "cli is powered by Hydra" not in result.stdout
+
+
 def test_typo_on_the_command_line_fails_with_the_key_named():
     result = subprocess.run(
         [sys.executable, "main.py", "training.batchsize=3"],
