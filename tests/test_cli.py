@@ -15,10 +15,11 @@ import soundfile as sf
 
 from audioclf.audio import BadAudioError
 from audioclf.cli import run
-from audioclf.index import DatasetError
+from audioclf.index import Clip, DatasetError
 from audioclf.model import create_model
 from audioclf.pipeline import build_model
 from audioclf.settings import ConfigError, load_settings
+from audioclf.summary import describe_audio
 from conftest import FSDD, REPO, fsd50k_like, fsdd_clip, speech_commands_like
 
 
@@ -88,6 +89,18 @@ def test_files_below_the_sample_rate_or_longer_than_the_clip_are_warned_of(
     # Downsampling warns of nothing; nor does a clip length that covers the files.
     summary = run(compose_config(*_manifest_overrides(manifest, "data.sample_rate=4000")))
     assert summary["audio"]["warnings"] == []
+
+
+def test_many_rates_are_listed_most_files_first_and_unchecked_clips_give_nothing():
+    rates = [8000] * 3 + [11025] * 2 + [16000, 22050, 48000, 48000]
+    clips = [Clip(Path(f"{i}.wav"), "a", sample_rate=r, seconds=1.0) for i, r in enumerate(rates)]
+    (upsampled,) = describe_audio(clips, 32000, 1.0)["warnings"]
+    assert upsampled.startswith(
+        "7 of 9 files are recorded below data.sample_rate=32000 Hz (8000 Hz: 3, 11025 Hz: 2, "
+        "16000 Hz: 1, 1 more rate): they are upsampled, and the features above 11025 Hz "
+        "hold nothing; data.sample_rate=8000 fits 3 of them"
+    )
+    assert describe_audio([Clip(Path("a.wav"), "a")], 32000, 1.0) is None
 
 
 def test_second_run_reads_evaluation_features_from_the_cache(compose_config, manifest):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
 
 from audioclf.dataset import SpectrogramDataset, class_counts, prepare
+from audioclf.index import Clip
 
 
 def prepare_splits(
@@ -76,7 +78,9 @@ def prepare_splits(
     }
 
 
-def describe_audio(clips: list, sample_rate: int, clip_seconds: float) -> dict[str, Any] | None:
+def describe_audio(
+    clips: Sequence[Clip], sample_rate: int, clip_seconds: float
+) -> dict[str, Any] | None:
     """The files' own sample rates (files per rate) and lengths (min, median, max seconds),
     and warnings for settings that do not fit them: most files below `sample_rate`
     (upsampled: the upper mel bands hold nothing), or a median file much longer than
@@ -121,7 +125,8 @@ def _rates(rates: Counter, chosen: list[int]) -> str:
     """'8000 Hz: 70, 11025 Hz: 3' for the chosen rates, most files first (at most 3)."""
     ordered = sorted(chosen, key=lambda rate: (-rates[rate], rate))
     text = ", ".join(f"{rate} Hz: {rates[rate]}" for rate in ordered[:3])
-    return text + (f", {len(ordered) - 3} more rates" if len(ordered) > 3 else "")
+    more = len(ordered) - 3
+    return text + (f", {more} more rate{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 def format_summary(summary: dict[str, Any]) -> str:
