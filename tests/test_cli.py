@@ -71,12 +71,13 @@ def test_main_job_writes_a_dataset_summary(compose_config, manifest, manifest_ro
 
 
 def test_files_below_the_sample_rate_or_longer_than_the_clip_are_warned_of(
-    compose_config, manifest, caplog
+    compose_config, manifest, caplog, tmp_path
 ):
     # FSDD is 8 kHz, with clips of 0.3-0.6 s: a 16 kHz run upsamples every file, and 0.2 s
     # windows see a part of each word.
     overrides = _manifest_overrides(manifest, "data.sample_rate=16000", "data.clip_seconds=0.2")
-    summary = run(compose_config(*overrides))
+    training = ["run.train=true", "training.epochs=1", "model.params.width_mult=0.25"]
+    summary = run(compose_config(*overrides, *training))
     upsampled, windowed = summary["audio"]["warnings"]
     assert upsampled.startswith("24 of 24 files are recorded below data.sample_rate=16000 Hz")
     assert "(8000 Hz: 24)" in upsampled
@@ -86,6 +87,19 @@ def test_files_below_the_sample_rate_or_longer_than_the_clip_are_warned_of(
     assert upsampled in warned
     assert windowed in warned
     assert "files        8000 Hz: 24; 0." in caplog.text  # the summary's line
+    # A checkpoint's model has its rate and clip length: no advice to change them.
+    best = tmp_path / "best.pth"
+    shutil.copy(tmp_path / "outputs" / "checkpoints" / "best.pth", best)
+    tested = run(
+        compose_config(
+            *_manifest_overrides(manifest),
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'tested'}",
+        )
+    )
+    upsampled, windowed = tested["audio"]["warnings"]
+    assert upsampled.endswith(f"hold nothing; the model of {best} works at 16000 Hz")
+    assert windowed.endswith(f"the model of {best} was trained on 0.2 s clips")
     # Downsampling warns of nothing; nor does a clip length that covers the files.
     summary = run(compose_config(*_manifest_overrides(manifest, "data.sample_rate=4000")))
     assert summary["audio"]["warnings"] == []

@@ -190,6 +190,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             {"dataset": settings.data.name, "root": settings.data.root},
             preset=settings.features.preset,
             files_checked=True,  # build_datasets ran check_clips on every file
+            checkpoint=None if checkpoint is None else str(settings.run.checkpoint_path),
         )
         if checkpoint is not None:
             normalization = stored_normalization(checkpoint, settings.run.checkpoint_path)

@@ -22,11 +22,14 @@ def prepare_splits(
     description: dict[str, Any] | None = None,
     preset: str | None = None,
     files_checked: bool = False,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Fill the feature cache for every split (`prepare`); return a summary of the data.
 
     `bad_files` are those dropped before splitting; `description` (dataset name, root) heads
-    the summary; `preset` names the features' preset; `files_checked` as for `prepare`.
+    the summary; `preset` names the features' preset; `files_checked` as for `prepare`;
+    `checkpoint` is the model file whose sample rate and clip length the run has taken, if any
+    (see `describe_audio`).
     """
     started = time.perf_counter()
     bad_files = list(bad_files)
@@ -58,7 +61,7 @@ def prepare_splits(
         "sample_rate": train.sample_rate,
         "clip_seconds": train.clip_seconds,
         "clip_samples": train.clip_samples,
-        "audio": describe_audio(clips, train.sample_rate, train.clip_seconds),
+        "audio": describe_audio(clips, train.sample_rate, train.clip_seconds, checkpoint),
         "features": {
             "preset": preset,
             "shape": list(train.feature_shape),
@@ -79,13 +82,15 @@ def prepare_splits(
 
 
 def describe_audio(
-    clips: Sequence[Clip], sample_rate: int, clip_seconds: float
+    clips: Sequence[Clip], sample_rate: int, clip_seconds: float, checkpoint: str | None = None
 ) -> dict[str, Any] | None:
     """The files' own sample rates (files per rate) and lengths (min, median, max seconds),
     and warnings for settings that do not fit them: most files below `sample_rate`
     (upsampled: the upper mel bands hold nothing), or a median file much longer than
-    `clip_seconds` (each clip is seen in a window of that length). None when the clips were
-    not checked (`check_clips` gives each its file's rate and length)."""
+    `clip_seconds` (each clip is seen in a window of that length). They advise other
+    settings, or, when the run took both from a `checkpoint`, say that its model was trained
+    so. None when the clips were not checked (`check_clips` gives each its file's rate and
+    length)."""
     checked = [clip for clip in clips if clip.seconds is not None]
     if not checked:
         return None
@@ -100,15 +105,23 @@ def describe_audio(
         warnings.append(
             f"{upsampled} of {len(checked)} files are recorded below data.sample_rate="
             f"{sample_rate} Hz ({_rates(rates, below)}): they are upsampled, and the features "
-            f"above {max(below) // 2} Hz hold nothing; data.sample_rate={top} fits "
-            f"{rates[top]} of them"
+            f"above {max(below) // 2} Hz hold nothing; "
+            + (
+                f"data.sample_rate={top} fits {rates[top]} of them"
+                if checkpoint is None
+                else f"the model of {checkpoint} works at {sample_rate} Hz"
+            )
         )
     if median > 2 * clip_seconds:
         warnings.append(
             f"the median file is {median:.1f} s long, data.clip_seconds={clip_seconds:g}: "
             f"training sees a random {clip_seconds:g} s window of each clip and evaluation "
-            f"its centred {clip_seconds:g} s; set data.clip_seconds to the length the "
-            "classes need to be heard"
+            f"its centred {clip_seconds:g} s; "
+            + (
+                "set data.clip_seconds to the length the classes need to be heard"
+                if checkpoint is None
+                else f"the model of {checkpoint} was trained on {clip_seconds:g} s clips"
+            )
         )
     return {
         "sample_rates": {str(rate): count for rate, count in sorted(rates.items())},
