@@ -120,26 +120,25 @@ def test_feature_override_replaces_the_preset_value(compose_config):
     assert (params.n_mels, params.frame_length, params.hop_length) == (128, 1024, 320)
 
 
-def test_augmentation_probability_override_from_the_cli():
-    result = subprocess.run(
-        [sys.executable, "main.py", "augmentations.audio.transforms[0].p=0.125", "--cfg", "job"],
+def _main(*arguments: str) -> subprocess.CompletedProcess:
+    """`python main.py ARGUMENTS` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, "main.py", *arguments],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_augmentation_probability_override_from_the_cli():
+    result = _main("augmentations.audio.transforms[0].p=0.125", "--cfg", "job")
     assert result.returncode == 0, result.stderr
     assert "p: 0.125" in result.stdout
 
 
 def test_help_says_what_the_app_is_and_lists_the_groups():
-    result = subprocess.run(
-        [sys.executable, "main.py", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _main("--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("audioclf: train, test, quantise and export")
     assert "model: efficientnet_v2, efficientnet_v2_micro, efficientnet_v2_qat," in result.stdout
@@ -148,13 +147,7 @@ def test_help_says_what_the_app_is_and_lists_the_groups():
 
 
 def test_typo_on_the_command_line_fails_with_the_key_named():
-    result = subprocess.run(
-        [sys.executable, "main.py", "training.batchsize=3"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _main("training.batchsize=3")
     assert result.returncode == 1
     assert "training.batchsize: no such key; did you mean training.batch_size?" in result.stderr
 
