@@ -179,6 +179,23 @@ def test_a_bad_file_is_reported_and_the_rest_still_classified(trained, wavs, tmp
     assert "1 of 2 file(s) failed" in captured.err
 
 
+def test_files_below_the_models_sample_rate_are_named_in_one_line(trained, wavs, tmp_path, capsys):
+    # The model works at 8 kHz (FSDD); a 4 kHz copy of a clip is upsampled to it.
+    low = tmp_path / "low.wav"
+    sf.write(low, load_audio(wavs[0], 4000), 4000)
+    model = str(_models(trained)["onnx"])
+    assert main([model, *map(str, wavs)]) == 0
+    assert "recorded below" not in capsys.readouterr().err
+    assert main([model, str(wavs[1]), str(low), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    assert [r["path"] for r in json.loads(captured.out)] == [str(wavs[1]), str(low)]
+    assert (
+        "audioclf-predict: 1 of 2 file(s) are recorded below the model's 8000 Hz (4000 Hz: 1): "
+        "they are upsampled, and the model, trained on 8000 Hz audio, sees nothing above "
+        "2000 Hz in them"
+    ) in captured.err
+
+
 def test_embeddings_are_written_per_file(trained, wavs, tmp_path, capsys):
     out = tmp_path / "emb" / "vectors"
     status = main([str(_models(trained)["pth"]), *map(str, wavs), "--embeddings", str(out)])

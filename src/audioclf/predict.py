@@ -24,12 +24,14 @@ import csv
 import io
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from audioclf.audio import BadAudioError, fix_length, load_audio
@@ -209,6 +211,8 @@ class FilePrediction:
     windows: list[dict[str, Any]] = field(default_factory=list)
     embedding: np.ndarray | None = None
     error: str | None = None
+    #: The file's own sample rate (None for a file that failed).
+    sample_rate: int | None = None
 
 
 def predict_file(
@@ -265,7 +269,7 @@ def predict_file(
         top = _top(row, predictor.classes, max(top_k, above))
         return top, [label for label, _ in top[:above]]
 
-    result = FilePrediction(str(path), *decide(pooled))
+    result = FilePrediction(str(path), *decide(pooled), sample_rate=sf.info(path).samplerate)
     if per_window:
         for (start, _), row in zip(parts, probabilities, strict=True):
             top, labels = decide(row)
@@ -279,6 +283,20 @@ def predict_file(
     if embed:
         result.embedding = np.concatenate(vectors).mean(axis=0)
     return result
+
+
+def upsampled_note(results: Sequence[FilePrediction], sample_rate: int) -> str | None:
+    """A line on the files recorded below the model's sample rate (upsampled, so the model
+    sees nothing in its upper mel bands, and may classify them worse), or None."""
+    rates = Counter(r.sample_rate for r in results if r.sample_rate and r.sample_rate < sample_rate)
+    if not rates:
+        return None
+    listed = ", ".join(f"{rate} Hz: {count}" for rate, count in sorted(rates.items()))
+    return (
+        f"{rates.total()} of {len(results)} file(s) are recorded below the model's "
+        f"{sample_rate} Hz ({listed}): they are upsampled, and the model, trained on "
+        f"{sample_rate} Hz audio, sees nothing above {max(rates) // 2} Hz in them"
+    )
 
 
 def _top(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[tuple[str, float]]:
@@ -470,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.embeddings is not None:
         npy, table = write_embeddings(results, arguments.embeddings)
         print(f"embeddings: {npy}, {table}", file=sys.stderr)
+    upsampled = upsampled_note(results, predictor.sample_rate)
+    if upsampled:
+        print(f"audioclf-predict: {upsampled}", file=sys.stderr)
     failed = [r for r in results if r.error]
     if failed:
         print(f"audioclf-predict: {len(failed)} of {len(results)} file(s) failed", file=sys.stderr)
