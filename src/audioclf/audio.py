@@ -107,18 +107,29 @@ def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
 
     `path` only names the file in errors. Any channel count, bit depth and rate is accepted.
     """
+    return _decode(data, path, sample_rate)[0]
+
+
+def _decode(data: bytes, path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInfo]:
+    """`decode_audio`'s waveform, and the file's own rate and length."""
     samples, native_rate = _read_samples(data, path)
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if native_rate != sample_rate:
         waveform = librosa.resample(
             waveform, orig_sr=native_rate, target_sr=sample_rate, res_type=RESAMPLER
         )
-    return np.ascontiguousarray(waveform, dtype=np.float32)
+    info = AudioInfo(native_rate, samples.shape[0] / native_rate)
+    return np.ascontiguousarray(waveform, dtype=np.float32), info
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Read a file and return a mono float32 waveform at `sample_rate`."""
-    return decode_audio(read_bytes(path), path, sample_rate)
+    return read_audio(path, sample_rate)[0]
+
+
+def read_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInfo]:
+    """`load_audio`'s waveform, and the file's own rate and length (one read)."""
+    return _decode(read_bytes(path), path, sample_rate)
 
 
 def load_crop(

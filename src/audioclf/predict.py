@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from audioclf.audio import BadAudioError, fix_length, load_audio
+from audioclf.audio import BadAudioError, fix_length, read_audio
 from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
 from audioclf.export import ExportError, load_runner
 from audioclf.features import LogMelParams, log_mel
@@ -219,7 +218,7 @@ def predict_file(
     model `batch_size` at a time, so memory does not grow with the file's length. A
     multi-label model's labels at or above `threshold` are all listed, in `top` too even
     beyond `top_k`."""
-    waveform = load_audio(path, predictor.sample_rate)
+    waveform, audio = read_audio(path, predictor.sample_rate)
     clip = round((window_seconds or predictor.clip_seconds) * predictor.sample_rate)
     hop_seconds = hop_seconds or (window_seconds or predictor.clip_seconds) / 2
     hop = round(hop_seconds * predictor.sample_rate)
@@ -257,7 +256,7 @@ def predict_file(
         top = _top(row, predictor.classes, max(top_k, above))
         return top, [label for label, _ in top[:above]]
 
-    result = FilePrediction(str(path), *decide(pooled), sample_rate=sf.info(path).samplerate)
+    result = FilePrediction(str(path), *decide(pooled), sample_rate=audio.sample_rate)
     if per_window:
         for (start, _), row in zip(parts, probabilities, strict=True):
             top, labels = decide(row)

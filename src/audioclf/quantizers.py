@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from audioclf.runtime import quiet_pytree_warnings
+
 BACKENDS = ("xnnpack", "x86")
 #: TFLite's fixed int8 range for LOGISTIC (sigmoid) outputs: [0, 1) in 256 steps.
 SIGMOID_SCALE, SIGMOID_ZERO_POINT = 1.0 / 256.0, -128
@@ -112,11 +114,9 @@ def _trace_pattern(
 
 
 def copy_graph(graph: GraphModule) -> GraphModule:
-    """A deep copy of a captured graph, without the FutureWarning torch's pytree gives for
-    each tree spec it copies (`isinstance(treespec, LeafSpec)` is deprecated; it reached
+    """A deep copy of a captured graph, without torch's pytree FutureWarnings (they reached
     users' consoles, `audioclf-predict` included)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+    with quiet_pytree_warnings():
         return copy.deepcopy(graph)
 
 

@@ -17,6 +17,7 @@ import inspect
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from types import MethodType
 from typing import Literal
@@ -197,3 +198,13 @@ def shared_output_dir(path: str) -> str:
     shared = [path]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+@contextlib.contextmanager
+def quiet_pytree_warnings() -> Iterator[None]:
+    """Without the FutureWarning torch's pytree gives for each tree spec a graph copy or an
+    export copies (`isinstance(treespec, LeafSpec)` is deprecated): dozens a conversion, which
+    reached users' consoles and warning capture (pytest's, a notebook's)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        yield

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from audioclf.runtime import quiet_pytree_warnings
 
 INSTALL = 'pip install -e ".[tflite]"'
 _PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"  # litert-torch's progress lines on stdout
@@ -138,8 +139,7 @@ def quiet_logs() -> Iterator[None]:
     os.environ[_PROGRESS] = "n"
     stderr = os.dup(2)
     try:
-        with open(os.devnull, "w") as sink, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        with open(os.devnull, "w") as sink, quiet_pytree_warnings():
             os.dup2(sink.fileno(), 2)
             yield
     finally:
