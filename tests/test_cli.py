@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -13,14 +14,23 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from audioclf import overrides
 from audioclf.audio import BadAudioError
 from audioclf.cli import run
 from audioclf.index import Clip, DatasetError
 from audioclf.model import create_model
 from audioclf.pipeline import build_model
+from audioclf.predict import load_predictor, predict_file
 from audioclf.settings import ConfigError, load_settings
 from audioclf.summary import describe_audio
-from conftest import FSDD, REPO, fsd50k_like, fsdd_clip, speech_commands_like
+from conftest import (
+    FSDD,
+    REPO,
+    fsd50k_like,
+    fsdd_clip,
+    speech_commands_like,
+    tiny_split_manifest,
+)
 
 
 @pytest.fixture
@@ -296,3 +306,33 @@ def test_the_resume_hint_names_the_way_the_job_was_started(monkeypatch, program,
 
     monkeypatch.setattr(sys, "argv", [program])
     assert resume_command().startswith(command)
+
+
+def test_the_readmes_python_job_runs_as_printed_into_a_folder_of_its_own(
+    tmp_path, monkeypatch, capsys
+):
+    """README, "Training and evaluation": the main job from Python, its code as printed (on
+    the tiny dataset, two epochs), trains into outputs/<date>/<time> below the working
+    directory, and its checkpoint predicts with nothing else."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Training and evaluation") : readme.index("- **Optimizers**")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "compose_config([" in code
+    test_data = [
+        *tiny_split_manifest(tmp_path),
+        f"system.cache_dir={tmp_path / 'cache'}",
+        "system.num_workers=0",
+        "training.epochs=2",
+        "run.export=false",
+    ]
+    composed = overrides.compose_config
+    monkeypatch.setattr(overrides, "compose_config", lambda given: composed([*given, *test_data]))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md: the main job from Python", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out
+    folder = re.search(r"files in (\S+)", printed).group(1)
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", folder)
+    metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+    assert f"test accuracy {metrics['test']['accuracy']:.4f}" in printed
+    predictor = load_predictor(tmp_path / folder / "checkpoints" / "best.pth")
+    assert predict_file(predictor, fsdd_clip(1)).top[0][0] in ("1", "2")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
 from audioclf.cli import CONFIG_DIR
-from audioclf.overrides import normalise_override, unknown_key_hints
+from audioclf.overrides import compose_config, normalise_override, unknown_key_hints
 from audioclf.pipeline import build_model, feature_params
 from audioclf.settings import ConfigError, load_settings
 from conftest import REPO
@@ -225,3 +227,43 @@ def test_list_index_in_an_override_key_becomes_a_dotted_index(argument, expected
 def test_an_equals_sign_in_a_value_reaches_the_config(compose_config, argument, value):
     config = compose_config("model=panns_cnn14", normalise_override(argument))
     assert config.model.params.pretrained_path == value
+
+
+def test_compose_config_takes_overrides_as_the_command_line_does():
+    config = compose_config(
+        [
+            "model=panns_cnn14",
+            "model.params.pretrained_path=/m/Cnn14_mAP=0.431.pth",
+            "augmentations.audio.transforms[0].p=0.5",
+            "system.output_dir=/runs/one",
+        ]
+    )
+    assert config.model.params.pretrained_path == "/m/Cnn14_mAP=0.431.pth"
+    assert config.augmentations.audio.transforms[0].p == 0.5
+    assert "hydra" not in config
+    assert load_settings(config).system.output_dir == "/runs/one"
+
+
+def test_compose_config_gives_each_run_a_folder_below_the_working_directory(tmp_path, monkeypatch):
+    """Outside the command line nothing fills in `${hydra:runtime.output_dir}`: the config
+    did not load."""
+    monkeypatch.chdir(tmp_path)
+    folders = [load_settings(compose_config()).system.output_dir for _ in range(2)]
+    for folder in folders:
+        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", folder)
+    assert folders[0] != folders[1]
+
+
+def test_compose_config_names_a_mistyped_key_and_a_missing_option():
+    with pytest.raises(ConfigError, match=r"^training.epoch: no such key; did you mean training"):
+        compose_config(["training.epoch=3"])
+    with pytest.raises(ConfigError, match=r"Could not find 'model/nope'") as raised:
+        compose_config(["model=nope"])
+    assert "panns_cnn14" in str(raised.value)  # the options there are
+    assert "search path" not in str(raised.value)
+
+
+def test_compose_config_inside_an_applications_hydra_leaves_it_set_up():
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        assert compose_config(["training.epochs=3"]).training.epochs == 3
+        assert compose("config", overrides=["training.epochs=4"]).training.epochs == 4

@@ -20,6 +20,7 @@ from audioclf.audio import load_audio
 from audioclf.checkpoint import load_checkpoint, save_checkpoint, stored_config
 from audioclf.cli import run
 from audioclf.features import log_mel, resolve_params
+from audioclf.model import CheckpointError
 from audioclf.predict import Predictor, load_predictor, main, predict_file, windows
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, fsdd_clip, write_manifest
@@ -307,6 +308,23 @@ def test_a_checkpoint_from_a_newer_audioclf_says_so(trained, wavs, tmp_path, cap
     assert main([str(newer), str(wavs[0])]) == 2
     error = capsys.readouterr().err
     assert "unknown key(s) ['run.a_later_switch']; a newer audioclf wrote it)" in error
+
+
+def test_a_checkpoint_of_the_trainer_alone_says_what_predicting_needs(
+    trained, wavs, tmp_path, capsys
+):
+    """A Trainer used without the main job saves no config or feature parameters."""
+    content = load_checkpoint(trained / "checkpoints" / "best.pth")
+    bare = tmp_path / "bare.pth"
+    save_checkpoint(bare, {key: content[key] for key in ("model", "classes", "epoch")})
+    assert main([str(bare), str(wavs[0])]) == 2
+    error = capsys.readouterr().err
+    assert "bare.pth: holds no feature parameters; a Trainer used on its own" in error
+    assert "audioclf.job.run from Python" in error
+    del content["config"]
+    save_checkpoint(bare, content)
+    with pytest.raises(CheckpointError, match=r"bare.pth: holds no run config; a Trainer used"):
+        stored_config(load_checkpoint(bare), bare)
 
 
 @pytest.mark.parametrize(

@@ -166,6 +166,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+#: Why a checkpoint without the run's config or feature parameters cannot be tested, predicted
+#: with or exported on its own, and where one that can comes from.
+NOT_FROM_THE_JOB = (
+    "a Trainer used on its own writes the weights, classes and training state, and testing, "
+    "predicting and exporting also need the config and feature parameters that the main job "
+    "stores (python main.py, or audioclf.job.run from Python)"
+)
+
+
 def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNormalization | None:
     """A checkpoint's normalisation statistics (None when it was trained without); unusable
     ones are a CheckpointError naming the file."""
@@ -190,7 +199,7 @@ def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig
     checkpoint is refused, pointing to the run's int8 and float ones.
     """
     if not isinstance(content.get("config"), dict):
-        raise CheckpointError(f"{path}: holds no run config (was it written by the main job?)")
+        raise CheckpointError(f"{path}: holds no run config; {NOT_FROM_THE_JOB}")
     if content.get("quantized_prepared"):
         run = Path(path).resolve().parent.parent.parent
         raise CheckpointError(

@@ -1,6 +1,7 @@
 """The main job, wired from the library: data, model, training, test, quantisation, export,
 and cross-validation over folds. `audioclf.cli` (Hydra) calls it with the composed config;
-`run(config)` runs it from Python with a config composed another way.
+`run(config)` runs it from Python with a config composed another way (as the command line
+would: `audioclf.overrides.compose_config`).
 """
 
 from __future__ import annotations

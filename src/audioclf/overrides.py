@@ -1,5 +1,6 @@
-"""Command-line overrides: rewritten as Hydra's grammar takes them, and, when Hydra refuses
-a key, the known keys it was probably meant to be."""
+"""Command-line overrides: rewritten as Hydra's grammar takes them, composed into a run's
+config from Python as the command line composes it, and, when Hydra refuses a key, the known
+keys it was probably meant to be."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from audioclf.settings import CONFIG_DIR
-from audioclf.typed_config import close_matches
+from audioclf.typed_config import ConfigError, close_matches
 
 _LIST_INDEX = re.compile(r"\[(\d+)\]")
 _BARE_EQUALS = re.compile(r"(?<!\\)=")
@@ -29,6 +30,43 @@ def normalise_override(argument: str) -> str:
     if not value.startswith(("'", '"')):
         value = _BARE_EQUALS.sub(r"\\=", value)
     return _LIST_INDEX.sub(r".\1", key) + "=" + value
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config that `python main.py *overrides` runs, composed for `audioclf.job.run` in
+    Python.
+
+    Overrides are written as on the command line (`augmentations.audio.transforms[0].p=0.5`,
+    `model.params.pretrained_path=Cnn14_mAP=0.431.pth`). Unless one sets `system.output_dir`,
+    the run gets a folder of its own as the command line's does (`hydra.run.dir`,
+    `outputs/<date>/<time>` below the working directory); on the command line Hydra fills that
+    key in, and outside it nothing would. A key that no option has, or an option that does not
+    exist, is a ConfigError naming what it was probably meant to be.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    arguments = [normalise_override(override) for override in overrides]
+    outer = GlobalHydra.instance().hydra  # an application's own Hydra, set up around this call
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            config = compose("config", overrides=arguments, return_hydra_config=True)
+    except HydraException as error:
+        hints = unknown_key_hints(arguments)
+        # Hydra's own message (an option that does not exist: the options there are), without
+        # its search path, which names this package's folders, not the user's mistake.
+        message = "; ".join(hints) or str(error).split("\nConfig search path")[0].strip()
+        raise ConfigError(message) from error
+    finally:
+        if outer is not None:
+            GlobalHydra.instance().initialize(outer)
+    with open_dict(config):
+        if "system.output_dir" not in override_keys(arguments):
+            config.system.output_dir = str(config.hydra.run.dir)
+        del config["hydra"]
+    return config
 
 
 def config_groups() -> list[str]:

@@ -31,7 +31,12 @@ import numpy as np
 import torch
 
 from audioclf.audio import BadAudioError, fix_length, read_audio
-from audioclf.checkpoint import load_checkpoint, stored_config, stored_normalization
+from audioclf.checkpoint import (
+    NOT_FROM_THE_JOB,
+    load_checkpoint,
+    stored_config,
+    stored_normalization,
+)
 from audioclf.export import ExportError, load_runner
 from audioclf.features import LogMelParams, log_mel
 from audioclf.layouts import AUDIO_EXTENSIONS, audio_files_below
@@ -100,7 +105,7 @@ def load_predictor(path: str | Path) -> Predictor:
 def _checkpoint_predictor(path: Path) -> Predictor:
     content = load_checkpoint(path)
     if "features" not in content:
-        raise PredictError(f"{path}: not a checkpoint of the main job (no features)")
+        raise PredictError(f"{path}: holds no feature parameters; {NOT_FROM_THE_JOB}")
     _, settings = stored_config(content, path)
     params = LogMelParams(**content["features"])
     model_params = dict(settings.model.params)
