@@ -330,9 +330,10 @@ def test_the_readmes_python_job_runs_as_printed_into_a_folder_of_its_own(
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md: the main job from Python", "exec"), {})  # noqa: S102
     printed = capsys.readouterr().out
-    folder = re.search(r"files in (\S+)", printed).group(1)
-    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", folder)
-    metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+    folder = Path(re.search(r"files in (\S+)", printed).group(1))
+    relative = str(folder.relative_to(tmp_path))
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", relative)
+    metrics = json.loads((folder / "metrics.json").read_text())
     assert f"test accuracy {metrics['test']['accuracy']:.4f}" in printed
-    predictor = load_predictor(tmp_path / folder / "checkpoints" / "best.pth")
+    predictor = load_predictor(folder / "checkpoints" / "best.pth")
     assert predict_file(predictor, fsdd_clip(1)).top[0][0] in ("1", "2")

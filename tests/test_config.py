@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -250,7 +251,8 @@ def test_compose_config_gives_each_run_a_folder_below_the_working_directory(tmp_
     monkeypatch.chdir(tmp_path)
     folders = [load_settings(compose_config()).system.output_dir for _ in range(2)]
     for folder in folders:
-        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", folder)
+        relative = str(Path(folder).relative_to(tmp_path))
+        assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", relative)
     assert folders[0] != folders[1]
 
 

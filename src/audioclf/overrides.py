@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -64,7 +65,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
             GlobalHydra.instance().initialize(outer)
     with open_dict(config):
         if "system.output_dir" not in override_keys(arguments):
-            config.system.output_dir = str(config.hydra.run.dir)
+            # Absolute, as Hydra's: the folder stays put if the caller changes directory.
+            config.system.output_dir = str(Path(config.hydra.run.dir).absolute())
         del config["hydra"]
     return config
 
