@@ -1428,6 +1428,26 @@ def test_folds_that_the_manifest_lacks_stop_before_the_first_fold_trains(
     assert not (tmp_path / "outputs").exists()
 
 
+def test_the_job_run_once_refuses_a_config_that_asks_for_folds(
+    compose_config, tmp_path, manifest_rows
+):
+    """From Python, `run` with run.folds set trained once on the configured split."""
+    from audioclf.cli import run
+    from audioclf.settings import ConfigError
+
+    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
+    config = compose_config(
+        "data=manifest",
+        f"data.manifest={manifest}",
+        f"data.root={FSDD}",
+        "data.sample_rate=8000",
+        "run.folds=all",
+    )
+    with pytest.raises(ConfigError, match=r"run.folds=all asks for .* audioclf.job.run_folds"):
+        run(config)
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_esc50_config_reads_the_shipped_metadata_and_cross_validates(compose_config, tmp_path):
     from audioclf.cli import run_folds
 
