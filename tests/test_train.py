@@ -1407,18 +1407,22 @@ def test_folds_all_trains_and_tests_each_fold_and_reports_mean_and_std(
         assert sum(map(sum, tested["test"]["confusion_matrix"])) == 6
 
 
+def _fold_manifest_config(compose_config, folder, rows, *overrides):
+    """The config of a fold manifest of `rows` (written into `folder`) with `overrides`."""
+    manifest = write_manifest(folder / "folds.csv", ["path", "label", "fold"], rows)
+    return compose_config(*fsdd_manifest(manifest), *overrides)
+
+
 def test_folds_that_the_manifest_lacks_stop_before_the_first_fold_trains(
     compose_config, tmp_path, manifest_rows
 ):
     from audioclf.cli import run_folds
     from audioclf.settings import ConfigError
 
-    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
-    config = compose_config(
-        "data=manifest",
-        f"data.manifest={manifest}",
-        f"data.root={FSDD}",
-        "data.sample_rate=8000",
+    config = _fold_manifest_config(
+        compose_config,
+        tmp_path,
+        manifest_rows,
         "run.folds=[1,5]",
         "run.train=true",
         "run.test=true",
@@ -1435,14 +1439,7 @@ def test_the_job_run_once_refuses_a_config_that_asks_for_folds(
     from audioclf.cli import run
     from audioclf.settings import ConfigError
 
-    manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
-    config = compose_config(
-        "data=manifest",
-        f"data.manifest={manifest}",
-        f"data.root={FSDD}",
-        "data.sample_rate=8000",
-        "run.folds=all",
-    )
+    config = _fold_manifest_config(compose_config, tmp_path, manifest_rows, "run.folds=all")
     with pytest.raises(ConfigError, match=r"run.folds=all asks for .* audioclf.job.run_folds"):
         run(config)
     assert not (tmp_path / "outputs").exists()
