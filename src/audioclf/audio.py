@@ -7,6 +7,8 @@ import io
 import math
 import os
 import re
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -73,8 +75,16 @@ def _decode_error(error: Exception) -> str:
     return _OBJECT_REPR.sub("the file", message).strip()
 
 
-def _read_samples(data: bytes, path: str | Path) -> tuple[np.ndarray, int]:
-    """Decode audio bytes to (samples, channels) float32 at the file's own rate, checked."""
+class AudioInfo(NamedTuple):
+    """A file's own sample rate and length."""
+
+    sample_rate: int
+    seconds: float
+
+
+def _read_samples(data: bytes, path: str | Path) -> tuple[np.ndarray, AudioInfo]:
+    """Decode audio bytes to (samples, channels) float32 at the file's own rate, checked, and
+    that rate and the length."""
     if not data:
         raise BadAudioError(path, "empty file (0 bytes)")
     try:
@@ -85,21 +95,13 @@ def _read_samples(data: bytes, path: str | Path) -> tuple[np.ndarray, int]:
         raise BadAudioError(path, "no audio samples (zero-length)")
     if not np.isfinite(samples).all():
         raise BadAudioError(path, "audio contains NaN or infinite samples")
-    return samples, native_rate
-
-
-class AudioInfo(NamedTuple):
-    """A file's own sample rate and length."""
-
-    sample_rate: int
-    seconds: float
+    return samples, AudioInfo(native_rate, samples.shape[0] / native_rate)
 
 
 def check_audio(data: bytes, path: str | Path) -> AudioInfo:
     """The file's own rate and length; BadAudioError when audio bytes cannot be used (cheaper
     than decoding: no resampling, which cannot turn a usable file unusable)."""
-    samples, native_rate = _read_samples(data, path)
-    return AudioInfo(native_rate, samples.shape[0] / native_rate)
+    return _read_samples(data, path)[1]
 
 
 def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
@@ -112,13 +114,12 @@ def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
 
 def _decode(data: bytes, path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInfo]:
     """`decode_audio`'s waveform, and the file's own rate and length."""
-    samples, native_rate = _read_samples(data, path)
+    samples, info = _read_samples(data, path)
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if native_rate != sample_rate:
+    if info.sample_rate != sample_rate:
         waveform = librosa.resample(
-            waveform, orig_sr=native_rate, target_sr=sample_rate, res_type=RESAMPLER
+            waveform, orig_sr=info.sample_rate, target_sr=sample_rate, res_type=RESAMPLER
         )
-    info = AudioInfo(native_rate, samples.shape[0] / native_rate)
     return np.ascontiguousarray(waveform, dtype=np.float32), info
 
 
@@ -205,3 +206,12 @@ def pad_for_random_crop(waveform: np.ndarray, num_samples: int) -> np.ndarray:
     if shortfall <= 0:
         return waveform
     return np.pad(waveform, (shortfall, shortfall))
+
+
+def rates_text(rates: Counter, chosen: Iterable[int] | None = None) -> str:
+    """'8000 Hz: 70, 11025 Hz: 3' for files per sample rate (the `chosen` rates, or all),
+    most files first, at most three named."""
+    ordered = sorted(rates if chosen is None else chosen, key=lambda rate: (-rates[rate], rate))
+    text = ", ".join(f"{rate} Hz: {rates[rate]}" for rate in ordered[:3])
+    more = len(ordered) - 3
+    return text + (f", {more} more rate{'s' if more > 1 else ''}" if more > 0 else "")

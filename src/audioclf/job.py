@@ -119,10 +119,11 @@ def run(config: DictConfig) -> dict[str, Any]:
     `system.deterministic` turns PyTorch's deterministic algorithms on for the job (and back
     off after it). See `_run` for the rest.
     """
-    if OmegaConf.select(config, "run.folds") is not None:
+    folds = OmegaConf.select(config, "run.folds")
+    if folds is not None:
         # One run on the configured split would look like the cross-validation's result.
         raise ConfigError(
-            f"run.folds={OmegaConf.select(config, 'run.folds')} asks for cross-validation, "
+            f"run.folds={folds} asks for cross-validation, "
             "which audioclf.job.run_folds(config) runs; run(config) trains and tests once"
         )
     deterministic = bool(OmegaConf.select(config, "system.deterministic", default=False))

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from audioclf.audio import rates_text
+
 
 @dataclass
 class FilePrediction:
@@ -98,9 +100,8 @@ def upsampled_note(results: Sequence[FilePrediction], sample_rate: int) -> str |
     rates = Counter(r.sample_rate for r in results if r.sample_rate and r.sample_rate < sample_rate)
     if not rates:
         return None
-    listed = ", ".join(f"{rate} Hz: {count}" for rate, count in sorted(rates.items()))
     return (
         f"{rates.total()} of {len(results)} file(s) are recorded below the model's "
-        f"{sample_rate} Hz ({listed}): they are upsampled, and the model, trained on "
+        f"{sample_rate} Hz ({rates_text(rates)}): they are upsampled, and the model, trained on "
         f"{sample_rate} Hz audio, sees nothing above {max(rates) // 2} Hz in them"
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from audioclf.audio import rates_text
 from audioclf.dataset import SpectrogramDataset, class_counts, prepare
 from audioclf.index import Clip
 
@@ -104,7 +105,7 @@ def describe_audio(
         top = max(below, key=lambda rate: (rates[rate], rate))
         warnings.append(
             f"{upsampled} of {len(checked)} files are recorded below data.sample_rate="
-            f"{sample_rate} Hz ({_rates(rates, below)}): they are upsampled, and the features "
+            f"{sample_rate} Hz ({rates_text(rates, below)}): they are upsampled, and the features "
             f"above {max(below) // 2} Hz hold nothing; "
             + (
                 f"data.sample_rate={top} fits {rates[top]} of them"
@@ -134,14 +135,6 @@ def describe_audio(
     }
 
 
-def _rates(rates: Counter, chosen: list[int]) -> str:
-    """'8000 Hz: 70, 11025 Hz: 3' for the chosen rates, most files first (at most 3)."""
-    ordered = sorted(chosen, key=lambda rate: (-rates[rate], rate))
-    text = ", ".join(f"{rate} Hz: {rates[rate]}" for rate in ordered[:3])
-    more = len(ordered) - 3
-    return text + (f", {more} more rate{'s' if more > 1 else ''}" if more > 0 else "")
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """The dataset summary as a few readable lines."""
     classes = summary["classes"]
@@ -162,7 +155,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         rates = Counter({int(rate): count for rate, count in audio["sample_rates"].items()})
         seconds = audio["seconds"]
         lines.append(
-            f"files        {_rates(rates, list(rates))}; {seconds['min']:.2f}-"
+            f"files        {rates_text(rates)}; {seconds['min']:.2f}-"
             f"{seconds['max']:.2f} s, median {seconds['median']:.2f} s"
         )
     lines += [
