@@ -99,7 +99,8 @@ def _trace_pattern(
     if is_cuda:
         return torchao_trace(pattern, example_inputs, is_cuda, **kwargs)
     try:
-        graph = torch.export.export(pattern, example_inputs, kwargs, strict=False).module()
+        exported = torch.export.export(pattern, example_inputs, kwargs, strict=False)
+        graph = exported.module(check_guards=False)  # no input-guard node: torchao's graph
     except Exception:  # noqa: BLE001 - torchao's own tracer decides
         return torchao_trace(pattern, example_inputs, is_cuda, **kwargs)
     nodes = graph.graph
