@@ -246,6 +246,60 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
     assert "exports checked on 6 clips" in output
 
 
+def test_relative_paths_start_where_the_command_ran_when_hydra_changes_directory(tmp_path):
+    # Under hydra.job.chdir=true the job runs in its output folder: data.root=clips was
+    # "no such folder", and a relative cache started empty in each run's folder.
+    (tmp_path / "clips").symlink_to(FSDD)
+    tiny_split_manifest(tmp_path)  # m.csv, naming FSDD files
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "main.py"),
+            "data=manifest",
+            "data.manifest=m.csv",
+            "data.root=clips",
+            "data.sample_rate=8000",
+            "system.cache_dir=cache",
+            "system.num_workers=0",
+            "training.epochs=1",
+            "training.batch_size=4",
+            "run.test=false",
+            "run.export=false",
+            "hydra.run.dir=run",
+            "hydra.job.chdir=true",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "best.pth").exists()
+    assert list((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "run" / "cache").exists()
+
+
+def test_only_relative_paths_given_by_the_user_are_moved_to_the_launch_directory(
+    compose_config, tmp_path
+):
+    config = compose_config(
+        "data=esc50",
+        "data.root=esc",  # its manifest, ${data.root}/meta/esc50.csv, follows
+        "system.cache_dir=/abs/cache",
+        "run.resume=true",
+        "model.params.pretrained_path='~/w.pth'",
+        "augmentations.audio.transforms=[{name:AddBackgroundNoise,sounds_path:noise,p:1.0}]",
+    )
+    changed = overrides.from_launch_directory(config, tmp_path)
+    assert changed == ["data.root", "augmentations.audio.transforms.0.sounds_path"]
+    assert config.data.root == str(tmp_path / "esc")
+    assert config.data.manifest == str(tmp_path / "esc" / "meta" / "esc50.csv")
+    assert config.augmentations.audio.transforms[0].sounds_path == str(tmp_path / "noise")
+    assert config.system.cache_dir == "/abs/cache"
+    assert config.run.resume is True
+    assert config.model.params.pretrained_path == "~/w.pth"
+
+
 def test_speech_commands_trains_on_the_official_split_with_its_background_noise(
     compose_config, tmp_path
 ):

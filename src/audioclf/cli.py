@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from audioclf.overrides import normalise_override, unknown_key_hints
+from audioclf.overrides import from_launch_directory, normalise_override, unknown_key_hints
 from audioclf.settings import CONFIG_DIR, ConfigError, load_settings
 
 log = logging.getLogger("audioclf")
@@ -64,6 +65,11 @@ def _hydra_main(config: DictConfig) -> float | None:
     if level in logging.getLevelNamesMapping():
         logging.getLogger().setLevel(level)
     try:
+        hydra_config = HydraConfig.get()
+        launched_in = hydra_config.runtime.cwd
+        if hydra_config.job.chdir and Path.cwd() != Path(launched_in):
+            changed = from_launch_directory(config, launched_in)
+            log.debug("hydra.job.chdir: %s start at %s", ", ".join(changed), launched_in)
         if not OmegaConf.select(config, "run.checkpoint_path"):
             # Checked before the job's imports (a checkpoint's config is adopted first).
             load_settings(config)
@@ -120,8 +126,6 @@ def interrupted_message(config: DictConfig) -> str:
 def resume_command() -> str:
     """The command that continues this run: its own overrides (a resumed run must train with
     the settings it began with) and run.resume=true."""
-    from hydra.core.hydra_config import HydraConfig
-
     program = sys.argv[0]
     if program.endswith("__main__.py"):
         words = ["python", "-m", "audioclf"]

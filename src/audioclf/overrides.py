@@ -71,6 +71,47 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return config
 
 
+#: The keys that name files or folders (besides `system.output_dir`, which Hydra makes
+#: absolute), and in each audio augmentation, its options named `*_path`.
+PATH_KEYS = (
+    "system.cache_dir",
+    "data.root",
+    "data.manifest",
+    "model.params.pretrained_path",
+    "teacher_model.checkpoint_path",
+    "run.checkpoint_path",
+    "run.resume",
+)
+
+
+def from_launch_directory(config: DictConfig, launch_dir: str | Path) -> list[str]:
+    """Make the relative paths in `config` start at `launch_dir`, the directory the command
+    ran in: under `hydra.job.chdir=true` the job runs in its output folder, where
+    `data.root=data/clips` would not be found and a relative `system.cache_dir` would start
+    an empty cache in every run. A value interpolated from another key (`${data.root}/...`)
+    follows that key. Returns the keys changed."""
+    keys = [key for key in PATH_KEYS if OmegaConf.select(config, key) is not None]
+    transforms = OmegaConf.select(config, "augmentations.audio.transforms") or []
+    keys += [
+        f"augmentations.audio.transforms.{index}.{option}"
+        for index, transform in enumerate(transforms)
+        if isinstance(transform, DictConfig)
+        for option in transform
+        if str(option).endswith("_path")
+    ]
+    changed = []
+    for key in keys:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(config, parent_key)
+        if OmegaConf.is_interpolation(parent, leaf):
+            continue
+        value = parent[leaf]
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            parent[leaf] = str(Path(launch_dir) / value)
+            changed.append(key)
+    return changed
+
+
 def config_groups() -> list[str]:
     """The config groups (`data`, `features`, `model`, `teacher_model`)."""
     return sorted(path.name for path in CONFIG_DIR.iterdir() if path.is_dir())
