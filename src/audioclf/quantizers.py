@@ -8,7 +8,8 @@ loading, for `audioclf.quant`.
   as pooling does (its own range was a requantization that litert-torch drops).
 - `x86` (servers): torchao's X86InductorQuantizer.
 
-torchao is imported once and quietly, and its rewrite patterns are traced once per process.
+torchao is imported once and quietly, its rewrite patterns are traced once per process, and
+its QAT conv-BN passes skip the kinds of convolution a graph does not have.
 """
 
 from __future__ import annotations
