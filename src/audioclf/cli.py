@@ -68,8 +68,8 @@ def _hydra_main(config: DictConfig) -> float | None:
         hydra_config = HydraConfig.get()
         launched_in = hydra_config.runtime.cwd
         if hydra_config.job.chdir and Path.cwd() != Path(launched_in):
-            changed = from_launch_directory(config, launched_in)
-            log.debug("hydra.job.chdir: %s start at %s", ", ".join(changed), launched_in)
+            for key in from_launch_directory(config, launched_in):
+                log.debug("hydra.job.chdir: %s starts at %s", key, launched_in)
         if not OmegaConf.select(config, "run.checkpoint_path"):
             # Checked before the job's imports (a checkpoint's config is adopted first).
             load_settings(config)

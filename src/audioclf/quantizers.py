@@ -108,6 +108,8 @@ def _skip_absent_convolutions() -> None:
 
 
 def _only_for_present_kinds(conv_bn_pass: Any) -> Any:
+    """`conv_bn_pass(m, conv_fn, ...)`, run only when graph `m` has a `conv_fn` op."""
+
     def for_present_kinds(m: GraphModule, conv_fn: Any, *args: Any, **kwargs: Any) -> GraphModule:
         kinds = {
             str(node.target).split(".")[1]
