@@ -286,12 +286,18 @@ def test_only_relative_paths_given_by_the_user_are_moved_to_the_launch_directory
         "data=esc50",
         "data.root=esc",  # its manifest, ${data.root}/meta/esc50.csv, follows
         "system.cache_dir=/abs/cache",
+        "system.output_dir=runs/a",
         "run.resume=true",
         "model.params.pretrained_path='~/w.pth'",
         "augmentations.audio.transforms=[{name:AddBackgroundNoise,sounds_path:noise,p:1.0}]",
     )
     changed = overrides.from_launch_directory(config, tmp_path)
-    assert changed == ["data.root", "augmentations.audio.transforms.0.sounds_path"]
+    assert changed == [
+        "system.output_dir",
+        "data.root",
+        "augmentations.audio.transforms.0.sounds_path",
+    ]
+    assert config.system.output_dir == str(tmp_path / "runs" / "a")
     assert config.data.root == str(tmp_path / "esc")
     assert config.data.manifest == str(tmp_path / "esc" / "meta" / "esc50.csv")
     assert config.augmentations.audio.transforms[0].sounds_path == str(tmp_path / "noise")

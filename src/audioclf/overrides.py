@@ -71,9 +71,10 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     return config
 
 
-#: The keys that name files or folders (besides `system.output_dir`, which Hydra makes
+#: The keys that name files or folders (`system.output_dir` when given: Hydra's own is
 #: absolute), and in each audio augmentation, its options named `*_path`.
 PATH_KEYS = (
+    "system.output_dir",
     "system.cache_dir",
     "data.root",
     "data.manifest",
