@@ -111,12 +111,8 @@ def _only_for_present_kinds(conv_bn_pass: Any) -> Any:
     """`conv_bn_pass(m, conv_fn, ...)`, run only when graph `m` has a `conv_fn` op."""
 
     def for_present_kinds(m: GraphModule, conv_fn: Any, *args: Any, **kwargs: Any) -> GraphModule:
-        kinds = {
-            str(node.target).split(".")[1]
-            for node in m.graph.nodes
-            if node.op == "call_function" and str(node.target).startswith("aten.")
-        }
-        if conv_fn.__name__ not in kinds:
+        op = f"aten.{conv_fn.__name__}."  # aten.conv2d.default, aten.conv2d.padding
+        if not any(n.op == "call_function" and str(n.target).startswith(op) for n in m.graph.nodes):
             return m
         return conv_bn_pass(m, conv_fn, *args, **kwargs)
 
