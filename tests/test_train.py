@@ -660,17 +660,17 @@ def test_ctrl_c_during_a_save_takes_effect_once_the_file_is_written(tmp_path, mo
 def test_ctrl_c_while_saving_last_still_writes_best(tmp_path, monkeypatch):
     import signal
 
-    import audioclf.train
+    import audioclf.train_state
 
     trainer = _trainer(tmp_path, _options(epochs=3))
-    real_save = audioclf.train.save_checkpoint
+    real_save = audioclf.train_state.save_checkpoint
 
     def save(path, content):
         if path == trainer.last_path:
             os.kill(os.getpid(), signal.SIGINT)
         real_save(path, content)
 
-    monkeypatch.setattr(audioclf.train, "save_checkpoint", save)
+    monkeypatch.setattr(audioclf.train_state, "save_checkpoint", save)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(*_loaders(16))
     # The first epoch improves on nothing: both files hold it, so a resume agrees with best.

@@ -1,7 +1,8 @@
-"""The Trainer: fit / validate / test, checkpoints and resume.
+"""The Trainer: fit / validate / test.
 
-TensorBoard and console output are in `train_log`; device, processes and mixed precision in
-`runtime`; optimizers, LR schedules and early stopping in `schedules`.
+What checkpoints hold, writing them and resuming from them are in `train_state`; TensorBoard
+and console output in `train_log`; device, processes and mixed precision in `runtime`;
+optimizers, LR schedules and early stopping in `schedules`.
 
 The loop reads top to bottom; every optional feature (AMP, channels_last, torch.compile,
 mixup, clipping, a plateau schedule) is a few visible lines that do nothing when off.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,14 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from audioclf.checkpoint import (
-    check_resumable,
-    interrupts_held,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from audioclf.checkpoint import load_checkpoint
 from audioclf.losses import classification_loss, mixup, training_loss
 from audioclf.metrics import (
     THRESHOLD,
@@ -44,8 +37,6 @@ from audioclf.metrics import (
     multilabel_metrics,
     write_evaluation,
 )
-from audioclf.model import load_state
-from audioclf.quant import QuantizedModel, load_graph_state
 from audioclf.runtime import (
     StepModel,
     autocast_dtype,
@@ -55,6 +46,7 @@ from audioclf.runtime import (
 from audioclf.schedules import EarlyStopping, Schedule, make_optimizer, schedule_spec
 from audioclf.settings import TrainingConfig
 from audioclf.train_log import TrainingLog, divergence_message, run_hparams
+from audioclf.train_state import RunCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +156,11 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         #: The full metrics of the last `test()` (per-class figures, confusion matrix).
         self.test_metrics: dict[str, Any] | None = None
-        self.best_path = self.output_dir / "checkpoints" / "best.pth"
-        self.last_path = self.output_dir / "checkpoints" / "last.pth"
+        self.checkpoints = RunCheckpoints(
+            self.output_dir / "checkpoints", self.classes, self.monitor, self.checkpoint_extra
+        )
+        self.best_path = self.checkpoints.best_path
+        self.last_path = self.checkpoints.last_path
         self.run_log = TrainingLog(self.output_dir / "tensorboard", self.classes)
 
     # ------------------------------------------------------------ the loop
@@ -196,7 +191,7 @@ class Trainer:
         started = time.perf_counter()
         start_epoch = 0
         if resume_from is not None:
-            start_epoch = self._resume(Path(resume_from))
+            start_epoch, self.history = self.checkpoints.restore(Path(resume_from), self._parts())
         self.run_log.start(
             self.model,
             self.device,
@@ -232,7 +227,14 @@ class Trainer:
             self.schedule.step_epoch(monitored)
             improved = self.early_stopping.update(monitored)
             record = self._record(epoch, stats, val)
-            self._save(epoch, record, improved)
+            self.checkpoints.save(
+                self._parts(),
+                epoch,
+                record,
+                self.history,
+                self.early_stopping.best,
+                improved,
+            )
             self.run_log.epoch_line(
                 options.epochs, record, val, stats.seconds, improved, self.device
             )
@@ -468,55 +470,12 @@ class Trainer:
         self.run_log.epoch(record, val)
         return record
 
-    def _save(self, epoch: int, record: dict[str, float], improved: bool) -> None:
-        if not is_main_process():
-            return
-        content = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "early_stopping": self.early_stopping.state_dict(),
-            "epoch": epoch + 1,
-            "rng": rng_state(),
-            "metrics": record,
-            "history": self.history,
-            "monitor": self.monitor,
-            "classes": self.classes,
-            **self.checkpoint_extra,
+    def _parts(self) -> dict[str, Any]:
+        """The stateful parts of the run, as its checkpoints store them."""
+        return {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.schedule,
+            "scaler": self.scaler,
+            "early_stopping": self.early_stopping,
         }
-        with interrupts_held():  # last.pth and best.pth agree, even after Ctrl-C
-            save_checkpoint(self.last_path, content)
-            if improved:
-                save_checkpoint(self.best_path, content)
-        if improved:
-            log.info(
-                "saved %s (%s %.4f) and %s",
-                self.best_path,
-                self.monitor,
-                self.early_stopping.best,
-                self.last_path.name,
-            )
-        else:
-            log.info("saved %s", self.last_path)
-
-    def _resume(self, path: Path) -> int:
-        state = load_checkpoint(path)
-        check_resumable(state, path, self.classes, self.checkpoint_extra.get("config"))
-        if isinstance(self.model, QuantizedModel):  # QAT fine-tuning
-            load_graph_state(self.model, state["model"], str(path))
-        else:
-            load_state(self.model, state["model"], path, strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
-        self.history = list(state.get("history", []))
-        set_rng_state(state["rng"])
-        # The run's best so far, so that a resumed run in a new folder still ends on it.
-        earlier_best = path.parent / "best.pth"
-        if is_main_process() and earlier_best.is_file() and earlier_best != self.best_path:
-            self.best_path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(earlier_best, self.best_path)
-        log.info("resumed from %s after epoch %d", path, state["epoch"])
-        return int(state["epoch"])
