@@ -269,3 +269,20 @@ def test_compose_config_inside_an_applications_hydra_leaves_it_set_up():
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         assert compose_config(["training.epochs=3"]).training.epochs == 3
         assert compose("config", overrides=["training.epochs=4"]).training.epochs == 4
+
+
+def test_the_default_dataset_is_the_bundled_fsdd_from_any_directory(tmp_path, monkeypatch):
+    # `audioclf` run outside the repository stopped at "data.root: no such folder
+    # 'data/fsdd/recordings'": the bundled dataset's path started at the current directory.
+    import audioclf.settings
+    from audioclf.pipeline import list_dataset
+
+    monkeypatch.chdir(tmp_path)
+    data = load_settings(compose_config()).data
+    assert Path(data.root) == REPO / "data" / "fsdd" / "recordings"
+    assert len(list_dataset(data).clips) == 3000
+    # Installed without the repository (a wheel): below the current directory, as before.
+    monkeypatch.setattr(audioclf.settings, "PROJECT_DATA_DIR", tmp_path / "site-packages")
+    assert load_settings(compose_config()).data.root == "data/fsdd/recordings"
+    # Given on the command line, a relative data.root still starts at the current directory.
+    assert load_settings(compose_config(["data.root=clips"])).data.root == "clips"

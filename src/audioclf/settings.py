@@ -22,6 +22,20 @@ from omegaconf.errors import MissingMandatoryValue
 from audioclf.typed_config import ConfigError, bounded, build_section, join_key
 
 CONFIG_DIR = Path(__file__).resolve().parent / "config"
+# A source checkout (`pip install -e .`): src/audioclf/ -> the repository, whose data/ holds
+# the bundled FSDD.
+PROJECT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+
+
+def bundled_data(relative: str) -> str:
+    """`${bundled:fsdd/recordings}` in the config: the repository's `data/<relative>` when this
+    package runs from a source checkout that has it, so that `audioclf` run in any directory
+    trains on the bundled dataset; else `data/<relative>` below the current directory."""
+    path = PROJECT_DATA_DIR / relative
+    return str(path) if path.is_dir() else str(Path("data") / relative)
+
+
+OmegaConf.register_new_resolver("bundled", bundled_data, replace=True)
 
 # Where today's default of each section's keys is written (the primary config and the default
 # group options); `fill_missing_keys` reads them. `model` and `teacher_model` are not here:
