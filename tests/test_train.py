@@ -1475,6 +1475,21 @@ def test_folds_without_a_fold_manifest_is_a_config_error(compose_config):
         load_settings(compose_config("run.folds=all"))
 
 
+def test_folds_without_testing_stop_before_the_first_fold_trains(
+    compose_config, tmp_path, manifest_rows
+):
+    # Before: the first fold trained in full, then the job stopped for want of its metrics.
+    from audioclf.cli import run_folds
+    from audioclf.settings import ConfigError
+
+    config = _fold_manifest_config(
+        compose_config, tmp_path, manifest_rows, "run.folds=all", "run.test=false"
+    )
+    with pytest.raises(ConfigError, match="run.folds needs run.test=true"):
+        run_folds(config)
+    assert not (tmp_path / "outputs").exists()
+
+
 # ---------------------------------------------------------------- distributed
 
 

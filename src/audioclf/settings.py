@@ -343,6 +343,8 @@ def load_settings(config: DictConfig) -> Settings:
     if settings.run.folds is not None:
         if data.format != "manifest":
             raise ConfigError("run.folds needs data=manifest with a fold column")
+        if not settings.run.test:
+            raise ConfigError("run.folds needs run.test=true: each fold reports its test metrics")
         if data.val_fold is not None:
             raise ConfigError(
                 "run.folds: set data.val_fold=null; each fold's validation set is carved from "
