@@ -1374,6 +1374,28 @@ def test_teacher_for_other_classes_is_refused_naming_them(compose_config, tmp_pa
         )
 
 
+def test_a_missing_teacher_file_stops_before_the_data_pass(compose_config, tmp_path, monkeypatch):
+    # Before: the teacher was read after every clip had been decoded and featurised, and
+    # the error named the file but not the key.
+    import audioclf.job
+    from audioclf.settings import ConfigError
+
+    monkeypatch.setattr(
+        audioclf.job, "build_datasets", lambda *_: pytest.fail("the data pass ran first")
+    )
+    with pytest.raises(
+        ConfigError, match=r"^teacher_model.checkpoint_path: no such checkpoint file '.*nope.pth'"
+    ):
+        run(
+            compose_config(
+                *tiny_split_manifest(tmp_path),
+                "run.train=true",
+                "teacher_model=efficientnet_v2",
+                f"teacher_model.checkpoint_path={tmp_path / 'nope.pth'}",
+            )
+        )
+
+
 # ---------------------------------------------------------------- cross-validation
 
 

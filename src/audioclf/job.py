@@ -156,6 +156,14 @@ def _run(config: DictConfig) -> dict[str, Any]:
     resume, qat_resume = None, None
     if settings.run.train or settings.run.quantise:
         resume, qat_resume = resume_paths(settings.run.resume, output_dir)
+    qat = settings.run.quantise and settings.model.quantization.effective_mode == "qat"
+    distils = settings.teacher_model is not None and (settings.run.train or qat)
+    if distils and not Path(settings.teacher_model.checkpoint_path).is_file():
+        # Read after the data pass (it needs the classes): a missing file fails now.
+        raise ConfigError(
+            "teacher_model.checkpoint_path: no such checkpoint file "
+            f"{settings.teacher_model.checkpoint_path!r}"
+        )
     # Under torchrun, rank 0 fills the cache first; the others then find it filled.
     with rank_zero_first():
         # Testing a checkpoint: its classes, and no training clips needed.
@@ -225,8 +233,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             format_summary(summary),
         )
     teacher = None
-    qat = settings.run.quantise and settings.model.quantization.effective_mode == "qat"
-    if settings.teacher_model is not None and (settings.run.train or qat):
+    if distils:
         # QAT fine-tuning distils too: a distilled QAT student.
         teacher, logits, how = build_teacher(settings, datasets["train"], normalization, device)
         summary["distillation"] = {"teacher": settings.teacher_model.name, "how": how}
