@@ -1007,6 +1007,15 @@ def test_testing_without_training_or_a_checkpoint_says_the_model_is_untrained(
     assert "no run.checkpoint_path" not in caplog.text
 
 
+def test_a_checkpoint_path_that_is_no_checkpoint_is_named_with_its_key(compose_config, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    for path, reason in ((tmp_path / "nope.pth", "no such checkpoint file"), (text, "not a")):
+        config = compose_config(*tiny_split_manifest(tmp_path), f"run.checkpoint_path={path}")
+        with pytest.raises(CheckpointError, match=rf"^run.checkpoint_path: {path}: {reason}"):
+            run(config)
+
+
 def test_normalisation_statistics_come_from_the_training_split_alone(compose_config, tmp_path):
     run(
         compose_config(

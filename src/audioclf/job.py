@@ -100,7 +100,10 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
     multi-label setting (from the config stored in it), and the checkpoint. How to quantise
     (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job.
     The checkpoints this run writes store the config as adopted, so they need no flags either."""
-    checkpoint = load_checkpoint(path)
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"run.checkpoint_path: {error}") from error
     trained, _ = stored_config(checkpoint, path)
     adopted = copy.deepcopy(config)
     with open_dict(adopted):
