@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from audioclf.augment import TRANSFORM_NAMES, AudioAugment, SpecAugment
+from conftest import fsdd_clip
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORM_NAMES))
@@ -46,6 +47,22 @@ def test_transforms_with_zero_probability_are_left_out():
 def test_bad_transform_entries_name_their_index(spec, message):
     with pytest.raises(ValueError, match=rf"transforms\[1\].*{message}|{message}.*transforms\[1\]"):
         AudioAugment([{"name": "gain", "p": 0.5}, spec])
+
+
+def test_sound_paths_that_hold_no_audio_are_named(tmp_path):
+    # audiomentations finds no file in a path that does not exist and stops on a bare assert.
+    (tmp_path / "notes.txt").write_text("not audio")
+    clip = fsdd_clip(3)
+    for value, message in (
+        (tmp_path / "nope", r"\.sounds_path: no such file or folder '.*nope'"),
+        ([clip, tmp_path / "nope"], r"\.sounds_path: no such file or folder '.*nope'"),
+        (tmp_path, r"\.sounds_path: no audio files in \['.*'\]"),
+    ):
+        spec = {"name": "AddBackgroundNoise", "p": 1.0, "sounds_path": value}
+        with pytest.raises(ValueError, match=rf"^augmentations\.audio\.transforms\[1\]{message}"):
+            AudioAugment([{"name": "gain", "p": 0.5}, spec])
+    spec = {"name": "AddBackgroundNoise", "p": 1.0, "sounds_path": [str(clip)]}
+    assert AudioAugment([spec]).transforms[0].sound_file_paths == [str(clip)]
 
 
 def _masked_runs(mask: np.ndarray) -> list[tuple[int, int]]:

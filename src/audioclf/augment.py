@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import audiomentations
 import numpy as np
 from audiomentations.core.transforms_interface import BaseWaveformTransform
+from audiomentations.core.utils import find_audio_files_in_paths
 
 # Short names for the transforms users reach for most; any audiomentations class name works too.
 TRANSFORM_NAMES = {
@@ -68,6 +70,9 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
             f"augmentations.audio.transforms[{index}]: unknown transform {name!r}; use one of "
             f"{sorted(TRANSFORM_NAMES)} or an audiomentations class name"
         )
+    for key, value in arguments.items():
+        if key.endswith("_path"):  # sounds_path, ir_path: audio files or folders of them
+            _check_sound_paths(f"augmentations.audio.transforms[{index}].{key}", value)
     try:
         return transform_class(**arguments)
     # audiomentations checks its arguments with assert statements (min <= max, ranges).
@@ -76,6 +81,17 @@ def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransfo
         raise ValueError(
             f"augmentations.audio.transforms[{index}] ({name}): bad arguments {arguments}: {reason}"
         ) from error
+
+
+def _check_sound_paths(key: str, value: Any) -> None:
+    """A transform's `*_path` argument (a path or a list of them) names audio files or folders
+    that hold some: audiomentations finds none in a missing path and stops on a bare assert."""
+    paths = [value] if isinstance(value, str | Path) else list(value)
+    for path in paths:
+        if not Path(path).exists():
+            raise ValueError(f"{key}: no such file or folder {str(path)!r}")
+    if not find_audio_files_in_paths(paths):
+        raise ValueError(f"{key}: no audio files in {[str(path) for path in paths]}")
 
 
 @dataclass(frozen=True)
