@@ -37,7 +37,13 @@ def test_transforms_with_zero_probability_are_left_out():
         ({"name": "reverse_time_twice", "p": 1.0}, "unknown transform"),
         ({"p": 1.0}, "no 'name'"),
         ({"name": "gain"}, "no 'p'"),
-        ({"name": "gain", "p": 1.0, "gain_db": 3}, "bad arguments"),
+        ({"name": "gain", "p": 1.0, "gain_db": 3}, r"\.gain_db: no such argument of Gain \(Gain"),
+        # The close argument named, as for config keys (was Python's "unexpected keyword").
+        (
+            {"name": "gain", "p": 1.0, "min_gain": -3},
+            r"\.min_gain: no such argument of Gain; did you mean .*\[1\]\.min_gain_db\? "
+            r"\(Gain takes min_gain_db, max_gain_db, p\)",
+        ),
         # audiomentations asserts these: a bare AssertionError and a traceback, before.
         ({"name": "gain", "p": 1.5}, r"\.p \(gain\) must be a probability in \[0, 1\], not 1.5"),
         ({"name": "gain", "p": "often"}, "must be a probability"),

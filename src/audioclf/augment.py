@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import audiomentations
 import numpy as np
 from audiomentations.core.transforms_interface import BaseWaveformTransform
 from audiomentations.core.utils import find_audio_files_in_paths
+
+from audioclf.typed_config import close_matches
 
 # Short names for the transforms users reach for most; any audiomentations class name works too.
 TRANSFORM_NAMES = {
@@ -48,39 +51,44 @@ class AudioAugment:
 
 
 def _build_transform(index: int, spec: Mapping[str, Any]) -> BaseWaveformTransform:
+    item = f"augmentations.audio.transforms[{index}]"
     arguments = dict(spec)
     name = arguments.pop("name", None)
     if name is None:
-        raise ValueError(f"augmentations.audio.transforms[{index}] has no 'name'")
+        raise ValueError(f"{item} has no 'name'")
     if "p" not in arguments:
-        raise ValueError(f"augmentations.audio.transforms[{index}] ({name}) has no 'p'")
+        raise ValueError(f"{item} ({name}) has no 'p'")
     probability = arguments["p"]
     is_number = isinstance(probability, int | float) and not isinstance(probability, bool)
     if not (is_number and 0 <= probability <= 1):
-        raise ValueError(
-            f"augmentations.audio.transforms[{index}].p ({name}) must be a probability in "
-            f"[0, 1], not {probability!r}"
-        )
+        raise ValueError(f"{item}.p ({name}) must be a probability in [0, 1], not {probability!r}")
     class_name = TRANSFORM_NAMES.get(name, name)
     transform_class = getattr(audiomentations, class_name, None)
     if not (
         isinstance(transform_class, type) and issubclass(transform_class, BaseWaveformTransform)
     ):
         raise ValueError(
-            f"augmentations.audio.transforms[{index}]: unknown transform {name!r}; use one of "
+            f"{item}: unknown transform {name!r}; use one of "
             f"{sorted(TRANSFORM_NAMES)} or an audiomentations class name"
+        )
+    accepted = inspect.signature(transform_class).parameters
+    unknown = [key for key in arguments if key not in accepted]
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        close = [f"{item}.{match}" for key in unknown for match in close_matches(key, accepted)]
+        raise ValueError(
+            f"{', '.join(f'{item}.{key}' for key in unknown)}: no such argument of {class_name}"
+            + (f"; did you mean {' or '.join(close)}?" if close else "")
+            + f" ({class_name} takes {', '.join(accepted)})"
         )
     for key, value in arguments.items():
         if key.endswith("_path"):  # sounds_path, ir_path: audio files or folders of them
-            _check_sound_paths(f"augmentations.audio.transforms[{index}].{key}", value)
+            _check_sound_paths(f"{item}.{key}", value)
     try:
         return transform_class(**arguments)
     # audiomentations checks its arguments with assert statements (min <= max, ranges).
     except (TypeError, ValueError, AssertionError) as error:
         reason = str(error) or f"{class_name} refused them (its assert failed)"
-        raise ValueError(
-            f"augmentations.audio.transforms[{index}] ({name}): bad arguments {arguments}: {reason}"
-        ) from error
+        raise ValueError(f"{item} ({name}): bad arguments {arguments}: {reason}") from error
 
 
 def _check_sound_paths(key: str, value: Any) -> None:
