@@ -493,11 +493,21 @@ def test_unknown_model_name_lists_the_registered_ones():
 
 
 @pytest.mark.parametrize(
-    ("name", "param"), [("efficientnet_v2", "widht_mult"), ("panns_cnn14", "arcface")]
+    ("name", "param", "hint"),
+    [
+        ("efficientnet_v2", "widht_mult", "; did you mean 'width_mult'?"),
+        ("panns_cnn14", "pretrained_pth", "; did you mean 'pretrained_path'?"),
+        ("panns_cnn14", "arcface", ""),
+    ],
 )
-def test_unknown_model_parameter_is_named(name, param):
-    with pytest.raises(ModelError, match=param):
+def test_unknown_model_parameter_is_named_with_the_close_one(name, param, hint):
+    # It was Python's "__init__() got an unexpected keyword argument".
+    with pytest.raises(ModelError) as raised:
         create_model(name, 3, **{param: 1})
+    message = str(raised.value)
+    assert message.startswith(f"model {name!r} has no parameter {param!r}{hint} (its parameters: ")
+    assert "dropout" in message
+    assert "freeze_backbone)" in message
 
 
 def test_the_readmes_example_model_trains_in_the_main_job_and_fuses(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import functools
+import inspect
 import logging
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -73,8 +77,9 @@ def create_model(
     try:
         model = builder(num_classes=num_classes, **params)
     except TypeError as error:
-        if "unexpected keyword argument" in str(error):
-            raise ModelError(f"model {name!r}: {error}") from error
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unexpected:
+            raise ModelError(_unknown_parameter(name, unexpected[1], builder)) from error
         raise
     except ValueError as error:
         raise ModelError(f"model {name!r}: {error}") from error
@@ -86,6 +91,26 @@ def create_model(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("model %s: %s parameters (%s trainable)", name, f"{total:,}", f"{trainable:,}")
     return model
+
+
+def _unknown_parameter(name: str, parameter: str, builder: Builder) -> str:
+    """What a parameter the builder does not take was probably meant to be, and what it takes."""
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    functions = [cls.__init__ for cls in target.__mro__] if isinstance(target, type) else [target]
+    known = []
+    for function in functions:
+        with contextlib.suppress(TypeError, ValueError):  # a builtin's __init__ has none
+            for argument in inspect.signature(function).parameters.values():
+                plain = argument.kind in (argument.POSITIONAL_OR_KEYWORD, argument.KEYWORD_ONLY)
+                if plain and argument.name not in ("self", "num_classes", *known):
+                    known.append(argument.name)
+    known += ["pretrained_path", "freeze_backbone"]  # create_model's own
+    close = difflib.get_close_matches(parameter, known, n=3, cutoff=0.8)
+    return (
+        f"model {name!r} has no parameter {parameter!r}"
+        + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+        + f" (its parameters: {', '.join(known)})"
+    )
 
 
 def _parameter_types(builder: Builder) -> dict[str, Any]:
