@@ -93,12 +93,19 @@ def create_model(
     return model
 
 
+def _init_functions(builder: Builder) -> list[Callable[..., Any]]:
+    """The functions that take a builder's parameters: a function itself, or for a class each
+    `__init__` it defines or inherits, base classes first; through partials."""
+    target = builder.func if isinstance(builder, functools.partial) else builder
+    if not isinstance(target, type):
+        return [target]
+    return [cls.__init__ for cls in reversed(target.__mro__) if "__init__" in vars(cls)]
+
+
 def _unknown_parameter(name: str, parameter: str, builder: Builder) -> str:
     """What a parameter the builder does not take was probably meant to be, and what it takes."""
-    target = builder.func if isinstance(builder, functools.partial) else builder
-    functions = [cls.__init__ for cls in target.__mro__] if isinstance(target, type) else [target]
     known = []
-    for function in functions:
+    for function in reversed(_init_functions(builder)):  # the architecture's own first
         with contextlib.suppress(TypeError, ValueError):  # a builtin's __init__ has none
             for argument in inspect.signature(function).parameters.values():
                 plain = argument.kind in (argument.POSITIONAL_OR_KEYWORD, argument.KEYWORD_ONLY)
@@ -115,14 +122,8 @@ def _unknown_parameter(name: str, parameter: str, builder: Builder) -> str:
 
 def _parameter_types(builder: Builder) -> dict[str, Any]:
     """The annotated types of a builder's parameters, through partials and base classes."""
-    target = builder.func if isinstance(builder, functools.partial) else builder
-    functions = (
-        [cls.__init__ for cls in reversed(target.__mro__) if "__init__" in vars(cls)]
-        if isinstance(target, type)
-        else [target]
-    )
     hints: dict[str, Any] = {}
-    for function in functions:
+    for function in _init_functions(builder):
         try:
             hints.update(typing.get_type_hints(function))
         except (NameError, TypeError):
