@@ -150,8 +150,13 @@ def test_bad_file_in_error_mode_stops_the_job(compose_config, manifest, tmp_path
     with manifest.open("a", newline="") as handle:
         csv.writer(handle).writerow([str(tmp_path / "broken.wav"), "3", 1])
     (tmp_path / "broken.wav").write_bytes(b"")
-    with pytest.raises(BadAudioError, match="broken.wav"):
+    lines = len(manifest.read_text().splitlines())
+    # The manifest's line too, as in skip mode's warning (it was the path alone).
+    broken = tmp_path / "broken.wav"
+    named = "^" + re.escape(f"{manifest}, line {lines} ({broken}): ")
+    with pytest.raises(BadAudioError, match=named) as raised:
         run(compose_config(*_manifest_overrides(manifest)))
+    assert raised.value.path == str(broken)
 
 
 def test_missing_data_root_names_the_key(compose_config, tmp_path):

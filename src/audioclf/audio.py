@@ -27,8 +27,9 @@ _CROP_MARGIN = 256
 class BadAudioError(ValueError):
     """An audio file that cannot be used: unreadable, corrupt, empty or non-finite."""
 
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str | Path, reason: str, where: str | None = None) -> None:
+        """`where` names the file in the message instead of `path` (a manifest's line too)."""
+        super().__init__(f"{where or path}: {reason}")
         self.path = str(path)
         self.reason = reason
 

@@ -335,7 +335,7 @@ def check_clips(
             good[int(index)] = replace(clip, sample_rate=info.sample_rate, seconds=info.seconds)
             continue
         if on_bad_file == "error":
-            raise BadAudioError(clip.path, error)
+            raise BadAudioError(clip.path, error, clip.where)
         log.warning("skipping bad audio file %s: %s", clip.where, error)
         bad[int(index)] = error
     return (
