@@ -111,7 +111,8 @@ def _unknown_parameter(name: str, parameter: str, builder: Builder) -> str:
                 plain = argument.kind in (argument.POSITIONAL_OR_KEYWORD, argument.KEYWORD_ONLY)
                 if plain and argument.name not in ("self", "num_classes", *known):
                     known.append(argument.name)
-    known += ["pretrained_path", "freeze_backbone"]  # create_model's own
+    own = inspect.signature(create_model).parameters.values()
+    known += [argument.name for argument in own if argument.kind is argument.KEYWORD_ONLY]
     close = difflib.get_close_matches(parameter, known, n=3, cutoff=0.8)
     return (
         f"model {name!r} has no parameter {parameter!r}"
