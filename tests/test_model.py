@@ -510,6 +510,16 @@ def test_unknown_model_parameter_is_named_with_the_close_one(name, param, hint):
     assert "freeze_backbone)" in message
 
 
+def test_a_builders_own_keyword_error_is_not_blamed_on_the_callers_parameters(monkeypatch):
+    def broken(num_classes: int, width: int = 8) -> Model:
+        return torch.nn.Linear(width, num_classes, bias_init=0)  # a bug inside the builder
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))  # unregistered after
+    register_model("broken_for_test")(broken)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bias_init'"):
+        create_model("broken_for_test", 3, width=4)
+
+
 def test_the_readmes_example_model_trains_in_the_main_job_and_fuses(
     compose_config, tmp_path, monkeypatch
 ):

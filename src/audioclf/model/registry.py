@@ -78,7 +78,8 @@ def create_model(
         model = builder(num_classes=num_classes, **params)
     except TypeError as error:
         unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-        if unexpected:
+        # One the caller gave; a builder's own bug inside (a layer's keyword) stays a TypeError.
+        if unexpected and unexpected[1] in params:
             raise ModelError(_unknown_parameter(name, unexpected[1], builder)) from error
         raise
     except ValueError as error:
