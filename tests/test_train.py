@@ -1528,11 +1528,14 @@ def test_folds_without_testing_stop_before_the_first_fold_trains(
 
 def _torchrun(tmp_path, *overrides: str) -> str:
     """The main job in 2 torchrun processes from tmp_path (batch 4, no export, no workers);
-    its output, after checking that it succeeded."""
+    its output, after checking that it succeeded. A run that hangs is killed with its
+    workers (killing torchrun alone leaves them running)."""
+    import os
+    import signal
     import subprocess
     import sys
 
-    result = subprocess.run(
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -1547,12 +1550,18 @@ def _torchrun(tmp_path, *overrides: str) -> str:
             *overrides,
         ],
         cwd=tmp_path,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
+        start_new_session=True,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{output}")
+    assert process.returncode == 0, output
     return output
 
 
@@ -1572,6 +1581,32 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
     checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")
     assert checkpoint["epoch"] == 2
     assert "test" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_qat_under_torchrun_fine_tunes_on_every_rank_and_rank_zero_saves_the_int8_model(
+    tmp_path,
+):
+    # Rank 0 used to quantise alone: its QAT Trainer waited for the other rank in DDP's
+    # construction, and the run hung after the float test.
+    output = _torchrun(
+        tmp_path,
+        *tiny_split_manifest(tmp_path),
+        "model.params.width_mult=0.25",
+        "model.params.depth_mult=0.25",
+        "training.epochs=1",
+        "run.quantise=true",
+        "model.quantization.mode=qat",
+        "model.quantization.epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert output.count("x 2 processes (DDP)") == 2  # training, then QAT fine-tuning
+    # The float model trained channels_last; QAT's gradients must fit DDP's buckets.
+    assert "Grad strides do not match" not in output
+    assert "terminate called" not in output
+    run_dir = tmp_path / "run"
+    assert load_checkpoint(run_dir / "qat" / "checkpoints" / "last.pth")["epoch"] == 1
+    assert "quantized" in load_checkpoint(run_dir / "checkpoints" / "int8.pth")
+    assert "test_int8" in json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(

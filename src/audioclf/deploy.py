@@ -25,6 +25,7 @@ from audioclf.export import export_model
 from audioclf.model import CheckpointError, Model
 from audioclf.pipeline import loss_class_weights
 from audioclf.quant import QuantizationError, QuantizedModel, calibrate, load_quantized, prepare
+from audioclf.runtime import is_main_process
 from audioclf.settings import ConfigError, Settings
 from audioclf.train import Trainer
 
@@ -44,7 +45,8 @@ def quantise_run(
     """`run.quantise`: the int8 model of `model` (trained, loaded or, for QAT, fresh) by
     `model.quantization`, saved to `<run>/checkpoints/int8.pth`. QAT continues from
     `qat_resume` (an interrupted fine-tuning's `qat/checkpoints/last.pth`) when given, and
-    distils from `teacher` (or from the teacher logits the training loader carries)."""
+    distils from `teacher` (or from the teacher logits the training loader carries).
+    Under torchrun every rank calls it for QAT, which fine-tunes in DDP; rank 0 saves."""
     options = settings.model.quantization
     mode = options.effective_mode
     train = datasets["train"]
@@ -88,16 +90,17 @@ def quantise_run(
         )
         trainer.fit(loaders["train"], loaders["val"], qat_resume)
     quantized = prepared.convert()
-    path = output_dir / "checkpoints" / "int8.pth"
-    save_checkpoint(
-        path,
-        {
-            **checkpoint_extra,
-            "classes": train.classes,
-            "quantized": quantized.checkpoint_state(),
-        },
-    )
-    log.info("saved the int8 model (%s, %s) to %s", mode, options.backend, path)
+    if is_main_process():
+        path = output_dir / "checkpoints" / "int8.pth"
+        save_checkpoint(
+            path,
+            {
+                **checkpoint_extra,
+                "classes": train.classes,
+                "quantized": quantized.checkpoint_state(),
+            },
+        )
+        log.info("saved the int8 model (%s, %s) to %s", mode, options.backend, path)
     return quantized
 
 

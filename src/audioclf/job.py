@@ -303,7 +303,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 ranking,
             )
     quantized = model if isinstance(model, QuantizedModel) else None
-    if settings.run.quantise and is_main_process():
+    # Under torchrun, QAT fine-tunes on every rank (DDP, as training did) and PTQ calibrates
+    # in rank 0 alone; rank 0 saves, tests and exports the int8 model.
+    if settings.run.quantise and (qat or is_main_process()):
         quantized = quantise_run(
             settings,
             trainer.model,
@@ -314,7 +316,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             qat_resume=qat_resume,
             teacher=trainer.teacher,
         )
-        if settings.run.test and datasets["test"].clips:
+        if settings.run.test and datasets["test"].clips and is_main_process():
             int8_trainer = Trainer(
                 quantized,
                 # The int8 graph as it runs once exported: no bf16 handling of its convolutions.

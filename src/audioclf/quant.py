@@ -367,7 +367,9 @@ def prepare(
     qat = mode == "qat"
     if qat:
         _warn_batch_norm_arguments(model)
-    source = copy.deepcopy(model).cpu()
+    # Contiguous: weights a channels_last training left behind gave DDP's QAT fine-tuning
+    # (float32, contiguous) gradients of other strides than its buckets, with a warning.
+    source = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
     if qat and fold_arcface(source):
         log.info("QAT: the ArcFace head fine-tunes as its folded linear layer (no margin)")
     if not qat and hasattr(source, "fuse_model"):

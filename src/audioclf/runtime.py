@@ -117,23 +117,32 @@ def keep_strided_grouped_convs_fp32(model: nn.Module) -> int:
 
 
 class StepModel:
-    """What a training step calls: the model, wrapped in DistributedDataParallel under
-    torchrun, and compiled (torch.compile) when asked. Without a C++ compiler, or when
-    compiling fails, it runs eagerly, with one warning. The labels go to a forward with a
-    `labels` parameter (the zoo's, for ArcFace heads); any other module gets the features
-    alone."""
+    """What a training step calls: the model, compiled (torch.compile) when asked, and
+    wrapped in DistributedDataParallel under torchrun once `distribute` is called. Without a
+    C++ compiler, or when compiling fails, it runs eagerly, with one warning. The labels go
+    to a forward with a `labels` parameter (the zoo's, for ArcFace heads); any other module
+    gets the features alone."""
 
     def __init__(self, model: nn.Module, device: torch.device, compile: bool) -> None:
         self.takes_labels = "labels" in inspect.signature(model.forward).parameters
+        self.device = device
         self.eager = model
-        if dist.is_initialized():
-            ids = [device.index] if device.type == "cuda" else None
-            self.eager = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.compiled: nn.Module | None = None
         if compile and has_compiler():
             self.compiled = torch.compile(self.eager)
         elif compile:
             log.warning("training.compile: no C++ compiler found; training runs eagerly")
+
+    def distribute(self) -> None:
+        """Under torchrun, wrap the model in DistributedDataParallel, whose construction every
+        rank must join: training calls it, on every rank. Evaluating never does, so one rank
+        may evaluate alone (rank 0 tests the int8 model while the others wait)."""
+        if not dist.is_initialized() or isinstance(self.eager, nn.parallel.DistributedDataParallel):
+            return
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.eager = nn.parallel.DistributedDataParallel(self.eager, device_ids=ids)
+        if self.compiled is not None:
+            self.compiled = torch.compile(self.eager)
 
     def gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         """Around a forward and backward: under DDP, without `sync` the gradients stay in

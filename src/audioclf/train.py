@@ -192,6 +192,7 @@ class Trainer:
         start_epoch = 0
         if resume_from is not None:
             start_epoch, self.history = self.checkpoints.restore(Path(resume_from), self._parts())
+        self.step_model.distribute()  # under torchrun: every rank trains, in DDP
         self.run_log.start(
             self.model,
             self.device,
