@@ -295,6 +295,8 @@ def test_manifest_with_a_utf8_bom_reads_its_header(tmp_path):
         ("augmentations.spec_augment.time_masks=-2", "time_masks", ">= 0"),
         ("augmentations.spec_augment.mask_value=zero", "mask_value", "mean"),
         ("model.quantization.backend=arm", "model.quantization.backend", "one of xnnpack"),
+        # Ranges frozen before QAT observed a batch: conversion failed on empty ranges.
+        ("model.quantization.freeze_observer_epoch=0", "freeze_observer_epoch", ">= 1"),
     ],
 )
 def test_bad_config_value_names_the_key_and_what_it_allows(compose_config, override, key, allowed):

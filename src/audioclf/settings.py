@@ -252,7 +252,8 @@ class QuantizationConfig:
     epochs: int = bounded(3, ge=1)
     lr: float = bounded(1e-4, gt=0)
     freeze_bn_epoch: int = bounded(1, ge=0)
-    freeze_observer_epoch: int = bounded(2, ge=0)
+    # From epoch 0 the ranges would never observe a batch, and could not be converted.
+    freeze_observer_epoch: int = bounded(2, ge=1)
 
     @property
     def effective_mode(self) -> str:
