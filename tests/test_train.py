@@ -1583,11 +1583,13 @@ def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
     assert "test" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
-def test_qat_under_torchrun_fine_tunes_on_every_rank_and_rank_zero_saves_the_int8_model(
-    tmp_path,
+@pytest.mark.parametrize("mode", ["ptq", "qat"])
+def test_quantising_under_torchrun_finishes_and_rank_zero_saves_and_tests_the_int8_model(
+    tmp_path, mode
 ):
-    # Rank 0 used to quantise alone: its QAT Trainer waited for the other rank in DDP's
-    # construction, and the run hung after the float test.
+    # Rank 0 used to quantise alone, and its Trainers (QAT's, and the int8 test's) waited for
+    # the other rank in DDP's construction: the run hung after the float test. QAT now
+    # fine-tunes on both ranks.
     output = _torchrun(
         tmp_path,
         *tiny_split_manifest(tmp_path),
@@ -1595,17 +1597,22 @@ def test_qat_under_torchrun_fine_tunes_on_every_rank_and_rank_zero_saves_the_int
         "model.params.depth_mult=0.25",
         "training.epochs=1",
         "run.quantise=true",
-        "model.quantization.mode=qat",
+        f"model.quantization.mode={mode}",
         "model.quantization.epochs=1",
+        "model.quantization.calibration_clips=4",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
-    assert output.count("x 2 processes (DDP)") == 2  # training, then QAT fine-tuning
+    # Training, then (QAT) the fine-tuning, each in DDP.
+    assert output.count("x 2 processes (DDP)") == (2 if mode == "qat" else 1)
     # The float model trained channels_last; QAT's gradients must fit DDP's buckets.
     assert "Grad strides do not match" not in output
     assert "terminate called" not in output
     run_dir = tmp_path / "run"
-    assert load_checkpoint(run_dir / "qat" / "checkpoints" / "last.pth")["epoch"] == 1
-    assert "quantized" in load_checkpoint(run_dir / "checkpoints" / "int8.pth")
+    if mode == "qat":
+        assert load_checkpoint(run_dir / "qat" / "checkpoints" / "last.pth")["epoch"] == 1
+    assert (
+        load_checkpoint(run_dir / "checkpoints" / "int8.pth")["quantized"]["spec"]["mode"] == mode
+    )
     assert "test_int8" in json.loads((run_dir / "metrics.json").read_text())
 
 
