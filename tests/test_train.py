@@ -1528,10 +1528,8 @@ def test_folds_without_testing_stop_before_the_first_fold_trains(
 
 def _torchrun(tmp_path, *overrides: str) -> str:
     """The main job in 2 torchrun processes from tmp_path (batch 4, no export, no workers);
-    its output, after checking that it succeeded. A run that hangs is killed with its
-    workers (killing torchrun alone leaves them running)."""
-    import os
-    import signal
+    its output, after checking that it succeeded; a run that hangs is stopped, with its
+    workers."""
     import subprocess
     import sys
 
@@ -1553,13 +1551,18 @@ def _torchrun(tmp_path, *overrides: str) -> str:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
     )
     try:
         output, _ = process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        # torchrun stops its workers on SIGTERM. Killed outright it would leave them running
+        # (each in a session of its own), and holding the output open.
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = "(its workers did not stop either)"
         pytest.fail(f"torchrun did not finish in 300 s:\n{output}")
     assert process.returncode == 0, output
     return output
