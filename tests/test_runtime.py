@@ -148,3 +148,40 @@ def test_main_job_on_a_missing_device_stops_before_reading_data(compose_config, 
     # data.root does not exist: the device error must come first.
     with pytest.raises(ConfigError, match="system.device=cuda"):
         run(compose_config("system.device=cuda", f"data.root={tmp_path / 'nowhere'}"))
+
+
+def test_ranks_wait_at_the_end_for_rank_zeros_own_work_past_the_groups_timeout(tmp_path):
+    # After training, rank 0 quantises and exports alone. The other ranks waited for it in
+    # the default group, gave up after its timeout (30 minutes; 3 s here), and torchrun then
+    # stopped rank 0 in the middle of its work.
+    import subprocess
+    import sys
+
+    script = tmp_path / "slow_rank_zero.py"
+    script.write_text(
+        "import functools, time\n"
+        "from datetime import timedelta\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group = functools.partial(\n"
+        "    dist.init_process_group, timeout=timedelta(seconds=3)\n"
+        ")\n"
+        "from audioclf.runtime import process_group\n"
+        "with process_group('cpu'):\n"
+        "    dist.barrier()\n"
+        "    rank = dist.get_rank()\n"
+        "    if rank == 0:\n"
+        "        time.sleep(6)\n"
+        "print(f'rank {rank} finished', flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + [str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "rank 0 finished" in output
+    assert "rank 1 finished" in output

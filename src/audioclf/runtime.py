@@ -19,6 +19,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterator
+from datetime import timedelta
 from types import MethodType
 from typing import Literal
 
@@ -167,6 +168,10 @@ class StepModel:
             return self.eager(*inputs)
 
 
+#: How long the other ranks wait at the end for rank 0's own work (quantisation, exports).
+EXIT_WAIT = timedelta(days=7)
+
+
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
     """Under torchrun (WORLD_SIZE > 1): a process group for DDP, gloo on the CPU and nccl on
@@ -178,10 +183,14 @@ def process_group(device: str) -> Iterator[None]:
     dist.init_process_group("nccl" if nccl else "gloo")
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # After training, rank 0 quantises, tests and exports alone, for as long as that takes.
+    # The other ranks wait for it at the end in a group of their own: in the default group
+    # they gave up after its timeout (30 minutes on gloo), and torchrun then stopped rank 0.
+    at_exit = dist.new_group(backend="gloo", timeout=EXIT_WAIT)
     yield
     # Without this barrier, gloo aborted at exit in about 1 run in 4 ("terminate called
     # without an active exception"): a rank tore down while another still talked to it.
-    dist.barrier()
+    dist.barrier(group=at_exit)
     dist.destroy_process_group()
 
 
