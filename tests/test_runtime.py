@@ -150,10 +150,10 @@ def test_main_job_on_a_missing_device_stops_before_reading_data(compose_config, 
         run(compose_config("system.device=cuda", f"data.root={tmp_path / 'nowhere'}"))
 
 
-def test_ranks_wait_at_the_end_for_rank_zeros_own_work_past_the_groups_timeout(tmp_path):
-    # After training, rank 0 quantises and exports alone. The other ranks waited for it in
-    # the default group, gave up after its timeout (30 minutes; 3 s here), and torchrun then
-    # stopped rank 0 in the middle of its work.
+def test_ranks_wait_for_rank_zeros_own_work_past_the_groups_timeout(tmp_path):
+    # Rank 0 fills the feature cache before the others read it, and quantises and exports
+    # alone after training. The others waited for it in the default group, gave up after its
+    # timeout (30 minutes; 3 s here), and torchrun then stopped rank 0 in the middle of it.
     import subprocess
     import sys
 
@@ -165,12 +165,14 @@ def test_ranks_wait_at_the_end_for_rank_zeros_own_work_past_the_groups_timeout(t
         "dist.init_process_group = functools.partial(\n"
         "    dist.init_process_group, timeout=timedelta(seconds=3)\n"
         ")\n"
-        "from audioclf.runtime import process_group\n"
+        "from audioclf.runtime import process_group, rank_zero_first\n"
         "with process_group('cpu'):\n"
-        "    dist.barrier()\n"
         "    rank = dist.get_rank()\n"
-        "    if rank == 0:\n"
-        "        time.sleep(6)\n"
+        "    with rank_zero_first():  # as rank 0 fills the feature cache\n"
+        "        if rank == 0:\n"
+        "            time.sleep(5)\n"
+        "    if rank == 0:  # as rank 0 exports\n"
+        "        time.sleep(5)\n"
         "print(f'rank {rank} finished', flush=True)\n"
     )
     result = subprocess.run(

@@ -53,6 +53,7 @@ from audioclf.runtime import (
     resolve_device,
     set_log_level,
     shared_output_dir,
+    wait_for_rank_zero,
 )
 from audioclf.settings import ConfigError, load_settings
 from audioclf.summary import format_summary, prepare_splits
@@ -335,6 +336,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
     if settings.run.export and is_main_process():
         float_model = None if isinstance(trainer.model, QuantizedModel) else trainer.model
         summary["export"] = export_run(settings, float_model, datasets, output_dir, quantized)
+    wait_for_rank_zero()  # under torchrun: the next fold, or the exit, starts together
     return summary
 
 

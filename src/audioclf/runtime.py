@@ -168,14 +168,17 @@ class StepModel:
             return self.eager(*inputs)
 
 
-#: How long the other ranks wait at the end for rank 0's own work (quantisation, exports).
-EXIT_WAIT = timedelta(days=7)
+#: How long a rank waits for work rank 0 does alone (filling the feature cache, quantising,
+#: testing and exporting): as long as that takes.
+RANK_ZERO_WAIT = timedelta(days=7)
+_rank_zero_waits: dist.ProcessGroup | None = None  # the group those waits use
 
 
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[None]:
     """Under torchrun (WORLD_SIZE > 1): a process group for DDP, gloo on the CPU and nccl on
     CUDA, torn down after a barrier; otherwise nothing."""
+    global _rank_zero_waits
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield
         return
@@ -183,15 +186,21 @@ def process_group(device: str) -> Iterator[None]:
     dist.init_process_group("nccl" if nccl else "gloo")
     if nccl:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    # After training, rank 0 quantises, tests and exports alone, for as long as that takes.
-    # The other ranks wait for it at the end in a group of their own: in the default group
-    # they gave up after its timeout (30 minutes on gloo), and torchrun then stopped rank 0.
-    at_exit = dist.new_group(backend="gloo", timeout=EXIT_WAIT)
+    _rank_zero_waits = dist.new_group(backend="gloo", timeout=RANK_ZERO_WAIT)
     yield
     # Without this barrier, gloo aborted at exit in about 1 run in 4 ("terminate called
     # without an active exception"): a rank tore down while another still talked to it.
-    dist.barrier(group=at_exit)
+    wait_for_rank_zero()
+    _rank_zero_waits = None
     dist.destroy_process_group()
+
+
+def wait_for_rank_zero() -> None:
+    """Under torchrun, a barrier after work rank 0 did alone, however long it took. In the
+    default group the other ranks gave up after its timeout (30 minutes on gloo), and
+    torchrun then stopped rank 0 in the middle of that work."""
+    if dist.is_initialized():
+        dist.barrier(group=_rank_zero_waits)
 
 
 @contextlib.contextmanager
@@ -202,10 +211,10 @@ def rank_zero_first() -> Iterator[None]:
         yield
         return
     if dist.get_rank() != 0:
-        dist.barrier()
+        wait_for_rank_zero()
     yield
     if dist.get_rank() == 0:
-        dist.barrier()
+        wait_for_rank_zero()
 
 
 def shared_output_dir(path: str) -> str:
