@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,3 +173,36 @@ def fsd50k_like(root: Path) -> Path:
     write_manifest(truth / "dev.csv", ["fname", "labels", "mids", "split"], dev)
     write_manifest(truth / "eval.csv", ["fname", "labels", "mids"], evaluation)
     return root
+
+
+def torchrun(arguments: list[str], cwd: Path, timeout: float = 300) -> str:
+    """`torchrun --standalone --nproc_per_node=2 ARGUMENTS` in `cwd`: its output (stdout and
+    stderr), after checking that it succeeded. A run that hangs is stopped with SIGTERM,
+    which torchrun passes on to its workers; killed outright it would leave them running
+    (each in a session of its own), holding the output open."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port: not 29500, which another run may hold
+            "--nproc_per_node=2",
+            *arguments,
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output = "(its workers did not stop either)"
+        pytest.fail(f"torchrun did not finish in {timeout:g} s:\n{output}")
+    assert process.returncode == 0, output
+    return output

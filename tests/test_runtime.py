@@ -1,4 +1,5 @@
-"""Devices; mixed precision: the `auto` rule, and strided grouped convolutions kept in float32."""
+"""Devices and torchrun processes; mixed precision: the `auto` rule, and strided grouped
+convolutions kept in float32."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from audioclf.model import create_model
 from audioclf.runtime import autocast_dtype, keep_strided_grouped_convs_fp32, resolve_device
 from audioclf.schedules import make_optimizer
 from audioclf.settings import ConfigError
+from conftest import torchrun
 
 CPU = torch.device("cpu")
 
@@ -154,9 +156,6 @@ def test_ranks_wait_for_rank_zeros_own_work_past_the_groups_timeout(tmp_path):
     # Rank 0 fills the feature cache before the others read it, and quantises and exports
     # alone after training. The others waited for it in the default group, gave up after its
     # timeout (30 minutes; 3 s here), and torchrun then stopped rank 0 in the middle of it.
-    import subprocess
-    import sys
-
     script = tmp_path / "slow_rank_zero.py"
     script.write_text(
         "import functools, time\n"
@@ -175,15 +174,6 @@ def test_ranks_wait_for_rank_zeros_own_work_past_the_groups_timeout(tmp_path):
         "        time.sleep(5)\n"
         "print(f'rank {rank} finished', flush=True)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        + [str(script)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
+    output = torchrun([str(script)], tmp_path, timeout=120)
     assert "rank 0 finished" in output
     assert "rank 1 finished" in output

@@ -56,6 +56,7 @@ from conftest import (
     fsdd_clip,
     fsdd_manifest,
     tiny_split_manifest,
+    torchrun,
     write_manifest,
 )
 
@@ -1528,18 +1529,9 @@ def test_folds_without_testing_stop_before_the_first_fold_trains(
 
 def _torchrun(tmp_path, *overrides: str) -> str:
     """The main job in 2 torchrun processes from tmp_path (batch 4, no export, no workers);
-    its output, after checking that it succeeded; a run that hangs is stopped, with its
-    workers."""
-    import subprocess
-    import sys
-
-    process = subprocess.Popen(
+    its output, after checking that it succeeded."""
+    return torchrun(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # a free port: not 29500, which another run may hold
-            "--nproc_per_node=2",
             str(REPO / "main.py"),
             "training.batch_size=4",
             "run.export=false",
@@ -1547,25 +1539,8 @@ def _torchrun(tmp_path, *overrides: str) -> str:
             f"system.cache_dir={tmp_path / 'cache'}",
             *overrides,
         ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        tmp_path,
     )
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        # torchrun stops its workers on SIGTERM. Killed outright it would leave them running
-        # (each in a session of its own), and holding the output open.
-        process.terminate()
-        try:
-            output, _ = process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output = "(its workers did not stop either)"
-        pytest.fail(f"torchrun did not finish in 300 s:\n{output}")
-    assert process.returncode == 0, output
-    return output
 
 
 def test_two_process_ddp_run_trains_and_rank_zero_writes(tmp_path):
