@@ -144,6 +144,27 @@ def test_a_failed_int8_check_tells_rounding_from_a_converter_fault(tmp_path, mon
     assert "(median |dlogit| 0, int8 PyTorch's median top-1 margin 0.2)" in check.failure
 
 
+def test_a_multi_label_export_is_checked_on_its_predicted_labels(tmp_path, monkeypatch):
+    # A label that crosses the threshold (logit 0) leaves the top label where it was.
+    from audioclf.export import checks
+
+    logits = np.tile(np.array([[2.0, 0.05, -1.0]], np.float32), (100, 1))
+    crossed = logits.copy()
+    crossed[:5, 1] = -0.05  # 5 clips lose their second label; the top one stays
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: crossed)
+    arguments = ("onnx", tmp_path / "m.onnx", torch.nn.Identity(), logits)
+    int8 = check_export(*arguments, int8=True, batch_size=100, multi_label=True)
+    assert int8.top1_agreement == 1.0
+    assert int8.label_set_agreement == 0.95
+    assert int8.failure.startswith("label-set agreement (logit >= 0) with int8 PyTorch 95.00%")
+    # A multi-class model of the same logits predicts its top class only: it passes.
+    assert check_export(*arguments, int8=True, batch_size=100).passed
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: logits + 1e-6)
+    floating = check_export(*arguments, batch_size=100, multi_label=True)
+    assert floating.passed
+    assert floating.label_set_agreement == 1.0
+
+
 def test_a_failed_check_raises_naming_the_format_and_check(
     tmp_path, small_model, clips_features, monkeypatch
 ):

@@ -41,6 +41,9 @@ class Check:
     #: Waveform-in files: max |log-mel difference| of the front end against compute_log_mel.
     frontend_max_abs_diff: float | None = None
     frontend_dtype: str | None = None
+    #: Multi-label models: the share of clips whose predicted labels (logit >= 0, probability
+    #: >= 0.5) are those of PyTorch, every label of the clip.
+    label_set_agreement: float | None = None
 
 
 def check_export(
@@ -57,11 +60,14 @@ def check_export(
     frontend_max_abs_diff: float | None = None,
     frontend_dtype: str | None = None,
     output_step: float | None = None,
+    multi_label: bool = False,
 ) -> Check:
     """Run the export and the PyTorch model (`reference`, fed the same `inputs`: NCHW log-mel
     or waveforms) and compare: float exports to max |delta logit| <= 1e-4 and 100% top-1
     agreement; int8 exports to at least 99% top-1 agreement with the int8 PyTorch model and,
     given `labels` and the float model's accuracy, test accuracy at most 0.5 points below it.
+    A multi-label model's predicted label sets (logit >= 0) must agree as top-1 does (100%,
+    or 99% for int8): a label can cross the threshold without moving the top one.
     A float64 front end must also be within 1e-3 of compute_log_mel. `output_step` (an int8
     TFLite file's output scale) lets a failed int8 check say its deviation in output steps."""
     runner = load_runner(path)
@@ -73,14 +79,18 @@ def check_export(
             expected.append(reference(torch.from_numpy(batch)).numpy())
     exported_logits, expected_logits = np.concatenate(exported), np.concatenate(expected)
     precision = "int8" if int8 else "float32"
+    label_sets = None
     if exported_logits.shape != expected_logits.shape:
         max_abs_diff, agreement, accuracy = float("inf"), 0.0, None
         failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
     else:
         max_abs_diff = float(np.abs(exported_logits - expected_logits).max())
         agreement = float((exported_logits.argmax(1) == expected_logits.argmax(1)).mean())
+        if multi_label:
+            same = (exported_logits >= 0) == (expected_logits >= 0)
+            label_sets = float(same.all(axis=1).mean())
         accuracy = None if labels is None else float((exported_logits.argmax(1) == labels).mean())
-        failure = _failure(int8, max_abs_diff, agreement, accuracy, float_accuracy)
+        failure = _failure(int8, max_abs_diff, agreement, accuracy, float_accuracy, label_sets)
         if int8 and failure is not None and agreement < MIN_INT8_AGREEMENT:
             failure += _rounding_or_fault(exported_logits, expected_logits, output_step)
     if (
@@ -106,6 +116,7 @@ def check_export(
         input_kind,
         frontend_max_abs_diff,
         frontend_dtype,
+        label_sets,
     )
 
 
@@ -132,10 +143,16 @@ def _failure(
     agreement: float,
     accuracy: float | None,
     float_accuracy: float | None,
+    label_sets: float | None = None,
 ) -> str | None:
     if int8:
         if agreement < MIN_INT8_AGREEMENT:
             return f"top-1 agreement with int8 PyTorch {agreement:.2%} < {MIN_INT8_AGREEMENT:.0%}"
+        if label_sets is not None and label_sets < MIN_INT8_AGREEMENT:
+            return (
+                f"label-set agreement (logit >= 0) with int8 PyTorch {label_sets:.2%} < "
+                f"{MIN_INT8_AGREEMENT:.0%}"
+            )
         if (
             accuracy is not None
             and float_accuracy is not None
@@ -150,6 +167,8 @@ def _failure(
         return f"max |delta logit| {max_abs_diff:.3g} > {MAX_ABS_DIFF:g}"
     if agreement < 1.0:
         return f"top-1 agreement {agreement:.2%} < 100%"
+    if label_sets is not None and label_sets < 1.0:
+        return f"label-set agreement (logit >= 0) {label_sets:.2%} < 100%"
     return None
 
 

@@ -130,6 +130,7 @@ def export_model(
                         frontend_max_abs_diff=frontend_diff,
                         frontend_dtype=frontend_dtype,
                         output_step=(io.get("output") or {}).get("scale"),
+                        multi_label=multi_label,
                     )
                 )
     report = directory / "export_report.json"
