@@ -41,12 +41,13 @@ def quantise_run(
     checkpoint_extra: dict[str, Any],
     qat_resume: Path | None = None,
     teacher: torch.nn.Module | None = None,
-) -> QuantizedModel:
+) -> QuantizedModel | None:
     """`run.quantise`: the int8 model of `model` (trained, loaded or, for QAT, fresh) by
     `model.quantization`, saved to `<run>/checkpoints/int8.pth`. QAT continues from
     `qat_resume` (an interrupted fine-tuning's `qat/checkpoints/last.pth`) when given, and
     distils from `teacher` (or from the teacher logits the training loader carries).
-    Under torchrun every rank calls it for QAT, which fine-tunes in DDP; rank 0 saves."""
+    Under torchrun every rank calls it for QAT, which fine-tunes in DDP; rank 0 alone then
+    converts, saves and returns the int8 model (the other ranks get None)."""
     options = settings.model.quantization
     mode = options.effective_mode
     train = datasets["train"]
@@ -89,18 +90,19 @@ def quantise_run(
             options.freeze_observer_epoch + 1,
         )
         trainer.fit(loaders["train"], loaders["val"], qat_resume)
+    if not is_main_process():
+        return None
     quantized = prepared.convert()
-    if is_main_process():
-        path = output_dir / "checkpoints" / "int8.pth"
-        save_checkpoint(
-            path,
-            {
-                **checkpoint_extra,
-                "classes": train.classes,
-                "quantized": quantized.checkpoint_state(),
-            },
-        )
-        log.info("saved the int8 model (%s, %s) to %s", mode, options.backend, path)
+    path = output_dir / "checkpoints" / "int8.pth"
+    save_checkpoint(
+        path,
+        {
+            **checkpoint_extra,
+            "classes": train.classes,
+            "quantized": quantized.checkpoint_state(),
+        },
+    )
+    log.info("saved the int8 model (%s, %s) to %s", mode, options.backend, path)
     return quantized
 
 
