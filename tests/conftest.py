@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs, a few FSDD clips, small audio files written on the fly."""
+"""Shared fixtures: composed configs, a few FSDD clips, small audio files written on the fly, and a
+tiny model with separable features for the trainer's tests."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from audioclf.cli import CONFIG_DIR
+from audioclf.model import Model
+from audioclf.model.heads import LinearHead
+from audioclf.settings import TrainingConfig
+from audioclf.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FSDD = REPO / "data" / "fsdd" / "recordings"
@@ -206,3 +214,53 @@ def torchrun(arguments: list[str], cwd: Path, timeout: float = 300) -> str:
         pytest.fail(f"torchrun did not finish in {timeout:g} s:\n{output}")
     assert process.returncode == 0, output
     return output
+
+
+# ---------------------------------------------------------------- a tiny model to train
+
+
+class TinyNet(Model):
+    """Conv-BN-ReLU, mean pool, dropout, linear: a few hundred parameters."""
+
+    def __init__(self, num_classes: int, channels: int = 8) -> None:
+        super().__init__(num_classes)
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
+        self.classifier = LinearHead(channels, num_classes, dropout=0.2)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean((2, 3))
+
+
+def training_options(**changes) -> TrainingConfig:
+    base = {
+        "epochs": 3,
+        "lr": 3e-2,
+        "warmup_epochs": 0.0,
+        "channels_last": False,
+        "early_stopping_patience": None,
+    }
+    return TrainingConfig(**{**base, **changes})
+
+
+def separable_features(n: int = 48, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """Features whose mean level gives the class away."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % classes
+    features = torch.randn(n, 1, 16, 8, generator=generator) + labels.view(-1, 1, 1, 1) * 3.0
+    return TensorDataset(features, labels)
+
+
+def separable_loaders(n: int = 48) -> tuple[DataLoader, DataLoader]:
+    train = DataLoader(separable_features(n), batch_size=16, shuffle=True)
+    val = DataLoader(separable_features(24, seed=1), batch_size=16)
+    return train, val
+
+
+def tiny_trainer(tmp_path, options=None, classes=("a", "b", "c"), **kwargs) -> Trainer:
+    torch.manual_seed(0)
+    model = TinyNet(len(classes))
+    return Trainer(model, options or training_options(), list(classes), tmp_path / "run", **kwargs)
