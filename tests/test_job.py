@@ -14,9 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from audioclf.audio import fix_length, load_audio
-from audioclf.checkpoint import (
-    load_checkpoint,
-)
+from audioclf.checkpoint import load_checkpoint, stored_seen_clips
 from audioclf.cli import run
 from audioclf.features import LogMelParams, log_mel
 from audioclf.index import DatasetError
@@ -149,6 +147,57 @@ def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path
     assert tested["features"]["shape"] == trained["features"]["shape"]
     assert tested["test"]["accuracy"] == trained["test"]["accuracy"]
     assert tested["test"]["confusion_matrix"] == trained["test"]["confusion_matrix"]
+
+
+def test_a_checkpoint_is_not_tested_on_clips_it_trained_or_validated_on(compose_config, tmp_path):
+    # Trained on a 50/25/25 ratio split, then tested with the default 80/10/10 one: most of
+    # the new test clips had trained it, and the test said 100%.
+    root = tmp_path / "digits"
+    for digit in (1, 2):
+        for index in range(10, 18):
+            (root / str(digit)).mkdir(parents=True, exist_ok=True)
+            shutil.copy(fsdd_clip(digit, index=index), root / str(digit) / f"{digit}_{index}.wav")
+    data = ["data=folder", f"data.root={root}", "data.sample_rate=8000"]
+    split = ["data.val_fraction=0.25", "data.test_fraction=0.25"]
+    run(compose_config(*data, *split, "run.train=true", "training.epochs=1"))
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    summary = run(compose_config(*data, *split, "run.test=true", f"run.checkpoint_path={best}"))
+    assert summary["test"]["per_class"]["support"] == [2, 2]
+
+    with pytest.raises(DatasetError) as refused:
+        run(compose_config(*data, "run.test=true", f"run.checkpoint_path={best}"))
+    message = str(refused.value)
+    assert re.match(r"2 of the 2 test clips trained or validated .*best\.pth \(.*digits/", message)
+    assert message.endswith(
+        "its run split the data with data.val_fraction=0.25 data.test_fraction=0.25 "
+        "(this run: 0.1, 0.1): set those to test on its own test split"
+    )
+
+    # Trained further on another split, it has seen the first split's test clips too.
+    further = tmp_path / "further"
+    run(
+        compose_config(
+            *data,
+            *split,
+            "data.split_seed=1",
+            "run.train=true",
+            "training.epochs=1",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={further}",
+        )
+    )
+    seen = stored_seen_clips(load_checkpoint(further / "checkpoints" / "best.pth"))
+    assert stored_seen_clips(load_checkpoint(best)) < seen
+    assert len(seen) == 16 - 2  # two clips were in both runs' test splits
+    with pytest.raises(DatasetError, match="trained or validated .*further"):
+        run(
+            compose_config(
+                *data,
+                *split,
+                "run.test=true",
+                f"run.checkpoint_path={further / 'checkpoints' / 'best.pth'}",
+            )
+        )
 
 
 def test_a_checkpoint_is_tested_on_data_with_no_training_clips(compose_config, tmp_path):

@@ -3,7 +3,9 @@
 A checkpoint is a plain dict: `model` (the state_dict, as PANNs users expect it), `optimizer`,
 `scheduler`, `scaler`, `epoch`, `rng` (every generator's state), `metrics`, `classes`,
 `normalization`, `config` (the resolved run config) and `features` (the log-mel parameters):
-test, predict and export need nothing else. `resume_paths` finds the ones `run.resume` means.
+test, predict and export need nothing else. `seen_clips` holds the content digests of the
+clips that trained or validated the model, so that a later test on them is refused.
+`resume_paths` finds the ones `run.resume` means.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import random
 import shutil
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +187,24 @@ def stored_normalization(content: dict[str, Any], path: str | Path) -> FeatureNo
         return FeatureNormalization.from_lists(stored)
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: unusable normalisation statistics ({error})") from error
+
+
+def pack_digests(digests: Iterable[str]) -> torch.Tensor:
+    """Hex content digests as one uint8 tensor, a sorted row each: compact in a checkpoint
+    and read back with `weights_only=True`."""
+    rows = sorted({bytes.fromhex(digest) for digest in digests})
+    width = len(rows[0]) if rows else 16
+    packed = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), width)
+    return torch.from_numpy(packed.copy())
+
+
+def stored_seen_clips(content: dict[str, Any]) -> set[str]:
+    """The content digests of the clips that trained or validated a checkpoint's model (none
+    for a checkpoint written before audioclf stored them)."""
+    seen = content.get("seen_clips")
+    if seen is None:
+        return set()
+    return {row.tobytes().hex() for row in seen.numpy()}
 
 
 def stored_config(content: dict[str, Any], path: str | Path) -> tuple[DictConfig, Settings]:

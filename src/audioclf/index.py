@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -176,6 +176,24 @@ def check_leakage(splits: dict[str, list[Clip]], digest: Callable[[Path], str]) 
             f"{clip.where} have the same content (a test clip must not train)"
         ),
     )
+
+
+def content_digests(clips: Iterable[Clip]) -> set[str]:
+    """The content digests of the clips' files (remembered per file: none is read twice)."""
+    return {file_digest(clip.path)[0] for clip in clips}
+
+
+def check_unseen(clips: Sequence[Clip], seen: set[str], model: str, hint: str = "") -> None:
+    """Raise DatasetError naming the clips whose content is in `seen`, the digests of the clips
+    that trained or validated `model`: a test on them would overstate it."""
+    known = [clip for clip in clips if file_digest(clip.path)[0] in seen]
+    if known:
+        shown = ", ".join(str(clip.where) for clip in known[:3])
+        more = f" and {len(known) - 3} more" if len(known) > 3 else ""
+        raise DatasetError(
+            f"{len(known)} of the {len(clips)} test clips trained or validated {model} "
+            f"({shown}{more}): the test would overstate it{hint}"
+        )
 
 
 # ---------------------------------------------------------------- splitting

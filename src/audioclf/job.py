@@ -23,14 +23,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from audioclf.audio import BadAudioError
 from audioclf.checkpoint import (
     load_checkpoint,
+    pack_digests,
     resume_paths,
     stored_config,
     stored_normalization,
+    stored_seen_clips,
 )
 from audioclf.deploy import export_run, int8_model, quantise_run
 from audioclf.distill import WithTeacherLogits, build_teacher
 from audioclf.export import ExportError
-from audioclf.index import DatasetError
+from audioclf.index import DatasetError, check_unseen, content_digests
 from audioclf.layouts import manifest_folds
 from audioclf.model import (
     CheckpointError,
@@ -117,6 +119,29 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
     return adopted, checkpoint
 
 
+#: The data keys that decide which clips a ratio or fold split puts in each split.
+SPLIT_KEYS = ("val_fraction", "test_fraction", "split_seed", "val_fold", "test_fold")
+
+
+def _split_hint(trained: dict[str, Any], config: DictConfig) -> str:
+    """How the checkpoint's run split the data where this run splits it otherwise: the
+    values that test on the checkpoint's own test split."""
+    trained_data = trained.get("data", {})
+    differing = [
+        key
+        for key in SPLIT_KEYS
+        if key in trained_data and trained_data[key] != OmegaConf.select(config.data, key)
+    ]
+    if not differing:
+        return ""
+    theirs = " ".join(f"data.{key}={trained_data[key]}" for key in differing)
+    ours = ", ".join(f"{OmegaConf.select(config.data, key)}" for key in differing)
+    return (
+        f"; its run split the data with {theirs} (this run: {ours}): "
+        "set those to test on its own test split"
+    )
+
+
 def run(config: DictConfig) -> dict[str, Any]:
     """The main job: check the config, prepare the data, build the model, train, test.
 
@@ -185,6 +210,19 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 f"{settings.run.checkpoint_path} was trained for classes "
                 f"{checkpoint['classes']}; this dataset has {index.classes}{hint}"
             )
+        # Clips that trained or validated the model: stored with it, never tested on.
+        seen = set() if checkpoint is None else stored_seen_clips(checkpoint)
+        if settings.run.test and seen:
+            check_unseen(
+                datasets["test"].clips,
+                seen,
+                str(settings.run.checkpoint_path),
+                _split_hint(checkpoint["config"], config),
+            )
+        resumed = None if resume is None else load_file(resume, mmap=True)
+        if resumed is not None:
+            seen |= stored_seen_clips(resumed)
+        seen |= content_digests(datasets["train"].clips + datasets["val"].clips)
         # Built before the slow data pass, so a bad model parameter or checkpoint fails early.
         n_mels = datasets["train"].feature_shape[-1]
         model = build_model(settings.model, len(index.classes), n_mels)
@@ -214,9 +252,9 @@ def _run(config: DictConfig) -> dict[str, Any]:
         )
         if checkpoint is not None:
             normalization = stored_normalization(checkpoint, settings.run.checkpoint_path)
-        elif resume is not None:
+        elif resumed is not None:
             # The statistics the run trained with, whatever data.root holds now.
-            normalization = stored_normalization(load_file(resume, mmap=True), resume)
+            normalization = stored_normalization(resumed, resume)
         else:
             normalization = normalization_for(settings, datasets, model)
     for dataset in datasets.values():
@@ -258,6 +296,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             "config": OmegaConf.to_container(config, resolve=True),
             "features": datasets["train"].feature_params.as_dict(),
             "normalization": None if normalization is None else normalization.as_lists(),
+            "seen_clips": pack_digests(seen),
         },
         seed=settings.system.seed,
         teacher=teacher,
