@@ -23,6 +23,7 @@ from audioclf.features import resolve_params
 from audioclf.index import Clip
 from audioclf.loading import EpochSampler, make_loader
 from audioclf.model import CheckpointError
+from audioclf.runtime import Terminated, sigterm_stops_like_ctrl_c
 from audioclf.settings import ConfigError
 from audioclf.train import Trainer
 from conftest import (
@@ -207,10 +208,15 @@ def test_a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
 
 
-def test_ctrl_c_during_a_save_takes_effect_once_the_file_is_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "raised"), [("SIGINT", KeyboardInterrupt), ("SIGTERM", Terminated)]
+)
+def test_ctrl_c_or_sigterm_during_a_save_takes_effect_once_the_file_is_written(
+    tmp_path, monkeypatch, name, raised
+):
     # Before: the KeyboardInterrupt cut torch.save's zip writer, whose cleanup then raised
     # "unexpected pos" over it: a traceback instead of the interrupt (1 run in 4 of the
-    # Ctrl-C test).
+    # Ctrl-C test). SIGTERM raises as Ctrl-C does in the main job.
     import signal
 
     import audioclf.checkpoint
@@ -218,12 +224,12 @@ def test_ctrl_c_during_a_save_takes_effect_once_the_file_is_written(tmp_path, mo
     real_save = torch.save
 
     def interrupted_save(content, handle):
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), getattr(signal, name))
         real_save(content, handle)
 
     monkeypatch.setattr(audioclf.checkpoint.torch, "save", interrupted_save)
     path = tmp_path / "last.pth"
-    with pytest.raises(KeyboardInterrupt):
+    with sigterm_stops_like_ctrl_c(), pytest.raises(raised):
         save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["epoch"] == 2

@@ -373,6 +373,27 @@ def test_the_resume_hint_names_the_way_the_job_was_started(monkeypatch, program,
     assert resume_command().startswith(command)
 
 
+@pytest.mark.parametrize(
+    ("world", "local", "command"),
+    [
+        ("2", "2", "torchrun --nproc_per_node=2 main.py run.resume=true"),
+        ("8", "4", "torchrun --nnodes=2 --nproc_per_node=4 main.py run.resume=true"),
+    ],
+)
+def test_the_resume_hint_under_torchrun_is_a_torchrun_command(monkeypatch, world, local, command):
+    # It said `python main.py ...`: one process where the run had trained with several.
+    from audioclf.cli import resume_command
+
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    for name, value in {
+        "TORCHELASTIC_RUN_ID": "job",
+        "WORLD_SIZE": world,
+        "LOCAL_WORLD_SIZE": local,
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert resume_command() == command
+
+
 def test_the_readmes_python_job_runs_as_printed_into_a_folder_of_its_own(
     tmp_path, monkeypatch, capsys
 ):

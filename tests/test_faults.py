@@ -603,6 +603,24 @@ def test_loader_workers_die_with_a_killed_main_process(tmp_path):
     assert survivors == []
 
 
+def test_a_loader_worker_sent_sigterm_by_another_process_ends_quietly():
+    # SIGTERM to the whole process group (docker stop, a scheduler): torch's own handler
+    # ends a worker quietly only for its parent's SIGTERM, so the workers died of it and the
+    # main process reported "DataLoader worker ... is killed by signal: Terminated".
+    from torch.utils.data import DataLoader
+
+    from audioclf.loading import worker_options
+
+    loader = DataLoader(list(range(8)), batch_size=2, **worker_options(1))
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not the worker's parent
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
+    del batches
+
+
 def _pids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 

@@ -422,14 +422,22 @@ def _tiny_job(tmp_path: Path, program: Path, run_dir: str, *extra: str) -> list[
     ]
 
 
-def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "status", "said"),
+    [("SIGINT", 130, "interrupted;"), ("SIGTERM", 143, "interrupted (stopped by SIGTERM);")],
+)
+def test_ctrl_c_or_sigterm_stops_the_main_job_with_a_resume_hint_and_no_traceback(
+    tmp_path, name, status, said
+):
+    # SIGTERM (kill, docker stop, a scheduler's preemption) ended the job at once, silently.
     import subprocess
 
-    program = _self_signalling_main(tmp_path, "SIGINT", batch=3)  # in epoch 2
+    program = _self_signalling_main(tmp_path, name, batch=3)  # in epoch 2
     command = _tiny_job(tmp_path, program, "run")
     job = subprocess.run(command, capture_output=True, text=True, timeout=300)
     output = job.stdout + job.stderr
-    assert job.returncode == 130, output
+    assert job.returncode == status, output
+    assert said in output
     # The command to continue, with this run's own overrides: a resumed run needs them.
     hint = output.split("continues from its last finished epoch with: ")[1].splitlines()[0]
     assert hint.startswith(f"python {program} data=manifest ")
@@ -440,6 +448,38 @@ def test_ctrl_c_stops_the_main_job_with_a_resume_hint_and_no_traceback(tmp_path)
     )
     assert "Traceback" not in output
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pth")["epoch"] == 1
+
+
+def test_an_error_after_a_sigterm_that_python_dropped_is_reported_as_the_sigterm(tmp_path):
+    # Python drops what a signal handler raises inside a weakref callback or __del__; the
+    # job then failed on its next step ("DataLoader worker ... exited unexpectedly": SIGTERM
+    # had ended the workers too) with a traceback instead of the resume hint.
+    import subprocess
+
+    program = tmp_path / "main.py"
+    program.write_text(
+        "import signal\n"
+        "from audioclf import cli, runtime\n"
+        "step, batches = runtime.StepModel.__call__, []\n"
+        "def failing(self, features, labels):\n"
+        "    batches.extend([None] if self.eager.training else [])\n"
+        "    if len(batches) == 3:\n"
+        "        try:\n"
+        "            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)\n"
+        "        except runtime.Terminated:\n"
+        "            pass  # as Python drops it\n"
+        "        raise RuntimeError('DataLoader worker (pid(s) 1) exited unexpectedly')\n"
+        "    return step(self, features, labels)\n"
+        "runtime.StepModel.__call__ = failing\n"
+        "cli.main()\n"
+    )
+    job = subprocess.run(
+        _tiny_job(tmp_path, program, "run"), capture_output=True, text=True, timeout=300
+    )
+    output = job.stdout + job.stderr
+    assert job.returncode == 143, output
+    assert "interrupted (stopped by SIGTERM); checkpoints are written whole" in output
+    assert "Traceback" not in output
 
 
 def test_ctrl_c_before_the_first_save_says_there_is_nothing_to_resume(tmp_path):

@@ -38,7 +38,7 @@ CHECKPOINT_VERSION = 1
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C (SIGINT) until the block ends, then deliver it.
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then deliver the first.
 
     Checkpoint writes are short; one cut by a KeyboardInterrupt ends in a torch.save error
     and a traceback instead of the interrupt, and files written together (last.pth and
@@ -49,13 +49,17 @@ def interrupts_held() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {
+        held: signal.signal(held, lambda signum, frame: received.append(signum))
+        for held in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for held, handler in previous.items():
+            signal.signal(held, handler)
     if received:
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(received[0])
 
 
 def save_checkpoint(path: str | Path, content: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -53,6 +54,13 @@ def _is_user_error(error: BaseException) -> bool:
     return isinstance(error, USER_ERRORS)
 
 
+def _sigterm_received() -> bool:
+    """Whether the job got SIGTERM (`audioclf.runtime.sigterm_received`; without the runtime
+    imported, the job had not begun and no SIGTERM handler was set)."""
+    runtime = sys.modules.get("audioclf.runtime")
+    return runtime is not None and runtime.sigterm_received()
+
+
 _job_started = False  # whether Hydra composed the config and called the job
 
 
@@ -73,17 +81,24 @@ def _hydra_main(config: DictConfig) -> float | None:
         if not OmegaConf.select(config, "run.checkpoint_path"):
             # Checked before the job's imports (a checkpoint's config is adopted first).
             load_settings(config)
-        from audioclf.runtime import process_group
+        from audioclf.runtime import process_group, sigterm_stops_like_ctrl_c
 
-        with process_group(str(OmegaConf.select(config, "system.device", default="auto"))):
+        device = str(OmegaConf.select(config, "system.device", default="auto"))
+        with sigterm_stops_like_ctrl_c(), process_group(device):
             if OmegaConf.select(config, "run.folds") is not None:
                 return run_folds(config)["best"]
             summary = run(config)
     except KeyboardInterrupt:
         log.debug("traceback", exc_info=True)
-        log.error("%s", interrupted_message(config))
-        raise SystemExit(130) from None
+        terminated = _sigterm_received()
+        log.error("%s", interrupted_message(config, "stopped by SIGTERM" if terminated else ""))
+        # The shell's status for a process ended by the signal: 128 + its number.
+        raise SystemExit(143 if terminated else 130) from None
     except Exception as error:
+        if _sigterm_received():
+            log.debug("traceback", exc_info=True)
+            log.error("%s", interrupted_message(config, "stopped by SIGTERM"))
+            raise SystemExit(143) from None
         if not _is_user_error(error):
             raise
         # One line for the user; the traceback only where it was asked for.
@@ -102,32 +117,44 @@ def _hydra_main(config: DictConfig) -> float | None:
     return summary.get("training", {}).get("best")
 
 
-def interrupted_message(config: DictConfig) -> str:
+def interrupted_message(config: DictConfig, how: str = "") -> str:
     """What an interrupted run leaves: the command that continues it, or, when it saved no
     checkpoint, that there is nothing to continue (`run.resume=true` would look for the
-    newest earlier run instead). Under torchrun, rank 0 says it."""
+    newest earlier run instead). `how`: what interrupted it (Ctrl-C when empty). Under
+    torchrun, rank 0 says it."""
     from audioclf.runtime import is_main_process
 
+    interrupted = f"interrupted ({how})" if how else "interrupted"
     if not is_main_process():
-        return "interrupted"
+        return interrupted
     output_dir = OmegaConf.select(config, "system.output_dir", default=None)
     saved = output_dir is not None and any(Path(output_dir).rglob("last.pth"))
     if not saved and not OmegaConf.select(config, "run.resume", default=False):
         return (
-            "interrupted before the first epoch ended: no checkpoint was saved, so there is "
-            "nothing to resume; the same command starts the run again"
+            f"{interrupted} before the first epoch ended: no checkpoint was saved, so there "
+            "is nothing to resume; the same command starts the run again"
         )
+    command = resume_command()
+    if command.startswith("torchrun --nnodes="):
+        command += " (on each node, with the rendezvous options it started with)"
     return (
-        "interrupted; checkpoints are written whole or not at all, so the run continues from "
-        f"its last finished epoch with: {resume_command()}"
+        f"{interrupted}; checkpoints are written whole or not at all, so the run continues "
+        f"from its last finished epoch with: {command}"
     )
 
 
 def resume_command() -> str:
     """The command that continues this run: its own overrides (a resumed run must train with
-    the settings it began with) and run.resume=true."""
+    the settings it began with) and run.resume=true; under torchrun, a torchrun command with
+    as many processes (on more than one node, the rendezvous options are the user's)."""
     program = sys.argv[0]
-    if program.endswith("__main__.py"):
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        nodes = int(os.environ["WORLD_SIZE"]) // processes
+        words = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else [])]
+        words += [f"--nproc_per_node={processes}"]
+        words += ["-m", "audioclf"] if program.endswith("__main__.py") else [program]
+    elif program.endswith("__main__.py"):
         words = ["python", "-m", "audioclf"]
     elif program.endswith(".py"):
         words = ["python", program]

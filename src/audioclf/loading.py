@@ -101,15 +101,28 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 
+def _stop_worker(signum: int, frame: object) -> None:
+    # As torch's handler does for its parent's SIGTERM. Raising KeyboardInterrupt instead
+    # printed a traceback when it landed in soundfile's read callback, where it cannot pass.
+    os._exit(0)
+
+
 def init_worker(worker_id: int) -> None:
-    """Set up a loader worker: dies with its parent, one BLAS thread, and seeds from the seed
-    torch gave it.
+    """Set up a loader worker: dies with its parent, ends quietly on SIGTERM, one BLAS thread,
+    and seeds from the seed torch gave it.
+
+    torch's own SIGTERM handler ends a worker quietly only when its parent sent the signal. A
+    SIGTERM to the whole process group (`docker stop`, a scheduler's preemption, `kill -TERM
+    -PGID`) killed the workers, and the main process, which stops with its resume hint, added
+    a "DataLoader worker is killed by signal" traceback to it. A worker that ends while its
+    parent goes on is still named by the parent ("exited unexpectedly").
 
     Workers already share the cores between them; BLAS threads on top (torch limits its own
     to one per worker, NumPy's OpenBLAS does not) oversubscribe them and slowed feature
     computation several times over in measurements on two cores.
     """
     _die_with_parent()
+    signal.signal(signal.SIGTERM, _stop_worker)
     threadpool_limits(limits=1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)

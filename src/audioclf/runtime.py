@@ -17,6 +17,8 @@ import inspect
 import logging
 import os
 import shutil
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from datetime import timedelta
@@ -193,6 +195,45 @@ def process_group(device: str) -> Iterator[None]:
     wait_for_rank_zero()
     _rank_zero_waits = None
     dist.destroy_process_group()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `docker stop`, a scheduler's preemption, torchrun stopping its workers),
+    raised where Ctrl-C raises KeyboardInterrupt, so that the job stops the same way."""
+
+
+_sigterm_received = False
+
+
+def sigterm_received() -> bool:
+    """Whether SIGTERM arrived in `sigterm_stops_like_ctrl_c`. Python drops an exception that
+    a signal handler raises inside a weakref callback or `__del__` ("Exception ignored in"):
+    the job then failed at its next step (loader workers that SIGTERM had ended), and that
+    error is reported as the SIGTERM it follows from."""
+    return _sigterm_received
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """SIGTERM raises Terminated in the block: checkpoint writes finish first, and the job ends
+    with its resume hint (by default SIGTERM ended the process at once, without a word).
+    Off the main thread nothing changes (Python handles signals in the main thread only)."""
+    global _sigterm_received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _sigterm_received = False
+
+    def terminate(signum: int, frame: object) -> None:
+        global _sigterm_received
+        _sigterm_received = True
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for_rank_zero() -> None:
