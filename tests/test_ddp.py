@@ -89,7 +89,8 @@ def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(
     tmp_path, manifest_rows
 ):
     # Each rank has its own Hydra run folder; rank 1 wrote a second cv_metrics.json into its
-    # own while the folds went to rank 0's.
+    # own while the folds went to rank 0's. Then that folder held only its log, beside rank 0's
+    # in outputs/: two folders a run.
     manifest = write_manifest(tmp_path / "folds.csv", ["path", "label", "fold"], manifest_rows)
     output = _torchrun(
         tmp_path,
@@ -102,6 +103,9 @@ def test_cross_validation_under_torchrun_writes_one_result_in_rank_zeros_folder(
         "training.epochs=1",
     )
     (written,) = (tmp_path / "outputs").glob("*/*/cv_metrics.json")
+    # One run folder: rank 1's log is in it, and its own Hydra folder is gone.
+    assert list((tmp_path / "outputs").glob("*/*")) == [written.parent]
+    assert (written.parent / "cli_rank1.log").is_file()
     assert sorted(path.name for path in written.parent.glob("fold_*")) == ["fold_1", "fold_2"]
     assert [fold["fold"] for fold in json.loads(written.read_text())["folds"]] == ["1", "2"]
     assert output.count("cross-validation: test fold 1") == 1

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,7 @@ def _hydra_main(config: DictConfig) -> float | None:
 
         device = str(OmegaConf.select(config, "system.device", default="auto"))
         with sigterm_stops_like_ctrl_c(), process_group(device):
+            _logs_in_rank_zeros_folder()
             if OmegaConf.select(config, "run.folds") is not None:
                 return run_folds(config)["best"]
             summary = run(config)
@@ -115,6 +117,43 @@ def _hydra_main(config: DictConfig) -> float | None:
         raise SystemExit(2) from error
     # A sweeper (`-m`, Optuna) optimises what the app returns: the best monitored value.
     return summary.get("training", {}).get("best")
+
+
+def _logs_in_rank_zeros_folder() -> None:
+    """Under torchrun, every rank's log in rank 0's run folder (`cli_rank1.log`, ...), and the
+    other ranks' own Hydra run folders, which held only that log and Hydra's config copies,
+    removed: one folder a run under outputs/, as without torchrun. Ranks that share one
+    folder (a `hydra.run.dir` given) keep it as it is."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or not HydraConfig.initialized():
+        return
+    own = Path(HydraConfig.get().runtime.output_dir).resolve()
+    shared = [str(own)]
+    dist.broadcast_object_list(shared, src=0)
+    rank, folder = dist.get_rank(), Path(shared[0])
+    if rank == 0 or folder == own:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        log_file = Path(handler.baseFilename)
+        if log_file.parent != own:
+            continue
+        moved = folder / f"{log_file.stem}_rank{rank}{log_file.suffix}"
+        handler.close()
+        folder.mkdir(parents=True, exist_ok=True)  # another node may not share rank 0's disk
+        shutil.move(log_file, moved)
+        follower = logging.FileHandler(moved, mode="a", encoding=handler.encoding)
+        follower.setLevel(handler.level)
+        follower.setFormatter(handler.formatter)
+        for log_filter in handler.filters:
+            follower.addFilter(log_filter)
+        root.removeHandler(handler)
+        root.addHandler(follower)
+    if {path.name for path in own.iterdir()} <= {".hydra"}:
+        shutil.rmtree(own)
 
 
 def interrupted_message(config: DictConfig, how: str = "") -> str:
