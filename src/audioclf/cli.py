@@ -128,6 +128,8 @@ def _logs_in_rank_zeros_folder() -> None:
 
     if not dist.is_initialized() or not HydraConfig.initialized():
         return
+    if HydraConfig.get().job.chdir:
+        return  # each rank works in its own folder: relative paths lead there
     own = Path(HydraConfig.get().runtime.output_dir).resolve()
     shared = [str(own)]
     dist.broadcast_object_list(shared, src=0)
