@@ -615,7 +615,9 @@ def test_a_loader_worker_sent_sigterm_by_another_process_ends_quietly():
     batches = iter(loader)
     next(batches)
     (worker,) = batches._workers
-    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # not the worker's parent
+    # Sent by a process that is not the worker's parent.
+    sender = f"import os, signal; os.kill({worker.pid}, signal.SIGTERM)"
+    subprocess.run([sys.executable, "-c", sender], check=True)
     worker.join(timeout=30)
     assert worker.exitcode == 0
     del batches
