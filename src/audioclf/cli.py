@@ -15,7 +15,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -91,16 +91,10 @@ def _hydra_main(config: DictConfig) -> float | None:
                 return run_folds(config)["best"]
             summary = run(config)
     except KeyboardInterrupt:
-        log.debug("traceback", exc_info=True)
-        terminated = _sigterm_received()
-        log.error("%s", interrupted_message(config, "stopped by SIGTERM" if terminated else ""))
-        # The shell's status for a process ended by the signal: 128 + its number.
-        raise SystemExit(143 if terminated else 130) from None
+        _stop_interrupted(config)
     except Exception as error:
         if _sigterm_received():
-            log.debug("traceback", exc_info=True)
-            log.error("%s", interrupted_message(config, "stopped by SIGTERM"))
-            raise SystemExit(143) from None
+            _stop_interrupted(config)  # what failed followed from the SIGTERM
         if not _is_user_error(error):
             raise
         # One line for the user; the traceback only where it was asked for.
@@ -119,6 +113,15 @@ def _hydra_main(config: DictConfig) -> float | None:
     return summary.get("training", {}).get("best")
 
 
+def _stop_interrupted(config: DictConfig) -> NoReturn:
+    """End the job after Ctrl-C or SIGTERM: one line (the traceback at DEBUG) and the shell's
+    status for a process ended by that signal, 128 + its number."""
+    log.debug("traceback", exc_info=True)
+    terminated = _sigterm_received()
+    log.error("%s", interrupted_message(config, "stopped by SIGTERM" if terminated else ""))
+    raise SystemExit(143 if terminated else 130) from None
+
+
 def _logs_in_rank_zeros_folder() -> None:
     """Under torchrun, every rank's log in rank 0's run folder (`cli_rank1.log`, ...), and the
     other ranks' own Hydra run folders, which held only that log and Hydra's config copies,
@@ -126,14 +129,15 @@ def _logs_in_rank_zeros_folder() -> None:
     folder (a `hydra.run.dir` given) keep it as it is."""
     import torch.distributed as dist
 
+    from audioclf.runtime import shared_output_dir
+
     if not dist.is_initialized() or not HydraConfig.initialized():
         return
-    if HydraConfig.get().job.chdir:
+    hydra_config = HydraConfig.get()
+    if hydra_config.job.chdir:
         return  # each rank works in its own folder: relative paths lead there
-    own = Path(HydraConfig.get().runtime.output_dir).resolve()
-    shared = [str(own)]
-    dist.broadcast_object_list(shared, src=0)
-    rank, folder = dist.get_rank(), Path(shared[0])
+    own = Path(hydra_config.runtime.output_dir).resolve()
+    rank, folder = dist.get_rank(), Path(shared_output_dir(str(own)))
     if rank == 0 or folder == own:
         return
     root = logging.getLogger()
