@@ -135,13 +135,15 @@ def esc50_like(root: Path, folds: int) -> tuple[Path, Path]:
     return root, write_manifest(root / "meta" / "esc50.csv", ESC50_HEADER, rows)
 
 
-def speech_commands_like(root: Path) -> Path:
-    """Speech Commands' layout over 24 FSDD clips: `zero/` and `one/` with
-    `SPEAKER_nohash_N.wav` of six speakers, lucas listed for validation and theo for test, and
-    a `_background_noise_` folder."""
+def speech_commands_like(root: Path, words: tuple[str, ...] = ("zero", "one")) -> Path:
+    """Speech Commands' layout over 12 FSDD clips a word (`zero/`, `one/`, ... of those
+    digits) with `SPEAKER_nohash_N.wav` of six speakers, lucas listed for validation and theo
+    for test, and a `_background_noise_` folder."""
     lists: dict[str, list[str]] = {"validation_list.txt": [], "testing_list.txt": []}
     listed = {"lucas": "validation_list.txt", "theo": "testing_list.txt"}
-    for digit, word in [(0, "zero"), (1, "one")]:
+    digits = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for word in words:
+        digit = digits.index(word)
         (root / word).mkdir(parents=True)
         for speaker in SPEAKERS:
             for n in range(2):

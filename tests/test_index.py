@@ -13,7 +13,6 @@ from audioclf.layouts import (
     index_fsd50k,
     index_fsdd,
     index_manifest,
-    index_speech_commands,
     manifest_folds,
 )
 from conftest import (
@@ -22,7 +21,6 @@ from conftest import (
     esc50_like,
     fsd50k_like,
     fsdd_clip,
-    speech_commands_like,
     write_manifest,
 )
 
@@ -416,43 +414,6 @@ def test_identical_audio_joins_the_groups_of_its_copies(tmp_path):
         index = split_listing(index_manifest(manifest, None, 0.25, 0.0), seed=seed)
         split_of = {clip.group: split for split, clips in index.splits.items() for clip in clips}
         assert split_of["x"] == split_of["y"]
-
-
-# ---------------------------------------------------------------- Speech Commands
-
-
-def test_speech_commands_uses_the_official_lists_and_no_noise_class(tmp_path):
-    root = speech_commands_like(tmp_path / "sc")
-    index = split_listing(index_speech_commands(root), seed=0)
-    assert index.classes == ["one", "zero"]
-    assert index.counts() == {"train": 16, "val": 4, "test": 4}
-    assert {clip.group for clip in index.splits["val"]} == {"lucas"}
-    assert {clip.group for clip in index.splits["test"]} == {"theo"}
-    assert {clip.path.parent.name for clip in index.splits["train"]} == {"zero", "one"}
-
-
-def test_speech_commands_lists_are_checked(tmp_path):
-    root = speech_commands_like(tmp_path / "sc")
-    with (root / "testing_list.txt").open("a") as handle:
-        handle.write("zero/nobody_nohash_0.wav\n")
-    with pytest.raises(DatasetError, match=r"testing_list.txt, line 5: zero/nobody_nohash_0.wav"):
-        index_speech_commands(root)
-    (root / "testing_list.txt").write_text("zero/theo_nohash_0.wav\n")
-    with (root / "validation_list.txt").open("a") as handle:
-        handle.write("zero/theo_nohash_0.wav\n")
-    with pytest.raises(DatasetError, match=r"zero/theo_nohash_0.wav is in validation_list.txt"):
-        index_speech_commands(root)
-    (root / "testing_list.txt").unlink()
-    with pytest.raises(DatasetError, match="no testing_list.txt"):
-        index_speech_commands(root)
-
-
-def test_a_speaker_listed_in_two_splits_is_an_error(tmp_path):
-    root = speech_commands_like(tmp_path / "sc")
-    with (root / "validation_list.txt").open("a") as handle:
-        handle.write("zero/george_nohash_0.wav\n")  # george's other clips train
-    with pytest.raises(DatasetError, match="group 'george' is in train and val"):
-        split_listing(index_speech_commands(root), seed=0)
 
 
 # ---------------------------------------------------------------- FSD50K

@@ -99,10 +99,11 @@ def seed_everything(seed: int) -> None:
 
 
 def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str, Any]]:
-    """The run's config with the checkpoint's model, features, sample rate, clip length and
-    multi-label setting (from the config stored in it), and the checkpoint. How to quantise
-    (`model.quantization`) stays the run's: quantising a float checkpoint is this run's job.
-    The checkpoints this run writes store the config as adopted, so they need no flags either."""
+    """The run's config with the checkpoint's model, features, sample rate, clip length,
+    multi-label setting and keyword task (from the config stored in it), and the checkpoint.
+    How to quantise (`model.quantization`) stays the run's: quantising a float checkpoint is
+    this run's job. The checkpoints this run writes store the config as adopted, so they need
+    no flags either."""
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
@@ -116,7 +117,15 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
         adopted.data.sample_rate = trained.data.sample_rate
         adopted.data.clip_seconds = trained.data.clip_seconds
         adopted.data.multi_label = trained.data.multi_label
+        if "words" in adopted.data and trained.data.get("words") is not None:
+            # The keyword task's classes: which words, and how much _unknown_ and _silence_.
+            for key in KEYWORD_KEYS:
+                adopted.data[key] = trained.data[key]
     return adopted, checkpoint
+
+
+#: The data keys of Speech Commands' keyword task, which a checkpoint brings with its classes.
+KEYWORD_KEYS = ("words", "unknown_fraction", "silence_fraction")
 
 
 #: The data keys that decide which clips a ratio or fold split puts in each split.

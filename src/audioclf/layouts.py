@@ -1,8 +1,8 @@
 """Dataset layouts: each lists its labelled files as a `Listing` for `audioclf.index`.
 
 `index_fsdd` (the bundled FSDD), `index_folder` (a folder per class), `index_manifest` (a CSV
-manifest, its columns as named or mapped by `data.columns`), `index_speech_commands` (Google's
-Speech Commands with its split lists), `index_fsd50k` (FSD50K's ground truth, multi-label).
+manifest, its columns as named or mapped by `data.columns`), `index_fsd50k` (FSD50K's ground
+truth, multi-label); Google's Speech Commands has its own module, `audioclf.speech_commands`.
 Each gives every clip the split its layout fixes, or None where the seeded ratio split
 decides, and its group (a speaker, a source recording) where the layout knows it.
 """
@@ -74,49 +74,6 @@ def index_fsdd(root: Path) -> Listing:
         index = int(match["index"])
         split = "test" if index < 5 else "val" if index < 10 else "train"
         clips.append(Clip(path, match["digit"], split))
-    return Listing(str(root), clips)
-
-
-SPEECH_COMMANDS_LISTS = {"val": "validation_list.txt", "test": "testing_list.txt"}
-
-
-def index_speech_commands(root: Path) -> Listing:
-    """Google's Speech Commands (v0.01, v0.02) as unpacked: `root/WORD/SPEAKER_nohash_N.wav`.
-
-    The official split: files named in `validation_list.txt` and `testing_list.txt` (paths
-    relative to root) are validation and test, the rest train. The lists assign whole
-    speakers (by a hash of the speaker id), and each clip's `group` is its speaker, so a
-    speaker in two splits is an error. Folders starting with `_` (`_background_noise_`)
-    hold no class. A listed file that is not there is an error naming the list and line.
-    """
-    listed: dict[str, str] = {}
-    for split, name in SPEECH_COMMANDS_LISTS.items():
-        path = root / name
-        if not path.is_file():
-            raise DatasetError(
-                f"{root}: no {name}; data=speech_commands needs the unpacked Speech Commands "
-                "folder (WORD/*.wav and its validation_list.txt and testing_list.txt)"
-            )
-        for line, entry in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            entry = entry.strip()
-            if not entry:
-                continue
-            if not (root / entry).is_file():
-                raise DatasetError(f"{path}, line {line}: {entry} is not under {root}")
-            if entry in listed:
-                raise DatasetError(
-                    f"{path}, line {line}: {entry} is in {SPEECH_COMMANDS_LISTS[listed[entry]]} "
-                    "too; a file has one split"
-                )
-            listed[entry] = split
-    clips = []
-    for word in sorted(folder for folder in root.iterdir() if folder.is_dir()):
-        if word.name.startswith("_"):
-            continue
-        for path in audio_files_below(word):
-            relative = path.relative_to(root).as_posix()
-            speaker = path.name.split("_nohash_")[0] if "_nohash_" in path.name else None
-            clips.append(Clip(path, word.name, listed.get(relative, "train"), group=speaker))
     return Listing(str(root), clips)
 
 

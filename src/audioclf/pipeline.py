@@ -30,13 +30,13 @@ from audioclf.layouts import (
     index_fsd50k,
     index_fsdd,
     index_manifest,
-    index_speech_commands,
 )
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
 from audioclf.normalization import FeatureNormalization
 from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings
+from audioclf.speech_commands import index_speech_commands
 
 
 def feature_params(settings: Settings) -> LogMelParams:
@@ -59,8 +59,11 @@ def feature_params(settings: Settings) -> LogMelParams:
     return params
 
 
-def list_dataset(data: DataConfig) -> Listing:
-    """List the configured dataset's clips, duplicates dropped (not yet split)."""
+def list_dataset(data: DataConfig, generated_dir: Path | None = None) -> Listing:
+    """List the configured dataset's clips, duplicates dropped (not yet split).
+
+    `generated_dir`: where clips that a layout makes go (the keyword task's `_silence_`).
+    """
     if data.format == "manifest":
         if not data.manifest or not Path(data.manifest).is_file():
             raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
@@ -82,7 +85,18 @@ def list_dataset(data: DataConfig) -> Listing:
     elif data.format == "fsdd":
         listing = index_fsdd(Path(data.root))
     elif data.format == "speech_commands":
-        listing = index_speech_commands(Path(data.root))
+        listing = index_speech_commands(
+            Path(data.root),
+            data.words,
+            unknown_fraction=data.unknown_fraction,
+            silence_fraction=data.silence_fraction,
+            seed=data.split_seed,
+            silence_dir=None
+            if generated_dir is None
+            else generated_dir / "speech_commands_silence",
+            sample_rate=data.sample_rate,
+            clip_seconds=data.clip_seconds,
+        )
     elif data.format == "fsd50k":
         listing = index_fsd50k(Path(data.root))
     else:
@@ -110,7 +124,7 @@ def build_datasets(
         raise ConfigError(str(error)) from error
     cache = FeatureCache(settings.system.cache_dir, enabled=settings.system.cache)
     cache.check()
-    listing = list_dataset(data)
+    listing = list_dataset(data, Path(settings.system.cache_dir))
     good, bad = check_clips(
         listing.clips,
         data.on_bad_file,

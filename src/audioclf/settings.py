@@ -98,6 +98,10 @@ class DataConfig:
     on_bad_file: Literal["error", "skip"]
     multi_label: bool
     columns: ColumnsConfig | None = None
+    #: data=speech_commands: the keyword task's words (None: every word is a class).
+    words: list[str] | None = None
+    unknown_fraction: float = bounded(0.1, ge=0)
+    silence_fraction: float = bounded(0.1, ge=0)
 
     def column_map(self) -> dict[str, str | None] | None:
         """`columns` as `index_manifest` takes them (None: the manifest's own names)."""
@@ -290,6 +294,27 @@ class Settings:
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+def _check_words(data: DataConfig) -> None:
+    """`data.words`: Speech Commands words, each once, none of the task's own classes."""
+    if data.words is None:
+        return
+    if data.format != "speech_commands":
+        raise ConfigError(f"data.words picks Speech Commands words; data={data.name} has none")
+    if data.multi_label:
+        raise ConfigError("data.words makes a multi-class task: data.multi_label must be false")
+    twice = sorted({word for word in data.words if data.words.count(word) > 1})
+    reserved = [word for word in data.words if word.startswith("_")]
+    if not data.words or twice or reserved:
+        problem = (
+            "is empty"
+            if not data.words
+            else f"names {twice} twice"
+            if twice
+            else f"names {reserved}: folders starting with _ hold no words"
+        )
+        raise ConfigError(f"data.words {problem}; give the keywords, each once")
+
+
 def load_settings(config: DictConfig) -> Settings:
     """Check every section of a composed config; the first bad value is a ConfigError."""
     try:
@@ -316,6 +341,7 @@ def load_settings(config: DictConfig) -> Settings:
         raise ConfigError("data=fsd50k is multi-label: data.multi_label must be true")
     if data.columns is not None and data.format != "manifest":
         raise ConfigError(f"data.columns maps manifest columns; data={data.name} has no manifest")
+    _check_words(data)
     if settings.run.export and "onnx" in settings.run.export_formats:
         missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _installed(name)]
         if missing:

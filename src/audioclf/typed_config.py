@@ -105,7 +105,15 @@ def _check(value: Any, hint: Any, key: str, bounds: typing.Mapping[str, float]) 
             if not _in_bounds(converted, bounds):
                 raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
             return converted
-    raise ConfigError(f"{key} must be {_describe(hint, bounds)}, not {value!r}")
+    yaml_bool = isinstance(value, bool) and str in options
+    raise ConfigError(
+        f"{key} must be {_describe(hint, bounds)}, not {value!r}"
+        + (
+            ' (YAML reads a bare yes, no, on or off as a bool: quote it, "yes")'
+            if yaml_bool
+            else ""
+        )
+    )
 
 
 def _is_union(hint: Any) -> bool:
