@@ -5,9 +5,10 @@ it lists TensorFlow's keyword task instead (the "12-class" Speech Commands that 
 ten words, `_unknown_` and `_silence_`), as TensorFlow's `speech_commands/input_data.py` builds
 it: the other words become `_unknown_`, sampled down to `unknown_fraction` of each split's
 keyword clips, and `silence_fraction` as many `_silence_` clips are cut from
-`_background_noise_` at a random volume up to 0.1. Those are written once as WAV files under
-`silence_dir` (files that are data like any other: cached, checked, digested), so a run, its
-resume and a later test of its checkpoint all read the same silence.
+`_background_noise_` at a random volume up to 0.1 (and, in training, some all zeros: a muted
+microphone). Those are written once as WAV files under `silence_dir` (data like any other:
+cached, checked, digested), so a run, its resume and a later test of its checkpoint all read the
+same silence.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ SILENCE = "_silence_"
 BACKGROUND = "_background_noise_"
 #: The loudest a silence clip's background slice is kept at (TensorFlow's background_volume).
 MAX_SILENCE_GAIN = 0.1
+#: A muted microphone gives exact zeros, which no slice of noise is: one training silence clip
+#: in this many is all zeros. Only training's: identical files in two splits would be leakage.
+ZERO_SILENCE_EVERY = 10
 #: Changes whenever the way silence clips are cut does, so older folders are not reused.
-_SILENCE_VERSION = "1"
+_SILENCE_VERSION = "2"
 
 
 def index_speech_commands(
@@ -179,8 +183,9 @@ def silence_clips(
     Each sound's length is shared out among the splits in proportion to their counts, so no
     stretch of background noise is in two splits; each clip is a `clip_seconds` slice at a
     random place in its split's stretch of a random sound, times a random gain in
-    (0, MAX_SILENCE_GAIN]. The folder is named by a digest of the sounds and every parameter:
-    the same data and settings find the same files, and a change writes new ones.
+    (0, MAX_SILENCE_GAIN], or zeros (one training clip in ZERO_SILENCE_EVERY). The folder is
+    named by a digest of the sounds and every parameter: the same data and settings find the
+    same files, and a change writes new ones.
     """
     sounds = audio_files_below(background) if background.is_dir() else []
     if not sounds:
@@ -239,6 +244,8 @@ def _write_silence(
                 size = min(length, end - begin)
                 offset = rng.randrange(begin, end - size + 1)
                 gain = MAX_SILENCE_GAIN * (1.0 - rng.random())
+                if split == "train" and n % ZERO_SILENCE_EVERY == 0:
+                    gain = 0.0
                 slice_ = (waveform[offset : offset + size] * gain).astype(np.float32)
                 path = staging / split / f"silence_{n:05d}.wav"
                 soundfile.write(path, slice_, sample_rate, subtype="FLOAT")
