@@ -144,6 +144,36 @@ def test_a_failed_int8_check_tells_rounding_from_a_converter_fault(tmp_path, mon
     assert "(median |dlogit| 0, int8 PyTorch's median top-1 margin 0.2)" in check.failure
 
 
+def test_an_int8_accuracy_loss_says_whether_quantising_or_the_conversion_lost_it(
+    tmp_path, monkeypatch
+):
+    # The float model was right on all 100 clips; int8 PyTorch on 98 of them.
+    from audioclf.export import checks
+
+    labels = np.zeros(100, np.int64)
+    int8_logits = np.tile(np.array([[1.0, 0.0]], np.float32), (100, 1))
+    int8_logits[:2] = [0.0, 1.0]
+    arguments = ("tflite", tmp_path / "m.tflite", torch.nn.Identity(), int8_logits)
+    options = {"int8": True, "batch_size": 100, "labels": labels, "float_accuracy": 1.0}
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: int8_logits)
+    same = check_export(*arguments, **options)
+    assert same.top1_agreement == 1.0
+    assert same.failure == (
+        "test accuracy 98.00% is more than 0.5 points below the float model's 100.00% "
+        "(int8 PyTorch: 98.00%, so quantising lost it, not the conversion: more QAT "
+        "fine-tuning, model.quantization.epochs, or QAT instead of PTQ may win it back)"
+    )
+    worse = int8_logits.copy()
+    worse[2] = [0.0, 1.0]  # the file flips one more clip: 99% agreement still passes
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: worse)
+    lost = check_export(*arguments, **options)
+    assert lost.top1_agreement == 0.99
+    assert lost.failure.endswith("(int8 PyTorch: 98.00%: the conversion lost the rest)")
+    # Within 0.5 points of the float model it passes.
+    monkeypatch.setattr(checks, "load_runner", lambda path: lambda batch: int8_logits)
+    assert check_export(*arguments, **{**options, "float_accuracy": 0.984}).passed
+
+
 def test_a_multi_label_export_is_checked_on_its_predicted_labels(tmp_path, monkeypatch):
     # A label that crosses the threshold (logit 0) leaves the top label where it was.
     from audioclf.export import checks

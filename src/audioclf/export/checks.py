@@ -91,6 +91,8 @@ def check_export(
             label_sets = float(same.all(axis=1).mean())
         accuracy = None if labels is None else float((exported_logits.argmax(1) == labels).mean())
         failure = _failure(int8, max_abs_diff, agreement, accuracy, float_accuracy, label_sets)
+        if int8 and failure is not None and failure.startswith("test accuracy"):
+            failure += _lost_where(float((expected_logits.argmax(1) == labels).mean()), accuracy)
         if int8 and failure is not None and agreement < MIN_INT8_AGREEMENT:
             failure += _rounding_or_fault(exported_logits, expected_logits, output_step)
     if (
@@ -135,6 +137,18 @@ def _rounding_or_fault(exported: np.ndarray, expected: np.ndarray, step: float |
             "as in a model trained too little; a converter fault gives tens)"
         )
     return f" (median |dlogit| {deviation:.3g}, int8 PyTorch's median top-1 margin {margin:.3g})"
+
+
+def _lost_where(reference_accuracy: float, accuracy: float) -> str:
+    """Whether the int8 model itself lost the accuracy an int8 export lacks (quantising did),
+    or the export lost more (the conversion did)."""
+    if accuracy >= reference_accuracy:
+        return (
+            f" (int8 PyTorch: {reference_accuracy:.2%}, so quantising lost it, not the "
+            "conversion: more QAT fine-tuning, model.quantization.epochs, or QAT instead of PTQ "
+            "may win it back)"
+        )
+    return f" (int8 PyTorch: {reference_accuracy:.2%}: the conversion lost the rest)"
 
 
 def _failure(
