@@ -80,6 +80,16 @@ def test_hidden_files_and_folders_are_not_clips(tmp_path, folder_dataset, caplog
     assert "left out 2 hidden audio file(s)" in caplog.text  # 0/: ._a.wav and __MACOSX/x.wav
 
 
+def test_underscored_class_folders_and_double_extensions_are_clips(tmp_path):
+    # Google's Speech Commands test set: `_silence_` and `_unknown_` classes, `*.wav.wav` files.
+    for label in ("_silence_", "_unknown_", "yes"):
+        (tmp_path / "set" / label).mkdir(parents=True)
+        shutil.copy(fsdd_clip(1), tmp_path / "set" / label / "a_nohash_0.wav.wav")
+    trained = ["_silence_", "_unknown_", "yes"]
+    index = split_listing(index_folder(tmp_path / "set", 0.0, 1.0), seed=0, classes=trained)
+    assert sorted(clip.label for clip in index.splits["test"]) == trained
+
+
 def test_split_folders_as_datasets_spell_them(tmp_path, folder_dataset, caplog):
     # Before: validation/ beside train/ was not read (its clips lost, val carved from train),
     # and training/ validation/ testing/ became three classes named after the splits.
