@@ -173,6 +173,11 @@ def test_data_words_is_checked_at_start(compose_config, words, message):
         load_settings(config)
 
 
+def test_data_words_of_another_dataset_is_named(compose_config):
+    with pytest.raises(ConfigError, match="data.words picks Speech Commands words; data=fsdd"):
+        load_settings(compose_config("data=fsdd", "+data.words=[zero]"))
+
+
 def test_yaml_yes_and_no_read_as_true_and_false_are_named_with_the_fix(compose_config):
     config = compose_config("data=speech_commands", "data.root=sc")
     config.data.words = [True, False]  # what a YAML file's bare `[yes, no]` gives

@@ -300,19 +300,14 @@ def _check_words(data: DataConfig) -> None:
         return
     if data.format != "speech_commands":
         raise ConfigError(f"data.words picks Speech Commands words; data={data.name} has none")
-    if data.multi_label:
-        raise ConfigError("data.words makes a multi-class task: data.multi_label must be false")
+    if not data.words:
+        raise ConfigError("data.words is empty; give the keywords, each once")
     twice = sorted({word for word in data.words if data.words.count(word) > 1})
+    if twice:
+        raise ConfigError(f"data.words names {twice} twice; give the keywords, each once")
     reserved = [word for word in data.words if word.startswith("_")]
-    if not data.words or twice or reserved:
-        problem = (
-            "is empty"
-            if not data.words
-            else f"names {twice} twice"
-            if twice
-            else f"names {reserved}: folders starting with _ hold no words"
-        )
-        raise ConfigError(f"data.words {problem}; give the keywords, each once")
+    if reserved:
+        raise ConfigError(f"data.words names {reserved}: folders starting with _ hold no words")
 
 
 def load_settings(config: DictConfig) -> Settings:
