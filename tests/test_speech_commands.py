@@ -229,6 +229,18 @@ def test_main_job_trains_the_keyword_task_and_its_checkpoint_tests_it_alone(
     assert again["test"]["accuracy"] == pytest.approx(summary["test"]["accuracy"])
 
 
+def test_a_silence_folder_that_cannot_be_written_is_named(tmp_path, monkeypatch):
+    root = _keyword_data(tmp_path / "sc")
+    blocked = tmp_path / "read-only"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkdtemp", refuse)
+    with pytest.raises(DatasetError, match=rf"{blocked}: cannot write .*system.cache_dir"):
+        _keyword_task(root, blocked)
+
+
 def test_two_processes_writing_the_same_silence_leave_one_whole_copy(tmp_path):
     from audioclf.speech_commands import _write_silence
 

@@ -228,8 +228,14 @@ def _write_silence(
     waveforms = [read_audio(sound, sample_rate)[0] for sound in sounds]
     length = round(clip_seconds * sample_rate)
     total = sum(counts.values())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as error:
+        raise DatasetError(
+            f"{folder.parent}: cannot write the {SILENCE} clips there "
+            f"({error.strerror or error}); set system.cache_dir to a folder this user can write"
+        ) from error
     try:
         start_share = 0.0
         for split in SPLITS:
