@@ -91,9 +91,15 @@ def _where_cut(path: Path) -> tuple[float, float, int]:
     return offset / RATE, (offset + len(clip)) / RATE, gain
 
 
-def test_the_keyword_task_keeps_its_words_and_adds_unknown_and_silence_to_each_split(tmp_path):
+def test_the_keyword_task_keeps_its_words_and_adds_unknown_and_silence_to_each_split(
+    tmp_path, caplog
+):
     root = _keyword_data(tmp_path / "sc")
-    index = split_listing(_keyword_task(root, tmp_path / "silence"), seed=0)
+    with caplog.at_level("INFO", logger="audioclf.speech_commands"):
+        index = split_listing(_keyword_task(root, tmp_path / "silence"), seed=0)
+    assert "words + _unknown_ + _silence_: train 16 + 2 + 2, val 4 + 1 + 1, test 4 + 1 + 1" in (
+        caplog.text
+    )
     assert index.classes == [SILENCE, UNKNOWN, "one", "zero"]
     # 16, 4 and 4 keyword clips; a tenth as many (rounded up) of _unknown_ and of _silence_.
     assert index.counts() == {"train": 20, "val": 6, "test": 6}

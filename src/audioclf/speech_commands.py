@@ -157,14 +157,19 @@ def _keyword_task(
         task += silence_clips(
             root / BACKGROUND, silence_counts, silence_dir, sample_rate, clip_seconds, seed
         )
-    kept = {split: sum(clip.split == split for clip in task) for split in SPLITS}
+
+    def counted(split: str) -> str:
+        labels = [clip.label for clip in task if clip.split == split]
+        unknown, silence = labels.count(UNKNOWN), labels.count(SILENCE)
+        return f"{split} {len(labels) - unknown - silence} + {unknown} + {silence}"
+
     log.info(
-        "%s: the keyword task on %d words, with %s and %s: %s",
+        "%s: the keyword task on %d words; clips of the words + %s + %s: %s",
         root,
         len(words),
         UNKNOWN,
         SILENCE,
-        ", ".join(f"{split} {kept[split]}" for split in SPLITS),
+        ", ".join(counted(split) for split in SPLITS),
     )
     return Listing(str(root), task)
 
