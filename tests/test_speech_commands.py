@@ -152,6 +152,25 @@ def test_silence_is_written_once_per_data_and_settings_and_a_lost_clip_is_named(
         silence()
 
 
+def test_silence_is_never_zeros_outside_training_where_the_background_is_silent(tmp_path):
+    # The test split's stretch of the background (4.5-6 s) is zeros but for its last 0.1 s:
+    # zeros are training's muted microphone, and a file of them in test too would be leakage.
+    root = _keyword_data(tmp_path / "sc")
+    background = root / "_background_noise_" / "ramp.wav"
+    ramp, _ = sf.read(background, dtype="float32")
+    ramp[round(4.5 * RATE) : round(5.9 * RATE)] = 0
+    write_wav(background, ramp, RATE, "FLOAT")
+    index = split_listing(_keyword_task(root, tmp_path / "silence"), seed=0)
+    for split in ("val", "test"):
+        for clip in index.splits[split]:
+            if clip.label == SILENCE:
+                assert sf.read(clip.path)[0].any(), clip.path
+    ramp[round(4.5 * RATE) :] = 0  # nothing but zeros to cut from
+    write_wav(background, ramp, RATE, "FLOAT")
+    with pytest.raises(DatasetError, match=r"_background_noise_: 100 slices .* test _silence_"):
+        _keyword_task(root, tmp_path / "silence")
+
+
 def test_keyword_task_errors_name_the_words_and_the_background_folder(tmp_path):
     root = _keyword_data(tmp_path / "sc")
     with pytest.raises(DatasetError, match=r"names \['tree'\], which it has no folder for; its "):

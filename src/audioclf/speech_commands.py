@@ -41,8 +41,10 @@ MAX_SILENCE_GAIN = 0.1
 #: A muted microphone gives exact zeros, which no slice of noise is: one training silence clip
 #: in this many is all zeros. Only training's: identical files in two splits would be leakage.
 ZERO_SILENCE_EVERY = 10
+#: Draws of a slice that comes out all zeros (a silent stretch of a sound) before giving up.
+_DRAWS = 100
 #: Changes whenever the way silence clips are cut does, so older folders are not reused.
-_SILENCE_VERSION = "2"
+_SILENCE_VERSION = "3"
 
 
 def index_speech_commands(
@@ -220,6 +222,35 @@ def silence_clips(
     ]
 
 
+def _cut(
+    rng: random.Random,
+    waveforms: list[np.ndarray],
+    sounds: list[Path],
+    split: str,
+    start_share: float,
+    end_share: float,
+    length: int,
+) -> np.ndarray:
+    """A random slice of `length` samples (or the whole stretch, if shorter) from the stretch
+    between `start_share` and `end_share` of a random sound, at a random gain. Never zeros:
+    drawn again where a sound is silent, since zeros are training's muted microphone, and a
+    file of them in another split would be leakage."""
+    for _ in range(_DRAWS):
+        waveform = waveforms[rng.randrange(len(waveforms))]
+        begin = math.floor(start_share * len(waveform))
+        end = max(begin + 1, math.floor(end_share * len(waveform)))
+        size = min(length, end - begin)
+        offset = rng.randrange(begin, end - size + 1)
+        gain = MAX_SILENCE_GAIN * (1.0 - rng.random())
+        slice_ = (waveform[offset : offset + size] * gain).astype(np.float32)
+        if slice_.any():
+            return slice_
+    raise DatasetError(
+        f"{sounds[0].parent}: {_DRAWS} slices of its sounds for {split} {SILENCE} clips were "
+        "all zeros; give it sounds that are not silent (or set data.silence_fraction=0)"
+    )
+
+
 def _write_silence(
     folder: Path,
     sounds: list[Path],
@@ -249,15 +280,10 @@ def _write_silence(
             rng = random.Random(f"{seed}:{SILENCE}:{split}")
             (staging / split).mkdir()
             for n in range(count):
-                waveform = waveforms[rng.randrange(len(waveforms))]
-                begin = math.floor(start_share * len(waveform))
-                end = max(begin + 1, math.floor(end_share * len(waveform)))
-                size = min(length, end - begin)
-                offset = rng.randrange(begin, end - size + 1)
-                gain = MAX_SILENCE_GAIN * (1.0 - rng.random())
                 if split == "train" and n % ZERO_SILENCE_EVERY == 0:
-                    gain = 0.0
-                slice_ = (waveform[offset : offset + size] * gain).astype(np.float32)
+                    slice_ = np.zeros(length, np.float32)
+                else:
+                    slice_ = _cut(rng, waveforms, sounds, split, start_share, end_share, length)
                 path = staging / split / f"silence_{n:05d}.wav"
                 soundfile.write(path, slice_, sample_rate, subtype="FLOAT")
             start_share = end_share
