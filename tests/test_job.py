@@ -149,9 +149,9 @@ def test_testing_from_a_checkpoint_needs_no_other_flags(compose_config, tmp_path
     assert tested["test"]["confusion_matrix"] == trained["test"]["confusion_matrix"]
 
 
-def test_a_checkpoint_is_not_tested_on_clips_it_trained_or_validated_on(compose_config, tmp_path):
-    # Trained on a 50/25/25 ratio split, then tested with the default 80/10/10 one: most of
-    # the new test clips had trained it, and the test said 100%.
+def _trained_on_digits(compose_config, tmp_path) -> tuple[list[str], list[str], Path]:
+    """A folder of 8 clips of digits 1 and 2 each, the overrides that read it and split it
+    50/25/25, and the best.pth of one epoch on that split."""
     root = tmp_path / "digits"
     for digit in (1, 2):
         for index in range(10, 18):
@@ -160,7 +160,13 @@ def test_a_checkpoint_is_not_tested_on_clips_it_trained_or_validated_on(compose_
     data = ["data=folder", f"data.root={root}", "data.sample_rate=8000"]
     split = ["data.val_fraction=0.25", "data.test_fraction=0.25"]
     run(compose_config(*data, *split, "run.train=true", "training.epochs=1"))
-    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    return data, split, tmp_path / "outputs" / "checkpoints" / "best.pth"
+
+
+def test_a_checkpoint_is_not_tested_on_clips_it_trained_or_validated_on(compose_config, tmp_path):
+    # Trained on a 50/25/25 ratio split, then tested with the default 80/10/10 one: most of
+    # the new test clips had trained it, and the test said 100%.
+    data, split, best = _trained_on_digits(compose_config, tmp_path)
     summary = run(compose_config(*data, *split, "run.test=true", f"run.checkpoint_path={best}"))
     assert summary["test"]["per_class"]["support"] == [2, 2]
 
@@ -539,3 +545,23 @@ def test_main_job_killed_with_sigkill_and_resumed_equals_an_uninterrupted_run(tm
     ]
     for name, value in expected["model"].items():
         assert torch.equal(value, actual["model"][name]), name
+
+
+def test_a_model_fine_tuned_from_a_checkpoint_is_not_tested_on_that_ones_clips(
+    compose_config, tmp_path
+):
+    # model.params.pretrained_path: a new head on the checkpoint's weights, which have learnt
+    # its training and validation clips; another split's test would hold some of them.
+    data, split, best = _trained_on_digits(compose_config, tmp_path)
+    fine_tune = [*data, *split, "data.split_seed=1", f"model.params.pretrained_path={best}"]
+    with pytest.raises(DatasetError) as refused:
+        run(compose_config(*fine_tune, "run.train=true", "run.test=true", "training.epochs=1"))
+    assert re.match(
+        r"2 of the 4 test clips trained or validated model.params.pretrained_path .*best\.pth",
+        str(refused.value),
+    )
+    # Trained without that test, its checkpoints carry those clips on.
+    tuned = tmp_path / "tuned"
+    run(compose_config(*fine_tune, "run.train=true", f"system.output_dir={tuned}"))
+    seen = stored_seen_clips(load_checkpoint(tuned / "checkpoints" / "best.pth"))
+    assert stored_seen_clips(load_checkpoint(best)) < seen

@@ -47,6 +47,7 @@ from audioclf.pipeline import (
     loss_class_weights,
     normalization_for,
     pretrained_feature_differences,
+    pretrained_seen_clips,
 )
 from audioclf.quant import QuantizationError, QuantizedModel
 from audioclf.runtime import (
@@ -245,6 +246,15 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 settings.model.params["pretrained_path"],
                 "; ".join(differences),
             )
+        # A model fine-tuned from one of our checkpoints has learnt that one's clips too.
+        pretrained_seen = pretrained_seen_clips(settings.model)
+        if settings.run.test and pretrained_seen:
+            check_unseen(
+                datasets["test"].clips,
+                pretrained_seen,
+                f"model.params.pretrained_path {settings.model.params['pretrained_path']}",
+            )
+        seen |= pretrained_seen
         if checkpoint is not None and "quantized" in checkpoint:
             model = int8_model(settings, model, checkpoint)
         elif checkpoint is not None:

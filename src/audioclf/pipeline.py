@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
+from audioclf.checkpoint import stored_seen_clips
 from audioclf.dataset import (
     SpectrogramDataset,
     check_clips,
@@ -252,15 +254,30 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
         raise ConfigError(f"model.params: {error}") from error
 
 
+def _pretrained_content(model: ModelConfig) -> dict[str, Any] | None:
+    """The file `model.params.pretrained_path` names, tensors mapped (create_model reads the
+    weights; this is a look at the rest), or None without one or when it is no dict."""
+    path = model.params.get("pretrained_path")
+    if not path:
+        return None
+    content = load_file(path, mmap=True)
+    return content if isinstance(content, dict) else None
+
+
+def pretrained_seen_clips(model: ModelConfig) -> set[str]:
+    """The content digests of the clips that trained or validated the trainer checkpoint given
+    as `model.params.pretrained_path` (none for official PANNs files and bare state_dicts): a
+    model fine-tuned from it has learnt them too."""
+    content = _pretrained_content(model)
+    return set() if content is None else stored_seen_clips(content)
+
+
 def pretrained_feature_differences(model: ModelConfig, params: LogMelParams) -> list[str]:
     """How the features of a trainer checkpoint given as `model.params.pretrained_path` differ
     from `params`, one "name stored vs this run's" per parameter; empty when they agree or the
     file holds none (official PANNs files and other bare state_dicts)."""
-    path = model.params.get("pretrained_path")
-    if not path:
-        return []
-    content = load_file(path, mmap=True)  # create_model reads the weights; only a look here
-    stored = content.get("features") if isinstance(content, dict) else None
+    content = _pretrained_content(model)
+    stored = None if content is None else content.get("features")
     if not isinstance(stored, dict):
         return []
     current = params.as_dict()
