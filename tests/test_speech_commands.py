@@ -273,10 +273,10 @@ def test_two_processes_writing_the_same_silence_leave_one_whole_copy(tmp_path):
     sounds = [root / "_background_noise_" / "ramp.wav"]
     folder = tmp_path / "silence" / "same"
     counts = {"train": 2, "val": 1, "test": 1}
-    _write_silence(folder, sounds, counts, RATE, 1.0, seed=0)
+    _write_silence(folder, sounds[0].parent, sounds, counts, RATE, 1.0, seed=0)
     written = {path: path.read_bytes() for path in folder.rglob("*.wav")}
     # A torchrun rank that found no folder too, and renames its copy second.
-    _write_silence(folder, sounds, counts, RATE, 1.0, seed=0)
+    _write_silence(folder, sounds[0].parent, sounds, counts, RATE, 1.0, seed=0)
     assert {path: path.read_bytes() for path in folder.rglob("*.wav")} == written
     assert len(written) == 4
     assert [path.name for path in folder.parent.iterdir()] == ["same"]  # no staging left

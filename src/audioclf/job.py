@@ -46,8 +46,8 @@ from audioclf.pipeline import (
     build_model,
     loss_class_weights,
     normalization_for,
+    pretrained_checkpoint,
     pretrained_feature_differences,
-    pretrained_seen_clips,
 )
 from audioclf.quant import QuantizationError, QuantizedModel
 from audioclf.runtime import (
@@ -220,25 +220,11 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 f"{settings.run.checkpoint_path} was trained for classes "
                 f"{checkpoint['classes']}; this dataset has {index.classes}{hint}"
             )
-        # Clips that trained or validated the model: stored with it, never tested on.
-        seen = set() if checkpoint is None else stored_seen_clips(checkpoint)
-        if settings.run.test and seen:
-            check_unseen(
-                datasets["test"].clips,
-                seen,
-                str(settings.run.checkpoint_path),
-                _split_hint(checkpoint["config"], config),
-            )
-        resumed = None if resume is None else load_file(resume, mmap=True)
-        if resumed is not None:
-            seen |= stored_seen_clips(resumed)
-        seen |= content_digests(datasets["train"].clips + datasets["val"].clips)
         # Built before the slow data pass, so a bad model parameter or checkpoint fails early.
         n_mels = datasets["train"].feature_shape[-1]
         model = build_model(settings.model, len(index.classes), n_mels)
-        differences = pretrained_feature_differences(
-            settings.model, datasets["train"].feature_params
-        )
+        pretrained = pretrained_checkpoint(settings.model)
+        differences = pretrained_feature_differences(pretrained, datasets["train"].feature_params)
         if differences:
             log.warning(
                 "model.params.pretrained_path %s was trained on other features than this "
@@ -246,15 +232,26 @@ def _run(config: DictConfig) -> dict[str, Any]:
                 settings.model.params["pretrained_path"],
                 "; ".join(differences),
             )
-        # A model fine-tuned from one of our checkpoints has learnt that one's clips too.
-        pretrained_seen = pretrained_seen_clips(settings.model)
-        if settings.run.test and pretrained_seen:
-            check_unseen(
-                datasets["test"].clips,
-                pretrained_seen,
-                f"model.params.pretrained_path {settings.model.params['pretrained_path']}",
-            )
-        seen |= pretrained_seen
+        # Clips that trained or validated the model, or the weights it starts from (a
+        # fine-tune from one of our checkpoints has learnt that one's too): stored with it,
+        # never tested on.
+        learnt = []
+        if checkpoint is not None:
+            hint = _split_hint(checkpoint["config"], config)
+            learnt.append((str(settings.run.checkpoint_path), checkpoint, hint))
+        if pretrained is not None:
+            path = settings.model.params["pretrained_path"]
+            learnt.append((f"model.params.pretrained_path {path}", pretrained, ""))
+        seen: set[str] = set()
+        for source, content, hint in learnt:
+            clips = stored_seen_clips(content)
+            if settings.run.test and clips:
+                check_unseen(datasets["test"].clips, clips, source, hint)
+            seen |= clips
+        resumed = None if resume is None else load_file(resume, mmap=True)
+        if resumed is not None:
+            seen |= stored_seen_clips(resumed)
+        seen |= content_digests(datasets["train"].clips + datasets["val"].clips)
         if checkpoint is not None and "quantized" in checkpoint:
             model = int8_model(settings, model, checkpoint)
         elif checkpoint is not None:

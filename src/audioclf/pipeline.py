@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from audioclf.augment import AudioAugment, SpecAugment
 from audioclf.cache import FeatureCache
-from audioclf.checkpoint import stored_seen_clips
 from audioclf.dataset import (
     SpectrogramDataset,
     check_clips,
@@ -254,9 +253,10 @@ def build_model(model: ModelConfig, num_classes: int, n_mels: int) -> Model:
         raise ConfigError(f"model.params: {error}") from error
 
 
-def _pretrained_content(model: ModelConfig) -> dict[str, Any] | None:
+def pretrained_checkpoint(model: ModelConfig) -> dict[str, Any] | None:
     """The file `model.params.pretrained_path` names, tensors mapped (create_model reads the
-    weights; this is a look at the rest), or None without one or when it is no dict."""
+    weights; this is a look at the rest), or None without one or when it is no dict (official
+    PANNs files are; bare state_dicts of other tools may not be)."""
     path = model.params.get("pretrained_path")
     if not path:
         return None
@@ -264,20 +264,13 @@ def _pretrained_content(model: ModelConfig) -> dict[str, Any] | None:
     return content if isinstance(content, dict) else None
 
 
-def pretrained_seen_clips(model: ModelConfig) -> set[str]:
-    """The content digests of the clips that trained or validated the trainer checkpoint given
-    as `model.params.pretrained_path` (none for official PANNs files and bare state_dicts): a
-    model fine-tuned from it has learnt them too."""
-    content = _pretrained_content(model)
-    return set() if content is None else stored_seen_clips(content)
-
-
-def pretrained_feature_differences(model: ModelConfig, params: LogMelParams) -> list[str]:
-    """How the features of a trainer checkpoint given as `model.params.pretrained_path` differ
-    from `params`, one "name stored vs this run's" per parameter; empty when they agree or the
-    file holds none (official PANNs files and other bare state_dicts)."""
-    content = _pretrained_content(model)
-    stored = None if content is None else content.get("features")
+def pretrained_feature_differences(
+    pretrained: dict[str, Any] | None, params: LogMelParams
+) -> list[str]:
+    """How the features stored in a `pretrained_checkpoint` differ from `params`, one "name
+    stored vs this run's" per parameter; empty when they agree or it holds none (official
+    PANNs files and other bare state_dicts)."""
+    stored = None if pretrained is None else pretrained.get("features")
     if not isinstance(stored, dict):
         return []
     current = params.as_dict()

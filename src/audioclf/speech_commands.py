@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from audioclf.audio import read_audio, read_bytes
+from audioclf.audio import file_digest, read_audio
 from audioclf.index import SPLITS, Clip, DatasetError, Listing
 from audioclf.layouts import audio_files_below
 
@@ -204,12 +204,12 @@ def silence_clips(
     for part in (_SILENCE_VERSION, sample_rate, clip_seconds, seed, sorted(counts.items())):
         digest.update(repr(part).encode())
     for sound in sounds:
-        digest.update(sound.name.encode() + hashlib.blake2b(read_bytes(sound)).digest())
+        digest.update(f"{sound.name}:{file_digest(sound)[0]}".encode())
     folder = silence_dir / digest.hexdigest()
     plan = [(split, n) for split in SPLITS for n in range(counts.get(split, 0))]
     paths = [folder / split / f"silence_{n:05d}.wav" for split, n in plan]
     if not folder.is_dir():
-        _write_silence(folder, sounds, counts, sample_rate, clip_seconds, seed)
+        _write_silence(folder, background, sounds, counts, sample_rate, clip_seconds, seed)
     absent = [path for path in paths if not path.is_file()]
     if absent:
         raise DatasetError(
@@ -225,16 +225,16 @@ def silence_clips(
 def _cut(
     rng: random.Random,
     waveforms: list[np.ndarray],
-    sounds: list[Path],
+    background: Path,
     split: str,
-    start_share: float,
-    end_share: float,
+    shares: tuple[float, float],
     length: int,
 ) -> np.ndarray:
     """A random slice of `length` samples (or the whole stretch, if shorter) from the stretch
-    between `start_share` and `end_share` of a random sound, at a random gain. Never zeros:
+    between the two `shares` of a random sound's length, at a random gain. Never zeros:
     drawn again where a sound is silent, since zeros are training's muted microphone, and a
     file of them in another split would be leakage."""
+    start_share, end_share = shares
     for _ in range(_DRAWS):
         waveform = waveforms[rng.randrange(len(waveforms))]
         begin = math.floor(start_share * len(waveform))
@@ -246,13 +246,14 @@ def _cut(
         if slice_.any():
             return slice_
     raise DatasetError(
-        f"{sounds[0].parent}: {_DRAWS} slices of its sounds for {split} {SILENCE} clips were "
+        f"{background}: {_DRAWS} slices of its sounds for {split} {SILENCE} clips were "
         "all zeros; give it sounds that are not silent (or set data.silence_fraction=0)"
     )
 
 
 def _write_silence(
     folder: Path,
+    background: Path,
     sounds: list[Path],
     counts: dict[str, int],
     sample_rate: int,
@@ -283,7 +284,9 @@ def _write_silence(
                 if split == "train" and n % ZERO_SILENCE_EVERY == 0:
                     slice_ = np.zeros(length, np.float32)
                 else:
-                    slice_ = _cut(rng, waveforms, sounds, split, start_share, end_share, length)
+                    slice_ = _cut(
+                        rng, waveforms, background, split, (start_share, end_share), length
+                    )
                 path = staging / split / f"silence_{n:05d}.wav"
                 soundfile.write(path, slice_, sample_rate, subtype="FLOAT")
             start_share = end_share
