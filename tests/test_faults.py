@@ -27,7 +27,7 @@ from audioclf.dataset import SpectrogramDataset, prepare
 from audioclf.features import PRESETS, compute_log_mel, resolve_params
 from audioclf.index import Clip, DatasetError, split_listing
 from audioclf.job import make_output_dir
-from audioclf.layouts import index_manifest
+from audioclf.manifest import index_manifest
 from audioclf.model import CheckpointError, ModelError, create_model, read_state_dict
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, REPO, fsdd_clip, write_manifest

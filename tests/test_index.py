@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 
 from audioclf.index import Clip, DatasetError, Listing, split_listing
-from audioclf.layouts import (
-    index_folder,
-    index_fsd50k,
-    index_fsdd,
-    index_manifest,
-    manifest_folds,
-)
+from audioclf.layouts import index_folder, index_fsd50k, index_fsdd
+from audioclf.manifest import index_manifest, manifest_folds
 from conftest import (
     FSDD,
     SPEAKERS,

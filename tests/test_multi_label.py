@@ -41,7 +41,7 @@ def _multi_labeltiny_split_manifest(tmp_path, negatives: bool = False) -> list[s
 
 def test_multi_label_manifest_gives_multi_hot_targets(tmp_path):
     from audioclf.index import split_listing
-    from audioclf.layouts import index_manifest
+    from audioclf.manifest import index_manifest
 
     path = write_manifest(
         tmp_path / "m.csv",

@@ -33,7 +33,7 @@ from audioclf.deploy import export_run, int8_model, quantise_run
 from audioclf.distill import WithTeacherLogits, build_teacher
 from audioclf.export import ExportError
 from audioclf.index import DatasetError, check_unseen, content_digests
-from audioclf.layouts import manifest_folds
+from audioclf.manifest import manifest_folds
 from audioclf.model import (
     CheckpointError,
     ModelError,

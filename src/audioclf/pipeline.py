@@ -26,13 +26,9 @@ from audioclf.dataset import (
 )
 from audioclf.features import LogMelParams, num_frames, resolve_params
 from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
-from audioclf.layouts import (
-    index_folder,
-    index_fsd50k,
-    index_fsdd,
-    index_manifest,
-)
+from audioclf.layouts import index_folder, index_fsd50k, index_fsdd
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
+from audioclf.manifest import index_manifest
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
 from audioclf.normalization import FeatureNormalization
