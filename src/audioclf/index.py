@@ -35,7 +35,8 @@ class Clip:
     `split` is the split the dataset's layout puts it in (None: the ratio split decides);
     `origin` says where it was listed (a manifest line), for messages. Clips of one `group`
     (a speaker, a source recording) are never split apart. `sample_rate` and `seconds` are
-    the file's own, once `audioclf.dataset.check_clips` has read it (None before).
+    the file's own, once `audioclf.dataset.check_clips` has read it (None before);
+    `listed_seconds` is the length a manifest gives for it (NeMo's `duration`), to check.
     """
 
     path: Path
@@ -45,6 +46,7 @@ class Clip:
     group: str | None = field(default=None, compare=False)
     sample_rate: int | None = field(default=None, compare=False)
     seconds: float | None = field(default=None, compare=False)
+    listed_seconds: float | None = field(default=None, compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -86,11 +88,12 @@ class DatasetIndex:
 
 
 def drop_duplicates(listing: Listing) -> Listing:
-    """The listing without exact duplicates (same file, label and split), each dropped with a
-    warning naming it; the same file in two splits or under two labels is a DatasetError
-    naming both places. Files are compared by resolved path."""
+    """The listing without exact duplicates (same file, label and split), dropped with one
+    warning that counts them and names the first few (NeMo's `--rebalance` repeats thousands
+    of rows); the same file in two splits or under two labels is a DatasetError naming both
+    places. Files are compared by resolved path."""
     first_seen: dict[Path, Clip] = {}
-    kept = []
+    kept, dropped = [], []
     for clip in listing.clips:
         resolved = clip.path.resolve()
         earlier = first_seen.setdefault(resolved, clip)
@@ -108,7 +111,16 @@ def drop_duplicates(listing: Listing) -> Listing:
                 f"{listing.source}: {resolved} is listed with two labels: {earlier.label!r} at "
                 f"{earlier.where} and {clip.label!r} at {clip.where}"
             )
-        log.warning("dropping duplicate of %s: %s", earlier.where, clip.where)
+        dropped.append(f"{clip.where} repeats {earlier.where}")
+    if dropped:
+        more = f"; and {len(dropped) - 3} more" if len(dropped) > 3 else ""
+        log.warning(
+            "%s: dropped %d repeated listing(s) of a file (same label and split): %s%s",
+            listing.source,
+            len(dropped),
+            "; ".join(dropped[:3]),
+            more,
+        )
     return replace(listing, clips=kept)
 
 

@@ -72,7 +72,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 #: The keys that name files or folders (`system.output_dir` when given: Hydra's own is
-#: absolute), and in each audio augmentation, its options named `*_path`.
+#: absolute; each of a section's values, for `data.manifest` per split), and in each audio
+#: augmentation, its options named `*_path`.
 PATH_KEYS = (
     "system.output_dir",
     "system.cache_dir",
@@ -91,7 +92,13 @@ def from_launch_directory(config: DictConfig, launch_dir: str | Path) -> list[st
     `data.root=data/clips` would not be found and a relative `system.cache_dir` would start
     an empty cache in every run. A value interpolated from another key (`${data.root}/...`)
     follows that key. Returns the keys changed."""
-    keys = [key for key in PATH_KEYS if OmegaConf.select(config, key) is not None]
+    keys = []
+    for key in PATH_KEYS:
+        value = OmegaConf.select(config, key)
+        if isinstance(value, DictConfig):  # data.manifest as a manifest per split
+            keys += [f"{key}.{name}" for name in value]
+        elif value is not None:
+            keys.append(key)
     transforms = OmegaConf.select(config, "augmentations.audio.transforms") or []
     keys += [
         f"augmentations.audio.transforms.{index}.{option}"

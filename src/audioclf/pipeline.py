@@ -28,11 +28,11 @@ from audioclf.features import LogMelParams, num_frames, resolve_params
 from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
 from audioclf.layouts import index_folder, index_fsd50k, index_fsdd
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
-from audioclf.manifest import index_manifest
+from audioclf.manifest import check_durations, index_manifest, index_split_manifests
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
 from audioclf.normalization import FeatureNormalization
-from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings
+from audioclf.settings import ConfigError, DataConfig, ModelConfig, Settings, SplitManifests
 from audioclf.speech_commands import index_speech_commands
 
 
@@ -61,7 +61,19 @@ def list_dataset(data: DataConfig, generated_dir: Path | None = None) -> Listing
 
     `generated_dir`: where clips that a layout makes go (the keyword task's `_silence_`).
     """
-    if data.format == "manifest":
+    if data.format == "manifest" and isinstance(data.manifest, SplitManifests):
+        manifests = {split: Path(path) for split, path in data.manifest.given().items()}
+        for split, path in manifests.items():
+            if not path.is_file():
+                raise ConfigError(f"data.manifest.{split}: no such file {str(path)!r}")
+        listing = index_split_manifests(
+            manifests,
+            Path(data.root) if data.root else None,
+            data.val_fraction,
+            data.multi_label,
+            data.column_map(),
+        )
+    elif data.format == "manifest":
         if not data.manifest or not Path(data.manifest).is_file():
             raise ConfigError(f"data.manifest: no such file {data.manifest!r}")
         listing = index_manifest(
@@ -128,6 +140,7 @@ def build_datasets(
         num_workers=settings.system.num_workers,
         progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
+    check_durations(good)
     listing.clips = good
     index = split_listing(listing, data.split_seed, multi_label=data.multi_label, classes=classes)
     if settings.run.train and not index.splits["val"]:

@@ -81,13 +81,27 @@ class ColumnsConfig:
 
 
 @dataclass(frozen=True)
+class SplitManifests:
+    """`data.manifest` as a manifest per split (NeMo's train/validation/test manifests)."""
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+
+    def given(self) -> dict[str, str]:
+        """The splits that have a manifest, and its path."""
+        return {split: path for split, path in dataclasses.asdict(self).items() if path}
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """The `data` section."""
 
     format: Literal["fsdd", "folder", "manifest", "speech_commands", "fsd50k"]
     name: str
     root: str | None
-    manifest: str | None
+    #: One manifest, or one per split.
+    manifest: str | SplitManifests | None
     sample_rate: int = bounded(gt=0)
     clip_seconds: float = bounded(gt=0)
     val_fraction: float = bounded(ge=0, lt=1)
@@ -310,6 +324,36 @@ def _check_words(data: DataConfig) -> None:
         raise ConfigError(f"data.words names {reserved}: folders starting with _ hold no words")
 
 
+def _check_split_manifests(settings: Settings) -> None:
+    """`data.manifest` as a manifest per split: one at least, with training's when training;
+    the splits it gives leave no folds to pick."""
+    manifests = settings.data.manifest
+    if not isinstance(manifests, SplitManifests):
+        return
+    given = manifests.given()
+    if not given:
+        raise ConfigError("data.manifest gives no file: {train: ..., val: ..., test: ...}")
+    if "train" not in given and settings.run.train:
+        raise ConfigError(
+            f"data.manifest has no train manifest (only {', '.join(given)}); training needs one, "
+            "or run.train=false to test a checkpoint"
+        )
+    folds = [
+        key
+        for key, value in (
+            ("data.test_fold", settings.data.test_fold),
+            ("data.val_fold", settings.data.val_fold),
+            ("run.folds", settings.run.folds),
+        )
+        if value is not None
+    ]
+    if folds:
+        raise ConfigError(
+            f"{' and '.join(folds)} pick splits from one manifest's folds; data.manifest gives "
+            "a manifest per split"
+        )
+
+
 def load_settings(config: DictConfig) -> Settings:
     """Check every section of a composed config; the first bad value is a ConfigError."""
     try:
@@ -337,6 +381,7 @@ def load_settings(config: DictConfig) -> Settings:
     if data.columns is not None and data.format != "manifest":
         raise ConfigError(f"data.columns maps manifest columns; data={data.name} has no manifest")
     _check_words(data)
+    _check_split_manifests(settings)
     if settings.run.export and "onnx" in settings.run.export_formats:
         missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if not _installed(name)]
         if missing:
