@@ -89,8 +89,8 @@ class DatasetIndex:
 
 def drop_duplicates(listing: Listing) -> Listing:
     """The listing without exact duplicates (same file, label and split), dropped with one
-    warning that counts them and names the first few (NeMo's `--rebalance` repeats thousands
-    of rows); the same file in two splits or under two labels is a DatasetError naming both
+    warning that counts them and names the first (NeMo's `--rebalance` repeats thousands of
+    rows); the same file in two splits or under two labels is a DatasetError naming both
     places. Files are compared by resolved path."""
     first_seen: dict[Path, Clip] = {}
     kept, dropped = [], []
@@ -113,13 +113,10 @@ def drop_duplicates(listing: Listing) -> Listing:
             )
         dropped.append(f"{clip.where} repeats {earlier.where}")
     if dropped:
-        more = f"; and {len(dropped) - 3} more" if len(dropped) > 3 else ""
         log.warning(
-            "%s: dropped %d repeated listing(s) of a file (same label and split): %s%s",
-            listing.source,
+            "dropped %d repeated listing(s) of a file (same label and split), the first: %s",
             len(dropped),
-            "; ".join(dropped[:3]),
-            more,
+            dropped[0],
         )
     return replace(listing, clips=kept)
 

@@ -46,6 +46,10 @@ def close_matches(name: str, known: Iterable[str]) -> list[str]:
     return [k for ratio, k in scored[:3] if ratio >= max(0.8, scored[0][0] - 0.05)]
 
 
+#: A section with at most this many keys is named whole when an unknown key has no near match.
+SHORT_SECTION = 8
+
+
 def build_section(cls: type, values: Any, key: str) -> Any:
     """The dataclass `cls` from a mapping at config key `key`, every field checked."""
     if not isinstance(values, dict):
@@ -54,10 +58,13 @@ def build_section(cls: type, values: Any, key: str) -> Any:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         close = [join_key(key, match) for name in unknown for match in close_matches(name, fields)]
-        raise ConfigError(
-            f"unknown key(s) {[join_key(key, name) for name in unknown]}"
-            + (f"; did you mean {' or '.join(close)}?" if close else "")
-        )
+        if close:
+            hint = f"; did you mean {' or '.join(close)}?"
+        elif len(fields) <= SHORT_SECTION:
+            hint = f"; {key or 'the config'} has {', '.join(fields)}"
+        else:
+            hint = ""
+        raise ConfigError(f"unknown key(s) {[join_key(key, name) for name in unknown]}{hint}")
     hints = typing.get_type_hints(cls)
     arguments = {}
     for name, spec in fields.items():
@@ -162,6 +169,9 @@ def _describe(hint: Any, bounds: typing.Mapping[str, float]) -> str:
             words.append("one of " + ", ".join(map(str, typing.get_args(option))))
         elif typing.get_origin(option) is list:
             words.append("a list")
+        elif dataclasses.is_dataclass(option):
+            names = ", ".join(f.name for f in dataclasses.fields(option))
+            words.append(f"a section ({names})")
         elif option in (int, float):
             noun = "a whole number" if option is int else "a number"
             words.append(f"{noun} {limits}".strip())
