@@ -6,16 +6,21 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
-from audioclf import overrides
+from audioclf import audio, overrides
+from audioclf.audio import BadAudioError
+from audioclf.augment import AudioAugment
+from audioclf.cache import FeatureCache
 from audioclf.cli import run
-from audioclf.dataset import check_clips
-from audioclf.index import DatasetError, drop_duplicates, split_listing
-from audioclf.manifest import check_durations, index_manifest, index_split_manifests
+from audioclf.dataset import SpectrogramDataset, check_clips
+from audioclf.features import log_mel, resolve_params
+from audioclf.index import Clip, DatasetError, drop_duplicates, split_listing
+from audioclf.manifest import index_manifest, index_split_manifests
 from audioclf.settings import ConfigError, load_settings
-from conftest import FSDD, fsdd_clip
+from conftest import FSDD, fsdd_clip, write_manifest, write_wav
 
 SPLIT_INDICES = {"train": (10, 11, 12, 13), "val": (5, 6), "test": (0, 1)}
 
@@ -57,7 +62,7 @@ def test_a_json_lines_manifest_reads_nemos_keys_and_logs_those_it_does_not_read(
         (Path(item["audio_filepath"]), item["command"]) for item in items
     ]
     assert listing.clips[0].origin == f"{manifest}, line 1"
-    assert listing.clips[0].listed_seconds == pytest.approx(items[0]["duration"])
+    assert listing.clips[0].duration == pytest.approx(items[0]["duration"])
     assert "key(s) ['text', 'speaker'] not read" in caplog.text
     index = split_listing(listing, seed=0)
     assert index.counts() == {"train": 4, "val": 4, "test": 4}
@@ -85,7 +90,7 @@ def test_a_json_array_manifest_with_label_lists_reads_as_multi_label(tmp_path):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ('{"audio_filepath": "a.wav", "label": "x", "offset": 2.5}', r"line 2: offset 2\.5 s: a "),
+        ('{"audio_filepath": "a.wav", "label": "x", "duration": -1}', "line 2: duration -1 is neg"),
         ('{"audio_filepath": "a.wav", "label": "x", "offset": "soon"}', "line 2: offset 'soon' is"),
         ('{"audio_filepath": "a.wav", "label": ""}', "line 2: empty label"),
         ('{"audio_filepath": "a.wav",', "line 2: not JSON .*one object per line"),
@@ -106,18 +111,119 @@ def test_a_json_manifest_without_a_path_key_names_nemos_keys(tmp_path):
         index_manifest(manifest, None, 0.1, 0.1)
 
 
-def test_a_row_whose_duration_is_a_part_of_its_file_is_an_error(tmp_path):
-    # NeMo loads `duration` seconds of the file: a shorter duration means a part of it.
-    whole = nemo_item(1, 10)
-    part = {**nemo_item(2, 10), "duration": 0.2}
-    unmeasured = {**nemo_item(2, 11), "duration": 0.0}  # NeMo's --skip_duration
-    manifest = write_json_lines(tmp_path / "m.json", [whole, unmeasured, part])
-    clips, _ = check_clips(index_manifest(manifest, None, 0.1, 0.1).clips)
-    with pytest.raises(
-        DatasetError, match=r"1 manifest row\(s\) .* line 3 \(.*\): duration 0\.2 s, the file"
-    ):
-        check_durations(clips)
-    check_durations(clips[:2])  # the whole file, and a duration not measured
+def long_recording(
+    path: Path, digits: tuple[int, ...], gap: float = 0.25, index: int = 10
+) -> list[float]:
+    """Write FSDD recordings of `digits` (jackson's, `index`) one after another with `gap` s
+    of silence between (8 kHz, 16-bit); return each recording's offset in seconds."""
+    parts, offsets, at = [], [], 0.0
+    for digit in digits:
+        samples, rate = sf.read(fsdd_clip(digit, index=index), dtype="int16")
+        offsets.append(at)
+        parts += [samples, np.zeros(int(gap * rate), np.int16)]
+        at += (len(samples) + int(gap * rate)) / rate
+    sf.write(path, np.concatenate(parts), 8000, subtype="PCM_16")
+    return offsets
+
+
+def event_dataset(clips, cache_dir: Path, **kwargs) -> SpectrogramDataset:
+    params = resolve_params("librosa", 8000)
+    return SpectrogramDataset(
+        clips, ["1", "2"], 8000, 1.0, params, FeatureCache(cache_dir), **kwargs
+    )
+
+
+def test_a_row_with_an_offset_and_duration_is_that_part_of_its_file(tmp_path):
+    # NeMo's offset and duration: two sound events in one long recording.
+    recording = tmp_path / "long.wav"
+    offsets = long_recording(recording, (1, 2))
+    seconds = [sf.info(fsdd_clip(digit)).duration for digit in (1, 2)]
+    whole = {"audio_filepath": str(fsdd_clip(1)), "offset": 0, "duration": seconds[0], "label": "1"}
+    events = [
+        {"audio_filepath": "long.wav", "offset": offset, "duration": length, "label": label}
+        for offset, length, label in zip(offsets, seconds, ("1", "2"), strict=True)
+    ]
+    manifest = write_json_lines(tmp_path / "events.json", [whole, *events])
+    clips, bad = check_clips(index_manifest(manifest, None, 0.1, 0.1).clips)
+    assert not bad
+    # A part from 0 s to the end of its file is the whole file.
+    parts = list(zip(offsets, seconds, strict=True))
+    assert [clip.segment for clip in clips] == [None, *parts]
+    assert [clip.seconds for clip in clips] == pytest.approx([seconds[0], *seconds])
+    assert clips[2].where == (
+        f"{manifest}, line 3 ({recording} from {offsets[1]:g} s to {offsets[1] + seconds[1]:g} s)"
+    )
+    dataset = event_dataset(clips, tmp_path / "cache")
+    # Each part's features are those of the recording it was cut from, cached apart.
+    for index, digit in ((1, 1), (2, 2)):
+        alone = event_dataset([Clip(fsdd_clip(digit), str(digit))], tmp_path / "cache")
+        np.testing.assert_allclose(dataset.features(index), alone.features(0), atol=1e-5)
+    assert not np.allclose(dataset.features(1), dataset.features(2))
+    np.testing.assert_allclose(dataset.waveform(2), alone.waveform(0), atol=1e-6)
+
+
+def test_a_part_is_read_alike_from_formats_with_and_without_exact_seeking(tmp_path, monkeypatch):
+    recording = tmp_path / "long.flac"
+    long_recording(recording, (1, 2, 3))
+    seeked, info = audio.load_segment(recording, 8000, 1.0, 0.5)
+    monkeypatch.setattr(audio, "_SEEKABLE", frozenset())
+    decoded, same = audio.load_segment(recording, 8000, 1.0, 0.5)
+    assert info == same
+    assert len(seeked) == 4000
+    np.testing.assert_array_equal(seeked, decoded)
+
+
+def test_an_augmented_training_crop_stays_inside_its_part(tmp_path):
+    # Silence, then noise: a crop of the noisy part never reaches into the silence.
+    noise = np.random.default_rng(0).uniform(-0.5, 0.5, 8000).astype(np.float32)
+    path = write_wav(tmp_path / "r.wav", np.concatenate([np.zeros(16000, np.float32), noise]), 8000)
+    clip = Clip(path, "1", offset=2.0, duration=1.0)
+    augment = AudioAugment([{"name": "gain", "p": 1.0, "min_gain_db": 0.0, "max_gain_db": 0.0}])
+    dataset = event_dataset([clip], tmp_path / "cache", training=True, audio_augment=augment)
+    dataset.clip_seconds = 0.5
+    silent = log_mel(np.zeros(4000, np.float32), dataset.feature_params).max()
+    for seed in range(8):
+        features = dataset.features(0, np.random.default_rng(seed))
+        assert features.min() > silent + 20
+
+
+def test_parts_of_one_file_share_a_split(tmp_path):
+    recording = tmp_path / "long.wav"
+    offsets = long_recording(recording, (1, 2))
+    rows = [("long.wav", "1", "train", offsets[0], 0.5), ("long.wav", "2", "test", offsets[1], 0.5)]
+    manifest = write_manifest(
+        tmp_path / "m.csv", ["path", "label", "split", "offset", "duration"], rows
+    )
+    with pytest.raises(DatasetError, match=r"two splits: .*\(parts of a file share a split\)$"):
+        drop_duplicates(index_manifest(manifest, None, 0.1, 0.1))
+    # With a ratio split, a file's parts go to one split together.
+    others = [(f"{d}_jackson_{i}.wav", str(d), 0, "") for d in (1, 2) for i in range(10, 16)]
+    rows = [(str(recording), "1", offsets[0], 0.5), (str(recording), "2", offsets[1], 0.5)]
+    manifest = write_manifest(
+        tmp_path / "m.csv", ["path", "label", "offset", "duration"], rows + others
+    )
+    for seed in range(4):
+        index = split_listing(index_manifest(manifest, FSDD, 0.3, 0.3), seed=seed)
+        holding = [
+            s for s, clips in index.splits.items() if any(c.path == recording for c in clips)
+        ]
+        assert len(holding) == 1
+        assert sum(clip.path == recording for clip in index.splits[holding[0]]) == 2
+
+
+def test_a_part_past_its_files_end_is_a_bad_row(tmp_path, caplog):
+    rows = [("1_jackson_10.wav", "1", 0.2, ""), ("2_jackson_10.wav", "2", 30, 1)]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "offset", "duration"], rows)
+    clips = index_manifest(manifest, FSDD, 0.1, 0.1).clips
+    named = rf"^{manifest}, line 3 \(.*2_jackson_10\.wav from 30 s to 31 s\): offset 30 s is at"
+    with pytest.raises(BadAudioError, match=named):
+        check_clips(clips)
+    good, bad = check_clips(clips, on_bad_file="skip")
+    assert [clip.label for clip in good] == ["1"]
+    assert good[0].seconds == pytest.approx(sf.info(fsdd_clip(1)).duration - 0.2)
+    assert [reason for _, reason in bad] == [
+        f"offset 30 s is at or past the file's end ({sf.info(fsdd_clip(2)).duration:g} s)"
+    ]
 
 
 def test_a_manifest_per_split_gives_each_file_its_split(tmp_path, caplog):
@@ -226,5 +332,42 @@ def test_repeated_rows_are_dropped_with_one_warning_that_counts_them(tmp_path, c
     ]
     (warning,) = [record.getMessage() for record in caplog.records]
     assert warning.startswith("dropped 5 repeated listing(s)")
-    clip = fsdd_clip(1, index=10)
-    assert warning.endswith(f"{manifest}, line 2 ({clip}) repeats {manifest}, line 1 ({clip})")
+    assert f"the first: {manifest}, line 2 ({fsdd_clip(1, index=10)} " in warning
+    assert f"repeats {manifest}, line 1 (" in warning
+
+
+def test_the_main_job_trains_on_sound_events_in_long_recordings(compose_config, tmp_path):
+    # A manifest per split of events (offset, duration) in recordings of "1", then "2".
+    manifests = {}
+    for split, indices in SPLIT_INDICES.items():
+        items = []
+        for index in indices:
+            recording = tmp_path / f"rec_{index}.wav"
+            offsets = long_recording(recording, (1, 2), index=index)
+            for digit, offset in zip((1, 2), offsets, strict=True):
+                length = sf.info(fsdd_clip(digit, index=index)).duration
+                items.append(
+                    {
+                        "audio_filepath": recording.name,
+                        "offset": offset,
+                        "duration": length,
+                        "label": str(digit),
+                    }
+                )
+        manifests[split] = write_json_lines(tmp_path / f"{split}.json", items)
+    given = ",".join(f"{split}:{path}" for split, path in manifests.items())
+    summary = run(
+        compose_config(
+            "data=manifest",
+            f"data.manifest={{{given}}}",
+            "data.sample_rate=8000",
+            "run.train=true",
+            "run.test=true",
+            "training.epochs=1",
+        )
+    )
+    clips = {split: info["clips"] for split, info in summary["splits"].items()}
+    assert clips == {"train": 8, "val": 4, "test": 4}
+    assert summary["splits"]["test"]["per_class"] == {"1": 2, "2": 2}
+    # The clips' lengths are the events', not the recordings'.
+    assert summary["audio"]["seconds"]["max"] < 0.7

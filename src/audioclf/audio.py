@@ -134,6 +134,60 @@ def read_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInf
     return _decode(read_bytes(path), path, sample_rate)
 
 
+def load_segment(
+    path: str | Path, sample_rate: int, offset: float, duration: float | None
+) -> tuple[np.ndarray, AudioInfo]:
+    """The mono float32 waveform at `sample_rate` of the part of a file `offset` seconds in
+    and `duration` seconds long (None: to the end; a file that ends sooner gives what it
+    has), and the file's own rate and length. WAV, FLAC and AIFF are read from the part's
+    first sample (seeking is exact in them); other formats are decoded whole and cut. An
+    offset at or past the file's end is a BadAudioError naming both."""
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
+        info = None  # the whole-file path names the error
+    if info is None or info.format not in _SEEKABLE:
+        waveform, whole = read_audio(path, sample_rate)
+        start = round(offset * sample_rate)
+        stop = None if duration is None else start + round(duration * sample_rate)
+        _check_offset(path, offset, whole.seconds)
+        return np.ascontiguousarray(waveform[start:stop]), whole
+    whole = AudioInfo(info.samplerate, info.frames / info.samplerate)
+    _check_offset(path, offset, whole.seconds)
+    start = round(offset * info.samplerate)
+    frames = -1 if duration is None else round(duration * info.samplerate)
+    try:
+        with sf.SoundFile(str(path)) as handle:
+            handle.seek(start)
+            samples = handle.read(frames, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        raise BadAudioError(path, f"cannot decode audio ({_decode_error(error)})") from error
+    if samples.shape[0] == 0:
+        raise BadAudioError(path, f"no audio samples from {offset:g} s on")
+    if not np.isfinite(samples).all():
+        raise BadAudioError(path, "audio contains NaN or infinite samples")
+    waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if info.samplerate != sample_rate:
+        waveform = librosa.resample(
+            waveform, orig_sr=info.samplerate, target_sr=sample_rate, res_type=RESAMPLER
+        )
+    return np.ascontiguousarray(waveform, dtype=np.float32), whole
+
+
+def past_end(offset: float, seconds: float) -> str | None:
+    """Why a part that starts `offset` seconds into a file of `seconds` does not exist (None:
+    it does)."""
+    if offset < seconds:
+        return None
+    return f"offset {offset:g} s is at or past the file's end ({seconds:g} s)"
+
+
+def _check_offset(path: str | Path, offset: float, seconds: float) -> None:
+    reason = past_end(offset, seconds)
+    if reason is not None:
+        raise BadAudioError(path, reason)
+
+
 def load_crop(
     path: str | Path, sample_rate: int, num_samples: int, rng: np.random.Generator
 ) -> np.ndarray:

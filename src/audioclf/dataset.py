@@ -7,6 +7,7 @@ the epoch sampler are `audioclf.loading`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -27,7 +28,9 @@ from audioclf.audio import (
     file_digest,
     fix_length,
     load_crop,
+    load_segment,
     pad_for_random_crop,
+    past_end,
     read_bytes,
 )
 from audioclf.augment import AudioAugment, SpecAugment
@@ -57,6 +60,25 @@ def _cached_features_digest(params: LogMelParams, clip_samples: int, crop: str) 
             "version": FEATURE_CODE_VERSION,
         }
     )
+
+
+def clip_digest(clip: Clip) -> tuple[str, bytes | None]:
+    """The digest of a clip's audio (its file's, and for a part of the file, that part's
+    place in it), and the file's bytes when they had to be read for it."""
+    digest, data = file_digest(clip.path)
+    if clip.segment is None:
+        return digest, data
+    part = f"{digest}:{clip.offset!r}:{clip.duration!r}".encode()
+    return hashlib.blake2b(part, digest_size=16).hexdigest(), data
+
+
+def clip_waveform(clip: Clip, sample_rate: int, data: bytes | None = None) -> np.ndarray:
+    """A clip's mono waveform at `sample_rate`, not yet cropped or padded: its file decoded
+    (from `data`, its bytes, when given), or the part of it the clip is."""
+    if clip.segment is not None:
+        return load_segment(clip.path, sample_rate, clip.offset, clip.duration)[0]
+    audio = data if data is not None else read_bytes(clip.path)
+    return decode_audio(audio, clip.path, sample_rate)
 
 
 @dataclass
@@ -156,7 +178,7 @@ class SpectrogramDataset(Dataset):
         if self.augments_audio or not self.cache.enabled or not self.clips:
             return None
         try:
-            digests = [file_digest(clip.path)[0] for clip in self.clips]
+            digests = [clip_digest(clip)[0] for clip in self.clips]
         except BadAudioError:
             return None
         return store_key(digests, self._parameters_digest())
@@ -171,13 +193,12 @@ class SpectrogramDataset(Dataset):
             return self.store[index], True
         clip = self.clips[index]
         if self.augments_audio:
-            decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
+            clip_waveform(clip, self.sample_rate)
             return np.empty((0, self.feature_params.n_mels), np.float32), False
-        digest, data = file_digest(clip.path)
+        digest, data = clip_digest(clip)
 
         def compute() -> np.ndarray:
-            audio = data if data is not None else read_bytes(clip.path)
-            waveform = decode_audio(audio, clip.path, self.sample_rate)
+            waveform = clip_waveform(clip, self.sample_rate, data)
             if self.training:
                 waveform = pad_for_random_crop(waveform, self.clip_samples)
             else:
@@ -189,9 +210,7 @@ class SpectrogramDataset(Dataset):
     def waveform(self, index: int) -> np.ndarray:
         """An item's waveform as evaluation sees it: decoded, resampled, centred and padded
         or cropped to `clip_samples` (the input of a waveform-in export)."""
-        clip = self.clips[index]
-        waveform = decode_audio(read_bytes(clip.path), clip.path, self.sample_rate)
-        return fix_length(waveform, self.clip_samples)
+        return fix_length(clip_waveform(self.clips[index], self.sample_rate), self.clip_samples)
 
     def features(self, index: int, rng: np.random.Generator | None = None) -> np.ndarray:
         """The (frames, n_mels) features of an item as training or evaluation sees them:
@@ -202,7 +221,10 @@ class SpectrogramDataset(Dataset):
         rng = rng if rng is not None else self._generator()
         if self.augments_audio:
             clip = self.clips[index]
-            waveform = load_crop(clip.path, self.sample_rate, self.clip_samples, rng)
+            if clip.segment is None:
+                waveform = load_crop(clip.path, self.sample_rate, self.clip_samples, rng)
+            else:
+                waveform = fix_length(clip_waveform(clip, self.sample_rate), self.clip_samples, rng)
             waveform = self.audio_augment(waveform, self.sample_rate)
             features = log_mel(waveform, self.feature_params)
         else:
@@ -313,6 +335,21 @@ class _CheckView(Dataset):
             return index, None, error.reason
 
 
+def _fit_part(clip: Clip, info: AudioInfo) -> tuple[Clip, str | None]:
+    """A checked clip with its file's rate and its own length, or the reason its part of the
+    file does not exist. A part from 0 s to the file's end (NeMo's whole-file rows give
+    their duration) is the whole file."""
+    reason = past_end(clip.offset, info.seconds)
+    if reason is not None:
+        return clip, reason
+    available = info.seconds - clip.offset
+    if clip.duration is not None and clip.duration < available - 0.5 / info.sample_rate:
+        return replace(clip, sample_rate=info.sample_rate, seconds=clip.duration), None
+    if clip.offset == 0:
+        clip = replace(clip, duration=None)
+    return replace(clip, sample_rate=info.sample_rate, seconds=available), None
+
+
 def check_clips(
     clips: Sequence[Clip],
     on_bad_file: str = "error",
@@ -320,7 +357,8 @@ def check_clips(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[list[Clip], list[tuple[Clip, str]]]:
     """Decode every clip's file once; return the usable clips, each with its file's own
-    `sample_rate` and `seconds`, and the bad ones with reasons.
+    `sample_rate` and its `seconds` (a part of a file: the part's), and the bad ones with
+    reasons (a part that starts past its file's end too).
 
     `on_bad_file="error"` raises BadAudioError naming the first bad file; "skip" logs each
     once. The main job runs this before splitting, so splits are made of usable files only.
@@ -332,7 +370,9 @@ def check_clips(
     for index, info, error in progress(loader) if progress is not None else loader:
         clip = clips[index]
         if error is None:
-            good[int(index)] = replace(clip, sample_rate=info.sample_rate, seconds=info.seconds)
+            clip, error = _fit_part(clip, info)
+        if error is None:
+            good[int(index)] = clip
             continue
         if on_bad_file == "error":
             raise BadAudioError(clip.path, error, clip.where)
@@ -398,10 +438,11 @@ def prepare(
             else:
                 report.computed += 1
             continue
-        path = str(dataset.clips[index].path)
+        clip = dataset.clips[index]
+        path = str(clip.path)
         if on_bad_file == "error":
-            raise BadAudioError(path, error)
-        log.warning("skipping bad audio file %s: %s", path, error)
+            raise BadAudioError(path, error, clip.where)
+        log.warning("skipping bad audio file %s: %s", clip.where, error)
         report.bad_files.append((path, error))
         bad_indices.add(int(index))
     if bad_indices:

@@ -34,9 +34,10 @@ class Clip:
 
     `split` is the split the dataset's layout puts it in (None: the ratio split decides);
     `origin` says where it was listed (a manifest line), for messages. Clips of one `group`
-    (a speaker, a source recording) are never split apart. `sample_rate` and `seconds` are
-    the file's own, once `audioclf.dataset.check_clips` has read it (None before);
-    `listed_seconds` is the length a manifest gives for it (NeMo's `duration`), to check.
+    (a speaker, a source recording) are never split apart. A clip may be a part of its file:
+    `offset` seconds in, `duration` seconds long (None: to the end), as NeMo's manifests give
+    them. `sample_rate` and `seconds` are the file's own rate and the clip's length, once
+    `audioclf.dataset.check_clips` has read it (None before).
     """
 
     path: Path
@@ -46,7 +47,13 @@ class Clip:
     group: str | None = field(default=None, compare=False)
     sample_rate: int | None = field(default=None, compare=False)
     seconds: float | None = field(default=None, compare=False)
-    listed_seconds: float | None = field(default=None, compare=False)
+    offset: float = 0.0
+    duration: float | None = None
+
+    @property
+    def segment(self) -> tuple[float, float | None] | None:
+        """(offset, duration) of the part of its file the clip is; None for the whole file."""
+        return None if self.offset == 0 and self.duration is None else (self.offset, self.duration)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -56,8 +63,12 @@ class Clip:
 
     @property
     def where(self) -> str:
-        """The clip's origin and path, as messages name it."""
-        return f"{self.origin} ({self.path})" if self.origin else str(self.path)
+        """The clip's origin and path (and its part of the file), as messages name it."""
+        place = str(self.path)
+        if self.segment is not None:
+            end = "the end" if self.duration is None else f"{self.offset + self.duration:g} s"
+            place += f" from {self.offset:g} s to {end}"
+        return f"{self.origin} ({place})" if self.origin else place
 
 
 @dataclass
@@ -88,24 +99,28 @@ class DatasetIndex:
 
 
 def drop_duplicates(listing: Listing) -> Listing:
-    """The listing without exact duplicates (same file, label and split), dropped with one
-    warning that counts them and names the first (NeMo's `--rebalance` repeats thousands of
-    rows); the same file in two splits or under two labels is a DatasetError naming both
-    places. Files are compared by resolved path."""
-    first_seen: dict[Path, Clip] = {}
+    """The listing without exact duplicates (same file and part of it, label and split),
+    dropped with one warning that counts them and names the first (NeMo's `--rebalance`
+    repeats thousands of rows). A file in two splits (whole, or parts of it), or one part
+    under two labels, is a DatasetError naming both places. Files are compared by resolved
+    path."""
+    first_in_file: dict[Path, Clip] = {}
+    first_seen: dict[tuple[Path, tuple[float, float | None] | None], Clip] = {}
     kept, dropped = [], []
     for clip in listing.clips:
         resolved = clip.path.resolve()
-        earlier = first_seen.setdefault(resolved, clip)
+        in_file = first_in_file.setdefault(resolved, clip)
+        if in_file.split != clip.split:
+            raise DatasetError(
+                f"{listing.source}: {resolved} is listed in two splits: "
+                f"{_split_name(in_file)} at {in_file.where} and {_split_name(clip)} at "
+                f"{clip.where}"
+                + ("" if in_file.segment == clip.segment else " (parts of a file share a split)")
+            )
+        earlier = first_seen.setdefault((resolved, clip.segment), clip)
         if earlier is clip:
             kept.append(clip)
             continue
-        if earlier.split != clip.split:
-            raise DatasetError(
-                f"{listing.source}: {resolved} is listed in two splits: "
-                f"{_split_name(earlier)} at {earlier.where} and {_split_name(clip)} at "
-                f"{clip.where}"
-            )
         if earlier.label != clip.label:
             raise DatasetError(
                 f"{listing.source}: {resolved} is listed with two labels: {earlier.label!r} at "

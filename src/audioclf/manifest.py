@@ -4,8 +4,8 @@ A CSV manifest names its columns in a header (`path,label[,split][,fold][,group]
 mapped by `data.columns`). A JSON-lines manifest (`.json`, `.jsonl`, `.ndjson`: an object per
 line, as NeMo writes them; a JSON array of objects reads too) has keys for columns, and takes
 NeMo's names for the path (`audio_filepath`, `audio_filename`) and the label (`command`,
-`target`). A row is one whole file: NeMo's `offset` and `duration`, where given, are checked
-to say so, as a row that means a part of a file would otherwise train on the whole of it.
+`target`). NeMo's `offset` and `duration` (seconds; either format) make a row a part of its
+file: a sound event in a long recording, say.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ MANIFEST_COLUMNS = ("path", "label", "split", "fold", "group")
 #: manifests), read when the manifest has no key of ours.
 NEMO_NAMES = {"path": ("audio_filepath", "audio_filename"), "label": ("command", "target")}
 JSON_SUFFIXES = frozenset({".json", ".jsonl", ".ndjson"})
-#: NeMo's part of a file, in seconds: read wherever a manifest has them, and checked.
+#: NeMo's part of a file, in seconds: read wherever a manifest has them.
 SEGMENT_COLUMNS = ("offset", "duration")
-#: How much longer (s) than a row's `duration` its file may be: more means the row is a part.
-DURATION_TOLERANCE = 0.05
 
 
 class _Cells(dict):
@@ -190,11 +188,11 @@ def _fill(template: str, row: dict[str, str]) -> str:
 
 def _read_rows(
     table: Table, readers: Mapping[str, Callable[[dict[str, str]], str]], multi_label: bool
-) -> Iterator[tuple[str, dict[str, str], float | None]]:
-    """Each row's place, its values by our column names, and the seconds of audio it says
-    its file holds (NeMo's `duration`; None when not given, or 0 as NeMo writes for "not
-    measured"). An empty path or label, or a row that is a part of a file (an `offset`),
-    names the place."""
+) -> Iterator[tuple[str, dict[str, str], float, float | None]]:
+    """Each row's place, its values by our column names, and the part of its file it is:
+    offset and duration in seconds (None: to the end, also for NeMo's 0, "not measured").
+    An empty path or label, or an offset or duration that is not a number, names the
+    place."""
     for where, cells in table.rows:
         row = {name: read(cells) for name, read in readers.items()}
         for name in ("path", "label"):
@@ -205,13 +203,7 @@ def _read_rows(
             if not all(labels):
                 raise DatasetError(f"{where}: empty label in {row['label']!r}")
             row["label"] = MULTI_LABEL_SEPARATOR.join(sorted(set(labels)))
-        offset = _seconds(row, "offset", where)
-        if offset:
-            raise DatasetError(
-                f"{where}: offset {offset:g} s: a manifest row is read as a whole file, not a "
-                "part of one; cut that part into a file of its own"
-            )
-        yield where, row, _seconds(row, "duration", where) or None
+        yield where, row, _seconds(row, "offset", where), _seconds(row, "duration", where) or None
 
 
 def _seconds(row: dict[str, str], name: str, where: str) -> float:
@@ -227,14 +219,13 @@ def _seconds(row: dict[str, str], name: str, where: str) -> float:
     return seconds
 
 
-def _clip(base: Path, where: str, row: dict[str, str], split: str | None, seconds: float | None):
+def _clip(
+    base: Path, where: str, row: dict[str, str], split: str | None, part: tuple[float, float | None]
+) -> Clip:
+    offset, duration = part
+    group = row.get("group") or None
     return Clip(
-        base / row["path"],
-        row["label"],
-        split,
-        where,
-        row.get("group") or None,
-        listed_seconds=seconds,
+        base / row["path"], row["label"], split, where, group, offset=offset, duration=duration
     )
 
 
@@ -282,7 +273,7 @@ def index_manifest(
     if test_fold is not None and val_fold is not None:
         folds[str(val_fold)] = "val"
     clips, seen_folds = [], set()
-    for where, row, seconds in _read_rows(table, readers, multi_label):
+    for where, row, *part in _read_rows(table, readers, multi_label):
         if test_fold is not None:
             seen_folds.add(row["fold"])
             split = folds.get(row["fold"], "train" if val_fold is not None else None)
@@ -294,7 +285,7 @@ def index_manifest(
                 )
         else:
             split = None
-        clips.append(_clip(base, where, row, split, seconds))
+        clips.append(_clip(base, where, row, split, part))
     absent = [f"data.{name}_fold={fold}" for fold, name in folds.items() if fold not in seen_folds]
     if absent:
         raise DatasetError(
@@ -342,33 +333,12 @@ def index_split_manifests(
             )
         base = root if root is not None else manifest.parent
         held_out = split == "train" and "val" not in manifests
-        for where, row, seconds in _read_rows(table, readers, multi_label):
-            clips.append(_clip(base, where, row, None if held_out else split, seconds))
+        for where, row, *part in _read_rows(table, readers, multi_label):
+            clips.append(_clip(base, where, row, None if held_out else split, part))
     if "train" in manifests and "test" not in manifests:
         log.warning("data.manifest has no test manifest: the test split is empty")
     source = ", ".join(str(manifest) for manifest in manifests.values())
     return Listing(source, clips, {} if "val" in manifests else {"val": val_fraction})
-
-
-def check_durations(clips: list[Clip]) -> None:
-    """Raise DatasetError when a file is longer than the `duration` its manifest row gives
-    (by more than DURATION_TOLERANCE): the row means a part of the file, and a whole file
-    would be read. Clips must have been checked (their `seconds` known)."""
-    parts = [
-        clip
-        for clip in clips
-        if clip.listed_seconds is not None
-        and clip.seconds is not None
-        and clip.seconds > clip.listed_seconds + DURATION_TOLERANCE
-    ]
-    if parts:
-        first = parts[0]
-        raise DatasetError(
-            f"{len(parts)} manifest row(s) give a duration shorter than their file, e.g. "
-            f"{first.where}: duration {first.listed_seconds:g} s, the file {first.seconds:.2f} s. "
-            "A manifest row is read as a whole file, not a part of one: cut each part into a "
-            "file of its own"
-        )
 
 
 def manifest_folds(manifest: Path, columns: Mapping[str, str | None] | None = None) -> list[str]:

@@ -28,7 +28,7 @@ from audioclf.features import LogMelParams, num_frames, resolve_params
 from audioclf.index import DatasetError, DatasetIndex, Listing, drop_duplicates, split_listing
 from audioclf.layouts import index_folder, index_fsd50k, index_fsdd
 from audioclf.loading import EpochSampler, balanced_weights, make_loader
-from audioclf.manifest import check_durations, index_manifest, index_split_manifests
+from audioclf.manifest import index_manifest, index_split_manifests
 from audioclf.model import CheckpointError, Model, ModelError, create_model
 from audioclf.model.pretrained import load_file
 from audioclf.normalization import FeatureNormalization
@@ -140,7 +140,6 @@ def build_datasets(
         num_workers=settings.system.num_workers,
         progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
-    check_durations(good)
     listing.clips = good
     index = split_listing(listing, data.split_seed, multi_label=data.multi_label, classes=classes)
     if settings.run.train and not index.splits["val"]:
