@@ -371,3 +371,18 @@ def test_the_main_job_trains_on_sound_events_in_long_recordings(compose_config, 
     assert summary["splits"]["test"]["per_class"] == {"1": 2, "2": 2}
     # The clips' lengths are the events', not the recordings'.
     assert summary["audio"]["seconds"]["max"] < 0.7
+
+
+def test_checking_a_part_of_a_wav_reads_only_that_part(tmp_path, monkeypatch):
+    # The events of an hour-long recording must not each decode the hour.
+    recording = tmp_path / "long.wav"
+    offsets = long_recording(recording, (1, 2, 3))
+
+    def whole_file(path):
+        raise AssertionError(f"{path} read whole")
+
+    monkeypatch.setattr("audioclf.dataset.read_bytes", whole_file)
+    monkeypatch.setattr("audioclf.audio.read_bytes", whole_file)
+    clips = [Clip(recording, str(d), offset=offsets[d - 1], duration=0.3) for d in (1, 2, 3)]
+    good, _ = check_clips(clips)
+    assert [clip.seconds for clip in good] == pytest.approx([0.3] * 3)

@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import librosa
 import numpy as np
@@ -134,26 +134,20 @@ def read_audio(path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInf
     return _decode(read_bytes(path), path, sample_rate)
 
 
-def load_segment(
-    path: str | Path, sample_rate: int, offset: float, duration: float | None
-) -> tuple[np.ndarray, AudioInfo]:
-    """The mono float32 waveform at `sample_rate` of the part of a file `offset` seconds in
-    and `duration` seconds long (None: to the end; a file that ends sooner gives what it
-    has), and the file's own rate and length. WAV, FLAC and AIFF are read from the part's
-    first sample (seeking is exact in them); other formats are decoded whole and cut. An
-    offset at or past the file's end is a BadAudioError naming both."""
+def _seekable_info(path: str | Path) -> Any:
+    """soundfile's info on a file whose format seeks exactly; None for other formats and for
+    a file it cannot open (whole-file decoding then names the error)."""
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
-        info = None  # the whole-file path names the error
-    if info is None or info.format not in _SEEKABLE:
-        waveform, whole = read_audio(path, sample_rate)
-        start = round(offset * sample_rate)
-        stop = None if duration is None else start + round(duration * sample_rate)
-        _check_offset(path, offset, whole.seconds)
-        return np.ascontiguousarray(waveform[start:stop]), whole
-    whole = AudioInfo(info.samplerate, info.frames / info.samplerate)
-    _check_offset(path, offset, whole.seconds)
+        return None
+    return info if info.format in _SEEKABLE else None
+
+
+def _part_samples(path: str | Path, info: Any, offset: float, duration: float | None) -> np.ndarray:
+    """The (frames, channels) float32 samples of a part of a seekable file, read from its
+    first sample, checked."""
+    _check_offset(path, offset, info.frames / info.samplerate)
     start = round(offset * info.samplerate)
     frames = -1 if duration is None else round(duration * info.samplerate)
     try:
@@ -166,25 +160,51 @@ def load_segment(
         raise BadAudioError(path, f"no audio samples from {offset:g} s on")
     if not np.isfinite(samples).all():
         raise BadAudioError(path, "audio contains NaN or infinite samples")
+    return samples
+
+
+def load_segment(
+    path: str | Path, sample_rate: int, offset: float, duration: float | None
+) -> tuple[np.ndarray, AudioInfo]:
+    """The mono float32 waveform at `sample_rate` of the part of a file `offset` seconds in
+    and `duration` seconds long (None: to the end; a file that ends sooner gives what it
+    has), and the file's own rate and length. WAV, FLAC and AIFF are read from the part's
+    first sample (seeking is exact in them); other formats are decoded whole and cut. An
+    offset at or past the file's end is a BadAudioError naming both."""
+    info = _seekable_info(path)
+    if info is None:
+        waveform, whole = read_audio(path, sample_rate)
+        _check_offset(path, offset, whole.seconds)
+        start = round(offset * sample_rate)
+        stop = None if duration is None else start + round(duration * sample_rate)
+        return np.ascontiguousarray(waveform[start:stop]), whole
+    samples = _part_samples(path, info, offset, duration)
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if info.samplerate != sample_rate:
         waveform = librosa.resample(
             waveform, orig_sr=info.samplerate, target_sr=sample_rate, res_type=RESAMPLER
         )
-    return np.ascontiguousarray(waveform, dtype=np.float32), whole
+    return np.ascontiguousarray(waveform, dtype=np.float32), AudioInfo(
+        info.samplerate, info.frames / info.samplerate
+    )
 
 
-def past_end(offset: float, seconds: float) -> str | None:
-    """Why a part that starts `offset` seconds into a file of `seconds` does not exist (None:
-    it does)."""
-    if offset < seconds:
-        return None
-    return f"offset {offset:g} s is at or past the file's end ({seconds:g} s)"
+def check_segment(path: str | Path, offset: float, duration: float | None) -> AudioInfo:
+    """`check_audio` for a part of a file: the file's own rate and length; BadAudioError when
+    the part cannot be used. Only the part is read where the format seeks exactly, so the
+    events of an hour-long recording do not each decode the hour."""
+    info = _seekable_info(path)
+    if info is None:
+        whole = check_audio(read_bytes(path), path)
+        _check_offset(path, offset, whole.seconds)
+        return whole
+    _part_samples(path, info, offset, duration)
+    return AudioInfo(info.samplerate, info.frames / info.samplerate)
 
 
 def _check_offset(path: str | Path, offset: float, seconds: float) -> None:
-    reason = past_end(offset, seconds)
-    if reason is not None:
+    if offset >= seconds:
+        reason = f"offset {offset:g} s is at or past the file's end ({seconds:g} s)"
         raise BadAudioError(path, reason)
 
 
@@ -195,12 +215,9 @@ def load_crop(
     draw, decoding only the part of a long file that the crop needs (a 1 s crop of a 30 s
     recording: 1/30 of the decoding and resampling). Files shorter than two crops, and
     formats without exact seeking, are decoded whole."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, ValueError, OSError):
-        info = None  # the whole-file path names the error
+    info = _seekable_info(path)
     length = 0  # decode whole: unreadable here, or no exact seeking
-    if info is not None and info.format in _SEEKABLE:
+    if info is not None:
         # The resampled length, as librosa.resample computes it (exact at the same rate).
         length = math.ceil(info.frames * (sample_rate / info.samplerate))
     if length < 2 * num_samples:

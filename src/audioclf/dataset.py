@@ -24,13 +24,13 @@ from audioclf.audio import (
     AudioInfo,
     BadAudioError,
     check_audio,
+    check_segment,
     decode_audio,
     file_digest,
     fix_length,
     load_crop,
     load_segment,
     pad_for_random_crop,
-    past_end,
     read_bytes,
 )
 from audioclf.augment import AudioAugment, SpecAugment
@@ -328,26 +328,25 @@ class _CheckView(Dataset):
         return len(self.clips)
 
     def __getitem__(self, index: int) -> tuple[int, AudioInfo | None, str | None]:
-        path = self.clips[index].path
+        clip = self.clips[index]
         try:
-            return index, check_audio(read_bytes(path), path), None
+            if clip.segment is not None:
+                return index, check_segment(clip.path, clip.offset, clip.duration), None
+            return index, check_audio(read_bytes(clip.path), clip.path), None
         except BadAudioError as error:
             return index, None, error.reason
 
 
-def _fit_part(clip: Clip, info: AudioInfo) -> tuple[Clip, str | None]:
-    """A checked clip with its file's rate and its own length, or the reason its part of the
-    file does not exist. A part from 0 s to the file's end (NeMo's whole-file rows give
-    their duration) is the whole file."""
-    reason = past_end(clip.offset, info.seconds)
-    if reason is not None:
-        return clip, reason
+def _fit_part(clip: Clip, info: AudioInfo) -> Clip:
+    """A checked clip (its part of the file exists) with its file's rate and its own length.
+    A part from 0 s to the file's end (NeMo's whole-file rows give their duration) is the
+    whole file."""
     available = info.seconds - clip.offset
     if clip.duration is not None and clip.duration < available - 0.5 / info.sample_rate:
-        return replace(clip, sample_rate=info.sample_rate, seconds=clip.duration), None
+        return replace(clip, sample_rate=info.sample_rate, seconds=clip.duration)
     if clip.offset == 0:
         clip = replace(clip, duration=None)
-    return replace(clip, sample_rate=info.sample_rate, seconds=available), None
+    return replace(clip, sample_rate=info.sample_rate, seconds=available)
 
 
 def check_clips(
@@ -370,9 +369,7 @@ def check_clips(
     for index, info, error in progress(loader) if progress is not None else loader:
         clip = clips[index]
         if error is None:
-            clip, error = _fit_part(clip, info)
-        if error is None:
-            good[int(index)] = clip
+            good[int(index)] = _fit_part(clip, info)
             continue
         if on_bad_file == "error":
             raise BadAudioError(clip.path, error, clip.where)
