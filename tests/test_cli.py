@@ -69,6 +69,7 @@ def test_main_job_writes_a_dataset_summary(compose_config, manifest, manifest_ro
     lengths = [sf.info(FSDD / row[0]).duration for row in manifest_rows]
     assert summary["audio"] == {
         "sample_rates": {"8000": 24},
+        "parts": 0,
         "seconds": {
             "min": round(min(lengths), 3),
             "median": round(statistics.median(lengths), 3),

@@ -369,8 +369,11 @@ def test_the_main_job_trains_on_sound_events_in_long_recordings(compose_config, 
     clips = {split: info["clips"] for split, info in summary["splits"].items()}
     assert clips == {"train": 8, "val": 4, "test": 4}
     assert summary["splits"]["test"]["per_class"] == {"1": 2, "2": 2}
-    # The clips' lengths are the events', not the recordings'.
+    # The clips' lengths are the events', not the recordings'; files are counted once.
     assert summary["audio"]["seconds"]["max"] < 0.7
+    assert summary["audio"]["sample_rates"] == {"8000": 8}
+    assert summary["audio"]["parts"] == 16
+    assert summary["manifest"] == given.replace(":", ": ").replace(",", ", ")
 
 
 def test_checking_a_part_of_a_wav_reads_only_that_part(tmp_path, monkeypatch):

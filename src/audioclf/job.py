@@ -59,7 +59,7 @@ from audioclf.runtime import (
     wait_for_rank_zero,
 )
 from audioclf.settings import ConfigError, load_settings
-from audioclf.summary import format_summary, prepare_splits
+from audioclf.summary import data_source, format_summary, prepare_splits
 from audioclf.train import Trainer, TrainingDiverged
 
 log = logging.getLogger("audioclf")
@@ -261,7 +261,7 @@ def _run(config: DictConfig) -> dict[str, Any]:
             bad_files,
             settings.data.on_bad_file,
             settings.system.num_workers,
-            {"dataset": settings.data.name, "root": settings.data.root},
+            data_source(settings.data),
             preset=settings.features.preset,
             files_checked=True,  # build_datasets ran check_clips on every file
             checkpoint=None if checkpoint is None else str(settings.run.checkpoint_path),

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from audioclf.audio import rates_text
 from audioclf.dataset import SpectrogramDataset, class_counts, prepare
 from audioclf.index import Clip
+from audioclf.settings import DataConfig, SplitManifests
 
 
 def prepare_splits(
@@ -82,11 +83,22 @@ def prepare_splits(
     }
 
 
+def data_source(data: DataConfig) -> dict[str, Any]:
+    """The summary's name of the data: the dataset, its root, and its manifest(s)."""
+    source: dict[str, Any] = {"dataset": data.name, "root": data.root}
+    if isinstance(data.manifest, SplitManifests):
+        source["manifest"] = ", ".join(f"{k}: {v}" for k, v in data.manifest.given().items())
+    elif data.format == "manifest":
+        source["manifest"] = data.manifest
+    return source
+
+
 def describe_audio(
     clips: Sequence[Clip], sample_rate: int, clip_seconds: float, checkpoint: str | None = None
 ) -> dict[str, Any] | None:
-    """The files' own sample rates (files per rate) and lengths (min, median, max seconds),
-    and warnings for settings that do not fit them: most files below `sample_rate`
+    """The files' own sample rates (files per rate), the clips' lengths (min, median, max
+    seconds), how many clips are parts of a file (a manifest's offset and duration), and
+    warnings for settings that do not fit them: most files below `sample_rate`
     (upsampled: the upper mel bands hold nothing), or a median file much longer than
     `clip_seconds` (each clip is seen in a window of that length). They advise other
     settings, or, when the run took both from a `checkpoint`, say that its model was trained
@@ -95,7 +107,7 @@ def describe_audio(
     checked = [clip for clip in clips if clip.seconds is not None]
     if not checked:
         return None
-    rates = Counter(clip.sample_rate for clip in checked)
+    rates = Counter({clip.path: clip.sample_rate for clip in checked}.values())
     seconds = [clip.seconds for clip in checked]
     median = statistics.median(seconds)
     warnings = []
@@ -126,6 +138,7 @@ def describe_audio(
         )
     return {
         "sample_rates": {str(rate): count for rate, count in sorted(rates.items())},
+        "parts": sum(1 for clip in checked if clip.segment is not None),
         "seconds": {
             "min": round(min(seconds), 3),
             "median": round(median, 3),
@@ -139,7 +152,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The dataset summary as a few readable lines."""
     classes = summary["classes"]
     lines = [
-        f"dataset      {summary['dataset']} ({summary['root']})",
+        f"dataset      {summary['dataset']} ({summary.get('manifest') or summary['root']})",
         f"classes      {len(classes)}: {', '.join(classes)}",
     ]
     for split, info in summary["splits"].items():
@@ -154,8 +167,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if audio:
         rates = Counter({int(rate): count for rate, count in audio["sample_rates"].items()})
         seconds = audio["seconds"]
+        parts = f"{audio['parts']} parts of them, " if audio.get("parts") else ""
         lines.append(
-            f"files        {rates_text(rates)}; {seconds['min']:.2f}-"
+            f"files        {rates_text(rates)}; {parts}{seconds['min']:.2f}-"
             f"{seconds['max']:.2f} s, median {seconds['median']:.2f} s"
         )
     lines += [
