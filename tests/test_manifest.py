@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -196,14 +197,20 @@ def test_parts_of_one_file_share_a_split(tmp_path):
     )
     with pytest.raises(DatasetError, match=r"two splits: .*\(parts of a file share a split\)$"):
         drop_duplicates(index_manifest(manifest, None, 0.1, 0.1))
-    # With a ratio split, a file's parts go to one split together.
-    others = [(f"{d}_jackson_{i}.wav", str(d), 0, "") for d in (1, 2) for i in range(10, 16)]
-    rows = [(str(recording), "1", offsets[0], 0.5), (str(recording), "2", offsets[1], 0.5)]
+    # With a ratio split, a file's parts go to one split together. (The other files are
+    # copied beside it: the split's order, by path, must not depend on the checkout's place.)
+    others = []
+    for digit in (1, 2):
+        for index in range(10, 18):
+            name = f"{digit}_jackson_{index}.wav"
+            shutil.copy(fsdd_clip(digit, index=index), tmp_path / name)
+            others.append((name, str(digit), 0, ""))
+    rows = [("long.wav", "1", offsets[0], 0.5), ("long.wav", "2", offsets[1], 0.5)]
     manifest = write_manifest(
         tmp_path / "m.csv", ["path", "label", "offset", "duration"], rows + others
     )
     for seed in range(4):
-        index = split_listing(index_manifest(manifest, FSDD, 0.3, 0.3), seed=seed)
+        index = split_listing(index_manifest(manifest, None, 0.25, 0.25), seed=seed)
         holding = [
             s for s, clips in index.splits.items() if any(c.path == recording for c in clips)
         ]
