@@ -252,7 +252,7 @@ def test_a_manifest_per_split_gives_each_file_its_split(tmp_path, caplog):
 
 def test_a_split_manifest_with_a_split_column_is_an_error(tmp_path):
     train = write_json_lines(tmp_path / "t.json", [{**nemo_item(1, 10), "split": "test"}])
-    with pytest.raises(DatasetError, match=r"t\.json: has a split column, but it is the train"):
+    with pytest.raises(DatasetError, match=r"t\.json: has a split column, but it is a train"):
         index_split_manifests({"train": train}, None, 0.1)
 
 
@@ -325,11 +325,35 @@ def test_a_manifest_per_split_that_cannot_work_fails_at_start(compose_config, ov
 def test_relative_paths_of_a_manifest_per_split_start_at_the_launch_directory(
     compose_config, tmp_path
 ):
-    config = compose_config("data=manifest", "data.manifest={train:m/train.json,test:/abs/t.json}")
+    config = compose_config(
+        "data=manifest", "data.manifest={train:[m/a.json,/abs/b.json],val:v.json,test:/abs/t.json}"
+    )
     changed = overrides.from_launch_directory(config, tmp_path)
-    assert changed == ["data.manifest.train"]
-    assert config.data.manifest.train == str(tmp_path / "m" / "train.json")
+    assert changed == ["data.manifest.train.0", "data.manifest.val"]
+    assert list(config.data.manifest.train) == [str(tmp_path / "m" / "a.json"), "/abs/b.json"]
+    assert config.data.manifest.val == str(tmp_path / "v.json")
     assert config.data.manifest.test == "/abs/t.json"
+
+
+def test_a_split_may_have_several_manifests(compose_config, tmp_path):
+    # NeMo's manifest_filepath: [speech.json, noise.json] for one split.
+    manifests = nemo_manifests(tmp_path)
+    extra = write_json_lines(tmp_path / "more.json", [nemo_item(1, 20), nemo_item(2, 20)])
+    listing = index_split_manifests(
+        {"train": [manifests["train"], extra], "test": manifests["test"]}, None, 0.25
+    )
+    assert listing.source == f"{manifests['train']}, {extra}, {manifests['test']}"
+    index = split_listing(listing, seed=0)
+    assert index.counts() == {"train": 8, "val": 2, "test": 4}
+    assert {clip.path.name for split in ("train", "val") for clip in index.splits[split]} >= {
+        "1_jackson_20.wav",
+        "2_jackson_20.wav",
+    }
+    # From the config: the missing one of a split's manifests is named by its place.
+    given = f"data.manifest={{train:[{manifests['train']},{tmp_path / 'nope.json'}]}}"
+    config = compose_config("data=manifest", given, "data.sample_rate=8000")
+    with pytest.raises(ConfigError, match=r"^data\.manifest\.train\[1\]: no such file"):
+        run(config)
 
 
 def test_repeated_rows_are_dropped_with_one_warning_that_counts_them(tmp_path, caplog):

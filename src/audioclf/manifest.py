@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from operator import itemgetter
@@ -305,40 +305,42 @@ def index_manifest(
 
 
 def index_split_manifests(
-    manifests: Mapping[str, Path],
+    manifests: Mapping[str, Path | Sequence[Path]],
     root: Path | None,
     val_fraction: float,
     multi_label: bool = False,
     columns: Mapping[str, str | None] | None = None,
 ) -> Listing:
-    """A manifest per split (`{"train": ..., "val": ..., "test": ...}`, as NeMo's
-    train/validation/test manifests), each read as `index_manifest` reads one; every row of
-    a file is in that file's split. Without a val file, `val_fraction` of the training rows
-    are held out; without a test file, the test split is empty. A `split` column in a file
-    is an error (the file says the split); paths are relative to `root`, or to each
-    manifest's folder."""
+    """Manifests per split (`{"train": ..., "val": ..., "test": ...}`, as NeMo's
+    train/validation/test manifests; a split may have a list of them), each read as
+    `index_manifest` reads one; every row of a file is in that file's split. Without a val
+    manifest, `val_fraction` of the training rows are held out; without a test manifest, the
+    test split is empty. A `split` column in a file is an error (the file says the split);
+    paths are relative to `root`, or to each manifest's folder."""
     unknown = sorted(set(manifests) - set(SPLITS))
     if unknown:
         raise DatasetError(f"manifests for unknown split(s) {unknown}; splits: {list(SPLITS)}")
-    clips = []
-    for split, manifest in manifests.items():
-        table = read_table(manifest)
-        if not table.header:
-            raise DatasetError(f"{manifest}: empty manifest (the {split} split's)")
-        readers = _manifest_columns(table, columns)
-        if "split" in readers:
-            raise DatasetError(
-                f"{manifest}: has a split column, but it is the {split} split's manifest (every "
-                "row is in that split): drop the column, or give one manifest for all splits"
-            )
-        base = root if root is not None else manifest.parent
-        held_out = split == "train" and "val" not in manifests
-        for where, row, *part in _read_rows(table, readers, multi_label):
-            clips.append(_clip(base, where, row, None if held_out else split, part))
+    clips, sources = [], []
+    for split, given in manifests.items():
+        for manifest in [given] if isinstance(given, Path) else given:
+            table = read_table(manifest)
+            if not table.header:
+                raise DatasetError(f"{manifest}: empty manifest (one of the {split} split's)")
+            readers = _manifest_columns(table, columns)
+            if "split" in readers:
+                raise DatasetError(
+                    f"{manifest}: has a split column, but it is a {split} split's manifest "
+                    "(every row is in that split): drop the column, or give one manifest for "
+                    "all splits"
+                )
+            base = root if root is not None else manifest.parent
+            held_out = split == "train" and "val" not in manifests
+            for where, row, *part in _read_rows(table, readers, multi_label):
+                clips.append(_clip(base, where, row, None if held_out else split, part))
+            sources.append(str(manifest))
     if "train" in manifests and "test" not in manifests:
         log.warning("data.manifest has no test manifest: the test split is empty")
-    source = ", ".join(str(manifest) for manifest in manifests.values())
-    return Listing(source, clips, {} if "val" in manifests else {"val": val_fraction})
+    return Listing(", ".join(sources), clips, {} if "val" in manifests else {"val": val_fraction})
 
 
 def manifest_folds(manifest: Path, columns: Mapping[str, str | None] | None = None) -> list[str]:

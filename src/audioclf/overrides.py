@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from audioclf.settings import CONFIG_DIR
 from audioclf.typed_config import ConfigError, close_matches
@@ -95,8 +95,8 @@ def from_launch_directory(config: DictConfig, launch_dir: str | Path) -> list[st
     keys = []
     for key in PATH_KEYS:
         value = OmegaConf.select(config, key)
-        if isinstance(value, DictConfig):  # data.manifest as a manifest per split
-            keys += [f"{key}.{name}" for name in value]
+        if isinstance(value, DictConfig | ListConfig):  # data.manifest per split, or lists
+            keys += _leaf_keys(OmegaConf.to_container(value, resolve=False), key)
         elif value is not None:
             keys.append(key)
     transforms = OmegaConf.select(config, "augmentations.audio.transforms") or []
@@ -109,8 +109,9 @@ def from_launch_directory(config: DictConfig, launch_dir: str | Path) -> list[st
     ]
     changed = []
     for key in keys:
-        parent_key, _, leaf = key.rpartition(".")
+        parent_key, _, name = key.rpartition(".")
         parent = OmegaConf.select(config, parent_key)
+        leaf = int(name) if isinstance(parent, ListConfig) else name
         if OmegaConf.is_interpolation(parent, leaf):
             continue
         value = parent[leaf]

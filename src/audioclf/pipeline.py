@@ -62,10 +62,14 @@ def list_dataset(data: DataConfig, generated_dir: Path | None = None) -> Listing
     `generated_dir`: where clips that a layout makes go (the keyword task's `_silence_`).
     """
     if data.format == "manifest" and isinstance(data.manifest, SplitManifests):
-        manifests = {split: Path(path) for split, path in data.manifest.given().items()}
-        for split, path in manifests.items():
-            if not path.is_file():
-                raise ConfigError(f"data.manifest.{split}: no such file {str(path)!r}")
+        manifests = {
+            split: [Path(path) for path in paths] for split, paths in data.manifest.given().items()
+        }
+        for split, paths in manifests.items():
+            for number, path in enumerate(paths):
+                if not path.is_file():
+                    key = f"data.manifest.{split}" + (f"[{number}]" if len(paths) > 1 else "")
+                    raise ConfigError(f"{key}: no such file {str(path)!r}")
         listing = index_split_manifests(
             manifests,
             Path(data.root) if data.root else None,

@@ -82,15 +82,20 @@ class ColumnsConfig:
 
 @dataclass(frozen=True)
 class SplitManifests:
-    """`data.manifest` as a manifest per split (NeMo's train/validation/test manifests)."""
+    """`data.manifest` as a manifest per split (NeMo's train/validation/test manifests), or
+    a list of them (NeMo's `manifest_filepath: [speech.json, noise.json]`)."""
 
-    train: str | None = None
-    val: str | None = None
-    test: str | None = None
+    train: str | list[str] | None = None
+    val: str | list[str] | None = None
+    test: str | list[str] | None = None
 
-    def given(self) -> dict[str, str]:
-        """The splits that have a manifest, and its path."""
-        return {split: path for split, path in dataclasses.asdict(self).items() if path}
+    def given(self) -> dict[str, list[str]]:
+        """The splits that have manifests, and their paths."""
+        return {
+            split: [paths] if isinstance(paths, str) else paths
+            for split, paths in dataclasses.asdict(self).items()
+            if paths
+        }
 
 
 @dataclass(frozen=True)

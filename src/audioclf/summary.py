@@ -87,7 +87,8 @@ def data_source(data: DataConfig) -> dict[str, Any]:
     """The summary's name of the data: the dataset, its root, and its manifest(s)."""
     source: dict[str, Any] = {"dataset": data.name, "root": data.root}
     if isinstance(data.manifest, SplitManifests):
-        source["manifest"] = ", ".join(f"{k}: {v}" for k, v in data.manifest.given().items())
+        given = data.manifest.given().items()
+        source["manifest"] = ", ".join(f"{k}: {', '.join(paths)}" for k, paths in given)
     elif data.format == "manifest":
         source["manifest"] = data.manifest
     return source
