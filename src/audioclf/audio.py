@@ -116,12 +116,18 @@ def decode_audio(data: bytes, path: str | Path, sample_rate: int) -> np.ndarray:
 def _decode(data: bytes, path: str | Path, sample_rate: int) -> tuple[np.ndarray, AudioInfo]:
     """`decode_audio`'s waveform, and the file's own rate and length."""
     samples, info = _read_samples(data, path)
+    return _mono_at(samples, info.sample_rate, sample_rate), info
+
+
+def _mono_at(samples: np.ndarray, native: int, sample_rate: int) -> np.ndarray:
+    """(frames, channels) samples at rate `native` as a mono float32 waveform at
+    `sample_rate`."""
     waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if info.sample_rate != sample_rate:
+    if native != sample_rate:
         waveform = librosa.resample(
-            waveform, orig_sr=info.sample_rate, target_sr=sample_rate, res_type=RESAMPLER
+            waveform, orig_sr=native, target_sr=sample_rate, res_type=RESAMPLER
         )
-    return np.ascontiguousarray(waveform, dtype=np.float32), info
+    return np.ascontiguousarray(waveform, dtype=np.float32)
 
 
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
@@ -150,14 +156,21 @@ def _part_samples(path: str | Path, info: Any, offset: float, duration: float | 
     _check_offset(path, offset, info.frames / info.samplerate)
     start = round(offset * info.samplerate)
     frames = -1 if duration is None else round(duration * info.samplerate)
+    samples = _read_frames(path, start, frames)
+    if samples.shape[0] == 0:
+        raise BadAudioError(path, f"no audio samples from {offset:g} s on")
+    return samples
+
+
+def _read_frames(path: str | Path, start: int, count: int) -> np.ndarray:
+    """`count` frames (-1: to the end) of a seekable file from frame `start`, as
+    (frames, channels) float32, checked finite."""
     try:
         with sf.SoundFile(str(path)) as handle:
             handle.seek(start)
-            samples = handle.read(frames, dtype="float32", always_2d=True)
+            samples = handle.read(count, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
         raise BadAudioError(path, f"cannot decode audio ({_decode_error(error)})") from error
-    if samples.shape[0] == 0:
-        raise BadAudioError(path, f"no audio samples from {offset:g} s on")
     if not np.isfinite(samples).all():
         raise BadAudioError(path, "audio contains NaN or infinite samples")
     return samples
@@ -179,14 +192,8 @@ def load_segment(
         stop = None if duration is None else start + round(duration * sample_rate)
         return np.ascontiguousarray(waveform[start:stop]), whole
     samples = _part_samples(path, info, offset, duration)
-    waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if info.samplerate != sample_rate:
-        waveform = librosa.resample(
-            waveform, orig_sr=info.samplerate, target_sr=sample_rate, res_type=RESAMPLER
-        )
-    return np.ascontiguousarray(waveform, dtype=np.float32), AudioInfo(
-        info.samplerate, info.frames / info.samplerate
-    )
+    whole = AudioInfo(info.samplerate, info.frames / info.samplerate)
+    return _mono_at(samples, info.samplerate, sample_rate), whole
 
 
 def check_segment(path: str | Path, offset: float, duration: float | None) -> AudioInfo:
@@ -230,20 +237,9 @@ def load_crop(
     period_in, period_out = native // g, sample_rate // g
     first = max(0, offset - _CROP_MARGIN) // period_out
     last = -(-(offset + num_samples + _CROP_MARGIN) // period_out)
-    try:
-        with sf.SoundFile(str(path)) as handle:
-            handle.seek(first * period_in)
-            count = min(last * period_in, info.frames) - first * period_in
-            samples = handle.read(count, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-        raise BadAudioError(path, f"cannot decode audio ({_decode_error(error)})") from error
-    if not np.isfinite(samples).all():
-        raise BadAudioError(path, "audio contains NaN or infinite samples")
-    waveform = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
-    if native != sample_rate:
-        waveform = librosa.resample(
-            waveform, orig_sr=native, target_sr=sample_rate, res_type=RESAMPLER
-        )
+    count = min(last * period_in, info.frames) - first * period_in
+    samples = _read_frames(path, first * period_in, count)
+    waveform = _mono_at(samples, native, sample_rate)
     start = offset - first * period_out
     crop = waveform[start : start + num_samples]
     if len(crop) != num_samples:  # a file shorter than its header says

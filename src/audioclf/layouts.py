@@ -178,8 +178,12 @@ def _check_loose_files(folder: Path) -> None:
 
 
 def read_csv(manifest: Path) -> list[list[str]]:
-    """The rows of a CSV file (a manifest, a ground truth); a BOM is dropped, text that is
-    not UTF-8 names its line."""
+    """The rows of a CSV file (a manifest, a ground truth); see `read_text`."""
+    return list(csv.reader(io.StringIO(read_text(manifest), newline="")))
+
+
+def read_text(manifest: Path) -> str:
+    """The text of a manifest; a BOM is dropped, text that is not UTF-8 names its line."""
     try:
         data = manifest.read_bytes()
     except OSError as error:
@@ -192,4 +196,4 @@ def read_csv(manifest: Path) -> list[list[str]]:
             f"{manifest}, line {line}: not UTF-8 text (byte {data[error.start]:#04x}); "
             "save the manifest as UTF-8"
         ) from error
-    return list(csv.reader(io.StringIO(text, newline="")))
+    return text

@@ -21,7 +21,7 @@ from string import Formatter
 from typing import Any
 
 from audioclf.index import MULTI_LABEL_SEPARATOR, SPLITS, Clip, DatasetError, Listing
-from audioclf.layouts import SPLIT_NAMES, read_csv
+from audioclf.layouts import SPLIT_NAMES, read_csv, read_text
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ def read_table(manifest: Path) -> Table:
 
 
 def _read_json(manifest: Path) -> Table:
-    try:
-        text = manifest.read_bytes().decode("utf-8-sig")
-    except OSError as error:
-        raise DatasetError(f"{manifest}: cannot read manifest ({error})") from error
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{manifest}: not UTF-8 text; save the manifest as UTF-8") from error
+    text = read_text(manifest)
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)
