@@ -140,7 +140,7 @@ def export_run(
     features = np.stack([item[0].numpy() for item in items])
     labels = None if settings.data.multi_label else np.array([int(item[1]) for item in items])
     waveforms = None
-    if "waveform" in settings.run.export_inputs:
+    if "waveform" in settings.run.export_inputs or "mediapipe" in settings.run.export_formats:
         waveforms = np.stack([source.waveform(index) for index in range(len(source))])
     train = datasets["train"]
     checks = export_model(

@@ -72,6 +72,8 @@ class Predictor:
     embeddings: Callable[[np.ndarray], np.ndarray] | None = None
     #: The model takes waveforms of `clip_samples` (a waveform-in export), not log-mel.
     waveform_input: bool = False
+    #: `logits` returns probabilities (a MediaPipe export: the activation is inside).
+    probabilities: bool = False
 
     @property
     def sample_rate(self) -> int:
@@ -173,6 +175,7 @@ def _export_predictor(path: Path) -> Predictor:
     except Exception as error:  # noqa: BLE001 - a runtime refusing the file: name the file
         raise PredictError(f"{path}: cannot load ({type(error).__name__}: {error})") from error
     waveform_input = info.get("input", {}).get("kind") == "waveform"
+    probabilities = bool(info.get("output", {}).get("activation"))
     stats = info.get("normalization")
     if stats and not stats.get("inside_model", True):
         # TFLite and int8 files take normalised features (the sidecar has the statistics).
@@ -191,6 +194,7 @@ def _export_predictor(path: Path) -> Predictor:
         bool(info.get("multi_label")),
         runner,
         waveform_input=waveform_input,
+        probabilities=probabilities,
     )
 
 
@@ -244,7 +248,9 @@ def predict_file(
         if embed:
             vectors.append(predictor.embeddings(features))
     logits = np.concatenate(chunks)
-    if predictor.multi_label:
+    if predictor.probabilities:
+        probabilities = logits
+    elif predictor.multi_label:
         probabilities = 1 / (1 + np.exp(-logits))
     else:
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))

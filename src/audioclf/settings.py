@@ -223,7 +223,7 @@ class RunConfig:
     test: bool
     quantise: bool
     export: bool
-    export_formats: list[Literal["onnx", "torchscript", "tflite"]]
+    export_formats: list[Literal["onnx", "torchscript", "tflite", "mediapipe"]]
     export_inputs: list[Literal["log_mel", "waveform"]]
     checkpoint_path: str | None
     resume: bool | str
@@ -396,18 +396,24 @@ def load_settings(config: DictConfig) -> Settings:
             )
     if settings.run.export and not settings.run.export_inputs:
         raise ConfigError("run.export_inputs is empty: give log_mel, waveform or both")
-    if settings.run.export and "tflite" in settings.run.export_formats:
-        missing = [name for name in ("litert_torch", "ai_edge_litert") if not _installed(name)]
+    for fmt, modules in (
+        ("tflite", ("litert_torch", "ai_edge_litert")),
+        ("mediapipe", ("litert_torch", "ai_edge_litert", "mediapipe")),
+    ):
+        if not settings.run.export or fmt not in settings.run.export_formats:
+            continue
+        missing = [name for name in modules if not _installed(name)]
         if missing:
             raise ConfigError(
-                f"run.export_formats has tflite, which needs {', '.join(missing)}: "
-                'pip install -e ".[tflite]", or drop tflite from run.export_formats'
+                f"run.export_formats has {fmt}, which needs {', '.join(missing)}: "
+                f'pip install -e ".[tflite]", or drop {fmt} from run.export_formats'
             )
         quantization = settings.model.quantization
         if settings.run.quantise and quantization.backend == "x86":
             raise ConfigError(
-                "run.export_formats has tflite with model.quantization.backend=x86: x86-quantized "
-                "graphs convert but crash the TFLite interpreter; use backend=xnnpack for TFLite"
+                f"run.export_formats has {fmt} with model.quantization.backend=x86: "
+                "x86-quantized graphs convert but crash the TFLite interpreter; use "
+                "backend=xnnpack for TFLite"
             )
     quantization = settings.model.quantization
     if settings.run.quantise and not quantization.per_channel and quantization.backend != "xnnpack":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from audioclf.export.formats import load_runner
+from audioclf.export.formats import ExportError, load_runner
 
 #: Float exports: the largest |logit difference| allowed against PyTorch.
 MAX_ABS_DIFF = 1e-4
@@ -61,6 +61,8 @@ def check_export(
     frontend_dtype: str | None = None,
     output_step: float | None = None,
     multi_label: bool = False,
+    runner: Callable[[Path], Callable[[np.ndarray], np.ndarray]] | None = None,
+    probabilities: bool = False,
 ) -> Check:
     """Run the export and the PyTorch model (`reference`, fed the same `inputs`: NCHW log-mel
     or waveforms) and compare: float exports to max |delta logit| <= 1e-4 and 100% top-1
@@ -69,32 +71,50 @@ def check_export(
     A multi-label model's predicted label sets (logit >= 0) must agree as top-1 does (100%,
     or 99% for int8): a label can cross the threshold without moving the top one.
     A float64 front end must also be within 1e-3 of compute_log_mel. `output_step` (an int8
-    TFLite file's output scale) lets a failed int8 check say its deviation in output steps."""
-    runner = load_runner(path)
+    TFLite file's output scale) lets a failed int8 check say its deviation in output steps.
+
+    `runner` (path -> function inputs -> outputs) runs the file in place of `load_runner`'s
+    runtime; an ExportError it raises fails the check with its message. With `probabilities`
+    the file and `reference` output probabilities, not logits: the label-set threshold is 0.5.
+    """
+    run = (runner or load_runner)(path)
     exported, expected = [], []
+    failure = None
     with torch.no_grad():
         for start in range(0, len(inputs), batch_size):
             batch = inputs[start : start + batch_size]
-            exported.append(runner(batch))
+            try:
+                exported.append(run(batch))
+            except ExportError as error:  # the runtime refused the file: the check's failure
+                failure = str(error)
+                break
             expected.append(reference(torch.from_numpy(batch)).numpy())
-    exported_logits, expected_logits = np.concatenate(exported), np.concatenate(expected)
     precision = "int8" if int8 else "float32"
-    label_sets = None
-    if exported_logits.shape != expected_logits.shape:
-        max_abs_diff, agreement, accuracy = float("inf"), 0.0, None
-        failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
-    else:
+    max_abs_diff, agreement, accuracy, label_sets = float("inf"), 0.0, None, None
+    if failure is None:
+        exported_logits, expected_logits = np.concatenate(exported), np.concatenate(expected)
+        if exported_logits.shape != expected_logits.shape:
+            failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
+    if failure is None:  # outputs of the same shape to compare
         max_abs_diff = float(np.abs(exported_logits - expected_logits).max())
         agreement = float((exported_logits.argmax(1) == expected_logits.argmax(1)).mean())
         if multi_label:
-            same = (exported_logits >= 0) == (expected_logits >= 0)
+            threshold = 0.5 if probabilities else 0.0
+            same = (exported_logits >= threshold) == (expected_logits >= threshold)
             label_sets = float(same.all(axis=1).mean())
-        accuracy = int8_accuracy = None
+        int8_accuracy = None
         if labels is not None:
             accuracy = float((exported_logits.argmax(1) == labels).mean())
             int8_accuracy = float((expected_logits.argmax(1) == labels).mean())
         failure = _failure(
-            int8, max_abs_diff, agreement, accuracy, float_accuracy, label_sets, int8_accuracy
+            int8,
+            max_abs_diff,
+            agreement,
+            accuracy,
+            float_accuracy,
+            label_sets,
+            int8_accuracy,
+            probabilities,
         )
         if int8 and failure is not None and agreement < MIN_INT8_AGREEMENT:
             failure += _rounding_or_fault(exported_logits, expected_logits, output_step)
@@ -150,15 +170,19 @@ def _failure(
     float_accuracy: float | None,
     label_sets: float | None = None,
     int8_accuracy: float | None = None,
+    probabilities: bool = False,
 ) -> str | None:
     """Why the check fails, or None. `int8_accuracy`: the int8 PyTorch model's test accuracy,
-    which tells an int8 file's accuracy loss of quantising from one of the conversion."""
+    which tells an int8 file's accuracy loss of quantising from one of the conversion.
+    `probabilities`: the outputs are probabilities, not logits."""
+    output = "probability" if probabilities else "logit"
+    label_rule = "probability >= 0.5" if probabilities else "logit >= 0"
     if int8:
         if agreement < MIN_INT8_AGREEMENT:
             return f"top-1 agreement with int8 PyTorch {agreement:.2%} < {MIN_INT8_AGREEMENT:.0%}"
         if label_sets is not None and label_sets < MIN_INT8_AGREEMENT:
             return (
-                f"label-set agreement (logit >= 0) with int8 PyTorch {label_sets:.2%} < "
+                f"label-set agreement ({label_rule}) with int8 PyTorch {label_sets:.2%} < "
                 f"{MIN_INT8_AGREEMENT:.0%}"
             )
         if (
@@ -180,11 +204,11 @@ def _failure(
             return failure + f" (int8 PyTorch: {int8_accuracy:.2%}: the conversion lost the rest)"
         return None
     if not max_abs_diff <= MAX_ABS_DIFF:
-        return f"max |delta logit| {max_abs_diff:.3g} > {MAX_ABS_DIFF:g}"
+        return f"max |delta {output}| {max_abs_diff:.3g} > {MAX_ABS_DIFF:g}"
     if agreement < 1.0:
         return f"top-1 agreement {agreement:.2%} < 100%"
     if label_sets is not None and label_sets < 1.0:
-        return f"label-set agreement (logit >= 0) {label_sets:.2%} < 100%"
+        return f"label-set agreement ({label_rule}) {label_sets:.2%} < 100%"
     return None
 
 

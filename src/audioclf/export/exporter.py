@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from audioclf import tflite
+from audioclf import __version__, tflite
+from audioclf.export import mediapipe_file
 from audioclf.export.checks import Check, check_export, table
-from audioclf.export.formats import EXPORTERS, FORMATS, SUFFIXES, ExportError
+from audioclf.export.formats import EXPORTERS, FORMATS, SUFFIXES, TFLITE_FORMATS, ExportError
 from audioclf.export.modules import (
     ChannelLast,
     Int8Model,
@@ -61,7 +62,9 @@ def export_model(
 
     `inputs` with `waveform` adds files that take raw audio (`*_waveform.<suffix>`): the
     log-mel front end and normalisation inside, checked on `check_waveforms` (N, clip
-    samples, the clips `check_features` were computed from).
+    samples, the clips `check_features` were computed from). The `mediapipe` format takes
+    raw audio whatever `inputs` says (`model_mediapipe.tflite`: probabilities out, metadata
+    inside), and is checked through MediaPipe's AudioClassifier.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -71,12 +74,14 @@ def export_model(
         raise ExportError(f"unknown export input(s) {unknown}; one of {INPUTS}")
     if tflite_layout not in LAYOUTS:
         raise ExportError(f"tflite layout {tflite_layout!r}: one of {sorted(LAYOUTS)}")
-    if "waveform" in inputs and check_waveforms is None:
+    if ("waveform" in inputs or "mediapipe" in formats) and check_waveforms is None:
         raise ExportError("waveform-in exports need the check clips' waveforms")
     directory.mkdir(parents=True, exist_ok=True)
     raw = np.ascontiguousarray(check_features, dtype=np.float32)
     labels = None if multi_label else check_labels
-    variants = _Variants(model, quantized, normalization, raw, check_waveforms, feature_params)
+    variants = _Variants(
+        model, quantized, normalization, raw, check_waveforms, feature_params, multi_label
+    )
     float_accuracy = None
     if variants.inside is not None and labels is not None:
         with torch.no_grad():
@@ -84,7 +89,7 @@ def export_model(
         float_accuracy = float((logits.argmax(1) == labels).mean())
     checks = []
     for fmt in formats:
-        for input_kind in inputs:
+        for input_kind in ("waveform",) if fmt == "mediapipe" else inputs:
             for stem, module, check_inputs, int8 in variants.of(fmt, input_kind):
                 path = directory / f"{stem}{SUFFIXES[fmt]}"
                 layout = tflite_layout if fmt == "tflite" and input_kind == "log_mel" else "nchw"
@@ -101,7 +106,7 @@ def export_model(
                         f"{fmt} export of {stem} failed: {type(error).__name__}: {error}"
                     ) from error
                 frontend_diff, frontend_dtype = variants.frontend_deviation(module)
-                io = tflite.io_quantization(path) if fmt == "tflite" else {}
+                io = tflite.io_quantization(path) if fmt in TFLITE_FORMATS else {}
                 info = sidecar(
                     exported,
                     classes,
@@ -117,6 +122,16 @@ def export_model(
                     frontend_max_abs_diff=frontend_diff,
                 )
                 Path(f"{path}.json").write_text(json.dumps(info, indent=1))
+                if fmt == "mediapipe":
+                    mediapipe_file.add_metadata(
+                        path,
+                        classes=classes,
+                        sample_rate=feature_params.sample_rate,
+                        clip_seconds=clip_seconds,
+                        name=f"{model_name} ({stem})",
+                        multi_label=multi_label,
+                        version=__version__,
+                    )
                 checks.append(
                     check_export(
                         fmt,
@@ -131,6 +146,8 @@ def export_model(
                         frontend_dtype=frontend_dtype,
                         output_step=(io.get("output") or {}).get("scale"),
                         multi_label=multi_label,
+                        runner=mediapipe_file.runner if fmt == "mediapipe" else None,
+                        probabilities=fmt == "mediapipe",
                     )
                 )
     report = directory / "export_report.json"
@@ -157,8 +174,10 @@ class _Variants:
         raw: np.ndarray,
         waveforms: np.ndarray | None,
         feature_params: LogMelParams,
+        multi_label: bool,
     ) -> None:
         self.normalization = normalization
+        self.activation = "sigmoid" if multi_label else "softmax"
         self.raw = raw
         self.normalised = raw if normalization is None else normalization(raw)
         self.waveforms = None if waveforms is None else np.ascontiguousarray(waveforms, np.float32)
@@ -184,10 +203,15 @@ class _Variants:
         for stem, int8 in stems:
             if input_kind == "waveform":
                 # TFLite has no float64 kernels: its front end computes in float32.
-                dtype = torch.float32 if fmt == "tflite" else torch.float64
+                dtype = torch.float32 if fmt in TFLITE_FORMATS else torch.float64
                 module = self.int8 if int8 else self.bare
-                wrapped = WaveformModel(self._frontend(dtype), self.normalization, module)
-                result.append((f"{stem}_waveform", wrapped.eval(), self.waveforms, int8))
+                # MediaPipe's AudioClassifier reports the output as scores: probabilities.
+                activation = self.activation if fmt == "mediapipe" else None
+                wrapped = WaveformModel(
+                    self._frontend(dtype), self.normalization, module, activation
+                )
+                suffix = "mediapipe" if fmt == "mediapipe" else "waveform"
+                result.append((f"{stem}_{suffix}", wrapped.eval(), self.waveforms, int8))
             elif int8 or fmt == "tflite":
                 # TFLite and int8 files take normalised features (the sidecar has the
                 # statistics): litert-torch cannot convert a broadcast against a dynamic

@@ -1,4 +1,5 @@
-"""The exporters (ONNX, TorchScript, TFLite) and a runner for each exported file."""
+"""The exporters (ONNX, TorchScript, TFLite, MediaPipe's TFLite) and a runner for each
+exported file."""
 
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from torch import nn
 from audioclf import tflite
 from audioclf.export.modules import Int8Model, WaveformModel, input_name, unwrap
 
-FORMATS = ("onnx", "torchscript", "tflite")
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite"}
+FORMATS = ("onnx", "torchscript", "tflite", "mediapipe")
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite", "mediapipe": ".tflite"}
+#: The formats written as TFLite files (MediaPipe's: waveform in, probabilities out, with
+#: metadata; `audioclf.export.mediapipe_file`).
+TFLITE_FORMATS = ("tflite", "mediapipe")
 OUTPUT_NAME = "logits"
 _MAX_BATCH = 4096
 _EXPORTER_LOGGERS = {
@@ -87,6 +91,7 @@ EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Path]] = {
     "onnx": export_onnx,
     "torchscript": export_torchscript,
     "tflite": export_tflite,
+    "mediapipe": export_tflite,  # the metadata is added with the sidecar's facts
 }
 
 

@@ -62,7 +62,9 @@ class Int8Model(nn.Module):
 
 
 class WaveformModel(nn.Module):
-    """Waveforms `(batch, samples)` -> front end -> normalisation -> `model` -> logits.
+    """Waveforms `(batch, samples)` -> front end -> normalisation -> `model` -> logits, or
+    with `activation` (`softmax`, or `sigmoid` for multi-label) probabilities, for runtimes
+    that read scores (MediaPipe's AudioClassifier).
 
     `model` is an `InferenceModel` without normalisation or an `Int8Model`: the statistics
     are applied here, between the front end and the network.
@@ -73,18 +75,27 @@ class WaveformModel(nn.Module):
         frontend: LogMelFrontEnd,
         normalization: FeatureNormalization | None,
         model: nn.Module,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
+        if activation not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"activation {activation!r}: softmax, sigmoid or None")
         self.frontend = frontend
         self.normalize = InferenceModel(nn.Identity(), normalization)  # type: ignore[arg-type]
         self.model = model
+        self.activation = activation
 
     @property
     def int8(self) -> bool:
         return isinstance(self.model, Int8Model)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(self.frontend(waveform)))
+        logits = self.model(self.normalize(self.frontend(waveform)))
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        return logits
 
 
 class ChannelLast(nn.Module):

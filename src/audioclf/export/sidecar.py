@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from audioclf.export.formats import OUTPUT_NAME
+from audioclf.export.formats import OUTPUT_NAME, TFLITE_FORMATS
 from audioclf.export.modules import InferenceModel, Int8Model, WaveformModel, input_name, unwrap
 from audioclf.features import LogMelParams
 from audioclf.normalization import FeatureNormalization
@@ -56,7 +56,7 @@ def sidecar(
         }
     clip_samples = round(clip_seconds * feature_params.sample_rate)
     if waveform:
-        batch = 1 if fmt == "tflite" else "batch"
+        batch = 1 if fmt in TFLITE_FORMATS else "batch"
         shape, description = [batch, clip_samples], WAVEFORM_LAYOUT
     else:
         _, frames, mels = feature_shape
@@ -65,6 +65,12 @@ def sidecar(
             "" if stats is None or stats["inside_model"] else ", normalised first"
         )
     io = io_quantization or {}
+    activation = module.activation if waveform else None
+    if activation is not None:
+        output_name, meaning = "probabilities", f"probabilities ({activation} inside)"
+    else:
+        output_name = OUTPUT_NAME
+        meaning = f"logits: {'sigmoid' if multi_label else 'softmax'} for probabilities"
     frontend = None
     if waveform:
         frontend = {
@@ -93,11 +99,10 @@ def sidecar(
             "quantization": io.get("input"),
         },
         "output": {
-            "name": OUTPUT_NAME,
+            "name": output_name,
             "shape": ["batch", len(classes)],
-            "meaning": "logits: sigmoid for probabilities"
-            if multi_label
-            else "logits: softmax for probabilities",
+            "meaning": meaning,
+            "activation": activation,
             "dtype": "int8" if io.get("output") else "float32",
             "quantization": io.get("output"),
         },
