@@ -143,11 +143,9 @@ def test_metadata_that_is_not_the_models_fails_the_check(exported, tmp_path, cha
     directory, _, waves, _ = exported
     path = tmp_path / "model.tflite"
     shutil.copy(directory / "model_waveform.tflite", path)  # the same file, no metadata yet
-    shutil.copy(directory / "model_waveform.tflite.json", f"{path}.json")
-    facts = {"classes": CLASSES, "sample_rate": RATE, "clip_seconds": SAMPLES / RATE}
-    mediapipe_file.add_metadata(
-        path, name="m", multi_label=False, version="0", **{**facts, **change}
-    )
+    info = json.loads((directory / "model_waveform.tflite.json").read_text())
+    Path(f"{path}.json").write_text(json.dumps(info))  # the runner's expectations
+    mediapipe_file.add_metadata(path, {**info, **change}, "m")
     with pytest.raises(ExportError, match=message):
         mediapipe_file.runner(path)(waves[:1])
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from audioclf import __version__, tflite
+from audioclf import tflite
 from audioclf.export import mediapipe_file
 from audioclf.export.checks import Check, check_export, table
 from audioclf.export.formats import EXPORTERS, FORMATS, SUFFIXES, TFLITE_FORMATS, ExportError
@@ -123,15 +123,7 @@ def export_model(
                 )
                 Path(f"{path}.json").write_text(json.dumps(info, indent=1))
                 if fmt == "mediapipe":
-                    mediapipe_file.add_metadata(
-                        path,
-                        classes=classes,
-                        sample_rate=feature_params.sample_rate,
-                        clip_seconds=clip_seconds,
-                        name=f"{model_name} ({stem})",
-                        multi_label=multi_label,
-                        version=__version__,
-                    )
+                    mediapipe_file.add_metadata(path, info, f"{model_name} ({stem})")
                 checks.append(
                     check_export(
                         fmt,

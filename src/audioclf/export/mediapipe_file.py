@@ -16,10 +16,11 @@ import json
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from audioclf import tflite
+from audioclf import __version__, tflite
 from audioclf.export.formats import ExportError
 
 #: The name TFLite runtimes look the metadata buffer up by, and the identifiers of the two
@@ -33,62 +34,43 @@ MIN_PARSER_VERSION = "1.3.0"
 INSTALL = 'pip install -e ".[tflite]"'
 
 
-def add_metadata(
-    path: Path,
-    *,
-    classes: Sequence[str],
-    sample_rate: int,
-    clip_seconds: float,
-    name: str,
-    multi_label: bool,
-    version: str,
-) -> None:
-    """Write the model metadata and the labels into the TFLite file at `path` (in place)."""
+def add_metadata(path: Path, info: dict[str, Any], name: str) -> None:
+    """Write the model metadata and the labels into the TFLite file at `path`, just
+    converted (in place): the classes, sample rate, clip length and multi_label of `info`
+    (the file's sidecar), and `name`."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
 
-    metadata = _metadata(classes, sample_rate, clip_seconds, name, multi_label, version)
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(path.read_bytes()))
     builder = flatbuffers.Builder(0)
-    builder.Finish(metadata.Pack(builder), METADATA_IDENTIFIER)
+    builder.Finish(_metadata(info, name).Pack(builder), METADATA_IDENTIFIER)
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(bytes(builder.Output()), np.uint8)
     model.buffers.append(buffer)
     entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in model.metadata or [] if _name(m) != METADATA_NAME] + [entry]
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
     # The associated files are a zip archive after the flatbuffer, as TFLite metadata has it.
     data = io.BytesIO(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
     data.seek(0, io.SEEK_END)
     with zipfile.ZipFile(data, "a") as archive:
         # A fixed date: the same model gives the same file.
-        entry = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
-        archive.writestr(entry, "".join(f"{label}\n" for label in classes))
+        labels = zipfile.ZipInfo(LABELS_FILE, date_time=(1980, 1, 1, 0, 0, 0))
+        archive.writestr(labels, "".join(f"{label}\n" for label in info["classes"]))
     path.write_bytes(data.getvalue())
 
 
-def _name(entry) -> str:
-    return entry.name.decode() if isinstance(entry.name, bytes) else str(entry.name)
-
-
-def _metadata(
-    classes: Sequence[str],
-    sample_rate: int,
-    clip_seconds: float,
-    name: str,
-    multi_label: bool,
-    version: str,
-):
+def _metadata(info: dict[str, Any], name: str):
     from mediapipe.tasks.metadata import metadata_schema_py_generated as schema
 
+    classes, sample_rate, multi_label = info["classes"], info["sample_rate"], info["multi_label"]
     audio = schema.AudioPropertiesT()
     audio.sampleRate, audio.channels = sample_rate, 1
     clip = schema.TensorMetadataT()
     clip.name = "audio_clip"
     clip.description = (
-        f"{clip_seconds:g} s of mono float32 audio in [-1, 1] at {sample_rate} Hz; the "
+        f"{info['clip_seconds']:g} s of mono float32 audio in [-1, 1] at {sample_rate} Hz; the "
         "log-mel front end is inside the model"
     )
     clip.content = schema.ContentT()
@@ -116,9 +98,9 @@ def _metadata(
     metadata.name = name
     metadata.description = (
         f"Audio classifier ({'multi-label, ' if multi_label else ''}{len(classes)} classes) "
-        f"trained with audioclf"
+        "trained with audioclf"
     )
-    metadata.version = version
+    metadata.version = __version__
     metadata.author = "audioclf"
     metadata.subgraphMetadata = [subgraph]
     metadata.minParserVersion = MIN_PARSER_VERSION
