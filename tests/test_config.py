@@ -112,6 +112,27 @@ def test_data_columns_are_checked_at_start(compose_config, override, message):
         load_settings(compose_config(override))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.classes=[a]", "data.classes has 1; a classifier needs at least 2"),
+        ("data.classes=[a,b,a]", r"data.classes names \['a'\] twice"),
+        ("data.classes=[1,'1']", r"data.classes names \['1'\] twice"),
+        ("data.classes=[a,' ']", "data.classes has an empty name"),
+        ("data.classes=[1.5,2]", r"data.classes\[0\] must be text or a whole number, not 1.5"),
+    ],
+)
+def test_data_classes_are_checked_at_start(compose_config, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(compose_config(override))
+
+
+def test_numbers_in_data_classes_are_the_labels_they_spell(compose_config):
+    # FSDD's classes are the folders' digits: data.classes=[2,1] means "2", "1".
+    data = load_settings(compose_config("data.classes=[2,1]")).data
+    assert data.class_names == ["2", "1"]
+
+
 @pytest.mark.parametrize("monitor", ["val_mAP", "val_roc_auc"])
 def test_a_multi_label_monitor_on_multi_class_data_is_named(compose_config, monitor):
     with pytest.raises(ConfigError, match=rf"training.monitor={monitor} .*multi-label data only"):

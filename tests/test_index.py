@@ -150,6 +150,26 @@ def test_data_a_model_is_tested_on_needs_no_training_clips_and_only_its_classes(
 
 
 @pytest.mark.parametrize("multi_label", [False, True])
+def test_data_classes_fix_the_class_order_and_must_be_the_training_labels(tmp_path, multi_label):
+    rows = [
+        (f"{d}_theo_{i}.wav", str(d), split)
+        for d in (3, 4, 5)
+        for i, split in ((10, "train"), (11, "train"), (5, "val"), (0, "test"))
+    ]
+    manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)
+    listing = index_manifest(manifest, FSDD, 0.1, 0.1, multi_label=multi_label)
+    index = split_listing(listing, seed=0, multi_label=multi_label, class_order=["5", "3", "4"])
+    assert index.classes == ["5", "3", "4"]  # not sorted: output i is the i-th given
+    with pytest.raises(
+        DatasetError,
+        match=r"labels \['5'\] appear in the train split but not in data.classes \['3', '4'\]",
+    ):
+        split_listing(listing, seed=0, multi_label=multi_label, class_order=["3", "4"])
+    with pytest.raises(DatasetError, match=r"data.classes has \['6'\], which no training clip has"):
+        split_listing(listing, seed=0, multi_label=multi_label, class_order=["3", "4", "5", "6"])
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
 def test_a_single_class_is_an_error_naming_it(tmp_path, multi_label):
     rows = [(f"1_jackson_{i}.wav", "one", s) for i, s in [(10, "train"), (11, "train"), (5, "val")]]
     manifest = write_manifest(tmp_path / "m.csv", ["path", "label", "split"], rows)

@@ -44,6 +44,27 @@ def test_main_job_trains_tests_and_reports(compose_config, tmp_path):
     assert (tmp_path / "outputs" / "metrics.json").exists()
 
 
+def test_data_classes_order_the_outputs_and_come_with_the_checkpoint(compose_config, tmp_path):
+    data = tiny_split_manifest(tmp_path)
+    summary = run(
+        compose_config(*data, "run.train=true", "training.epochs=1", "data.classes=[2,1]")
+    )
+    assert summary["classes"] == ["2", "1"]
+    best = tmp_path / "outputs" / "checkpoints" / "best.pth"
+    assert load_checkpoint(best)["classes"] == ["2", "1"]
+    # Trained further from it with no data.classes given: its order, not the sorted one.
+    further = run(
+        compose_config(
+            *data,
+            "run.train=true",
+            "training.epochs=1",
+            f"run.checkpoint_path={best}",
+            f"system.output_dir={tmp_path / 'further'}",
+        )
+    )
+    assert further["classes"] == ["2", "1"]
+
+
 def test_zero_epochs_says_the_model_is_used_untrained(compose_config, tmp_path, caplog):
     config = compose_config(*tiny_split_manifest(tmp_path), "run.train=true", "training.epochs=0")
     with caplog.at_level("WARNING", logger="audioclf"):

@@ -275,6 +275,7 @@ def split_listing(
     digest: Callable[[Path], str] | None = None,
     multi_label: bool = False,
     classes: Sequence[str] | None = None,
+    class_order: Sequence[str] | None = None,
 ) -> DatasetIndex:
     """Split a (checked) listing into train / val / test and fix the class order.
 
@@ -289,6 +290,8 @@ def split_listing(
     `classes`: the classes of a trained model that the data is tested on. The training split
     may then be empty, every label must be one of them, and a split that lacks some is a
     warning.
+    `class_order` (`data.classes`): the classes to train, in their output order, in place of
+    the training labels sorted: every label must be one of them, and training must have each.
     """
     digest = digest or (lambda path: file_digest(path)[0])
     listing = drop_duplicates(listing)
@@ -312,7 +315,7 @@ def split_listing(
             splits[split] += [replace(clip, split=split) for clip in clips]
     check_leakage(splits, digest)
     check_groups(splits)
-    return _finish_index(splits, listing.source, multi_label, classes)
+    return _finish_index(splits, listing.source, multi_label, classes, class_order)
 
 
 def _absent_message(
@@ -342,6 +345,7 @@ def _finish_index(
     source: str,
     multi_label: bool,
     model_classes: Sequence[str] | None = None,
+    class_order: Sequence[str] | None = None,
 ) -> DatasetIndex:
     def labels_in(clips: list[Clip]) -> set[str]:
         if multi_label:
@@ -353,6 +357,14 @@ def _finish_index(
         known_from = f"the model was trained for classes {classes}"
     elif not splits["train"]:
         raise DatasetError(f"{source}: no training clips found")
+    elif class_order is not None:
+        classes, known_from = list(class_order), f"not in data.classes {list(class_order)}"
+        untrained = [label for label in classes if label not in labels_in(splits["train"])]
+        if untrained:
+            raise DatasetError(
+                f"{source}: data.classes has {untrained}, which no training clip has: the "
+                "model could not learn them; add their clips or drop them from data.classes"
+            )
     else:
         classes, known_from = sorted(labels_in(splits["train"])), "not in training"
     if len(classes) < 2:

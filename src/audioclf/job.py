@@ -101,7 +101,8 @@ def seed_everything(seed: int) -> None:
 
 def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str, Any]]:
     """The run's config with the checkpoint's model, features, sample rate, clip length,
-    multi-label setting and keyword task (from the config stored in it), and the checkpoint.
+    multi-label setting, class order (`data.classes`) and keyword task (from the config stored
+    in it), and the checkpoint.
     How to quantise (`model.quantization`) stays the run's: quantising a float checkpoint is
     this run's job. The checkpoints this run writes store the config as adopted, so they need
     no flags either."""
@@ -118,6 +119,8 @@ def from_checkpoint(config: DictConfig, path: str) -> tuple[DictConfig, dict[str
         adopted.data.sample_rate = trained.data.sample_rate
         adopted.data.clip_seconds = trained.data.clip_seconds
         adopted.data.multi_label = trained.data.multi_label
+        if trained.data.get("classes") is not None:
+            adopted.data.classes = trained.data.classes  # the model's output order
         if "words" in adopted.data and trained.data.get("words") is not None:
             # The keyword task's classes: which words, and how much _unknown_ and _silence_.
             for key in KEYWORD_KEYS:

@@ -145,7 +145,13 @@ def build_datasets(
         progress=lambda items: tqdm(items, desc="check files", leave=False, disable=None),
     )
     listing.clips = good
-    index = split_listing(listing, data.split_seed, multi_label=data.multi_label, classes=classes)
+    index = split_listing(
+        listing,
+        data.split_seed,
+        multi_label=data.multi_label,
+        classes=classes,
+        class_order=data.class_names,
+    )
     if settings.run.train and not index.splits["val"]:
         if listing.fractions.get("val", 0) > 0:
             how = (

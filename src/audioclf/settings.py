@@ -117,10 +117,18 @@ class DataConfig:
     on_bad_file: Literal["error", "skip"]
     multi_label: bool
     columns: ColumnsConfig | None = None
+    #: The classes in their output order (None: the training labels, sorted); numbers are
+    #: names (`[0, 1, 2]` is FSDD's "0", "1", "2").
+    classes: list[str | int] | None = None
     #: data=speech_commands: the keyword task's words (None: every word is a class).
     words: list[str] | None = None
     unknown_fraction: float = bounded(0.1, ge=0)
     silence_fraction: float = bounded(0.1, ge=0)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """`classes` as the labels they name."""
+        return None if self.classes is None else [str(label) for label in self.classes]
 
     def column_map(self) -> dict[str, str | None] | None:
         """`columns` as `index_manifest` takes them (None: the manifest's own names)."""
@@ -313,6 +321,20 @@ class Settings:
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+def _check_classes(data: DataConfig) -> None:
+    """`data.classes`: two or more, each once, none empty."""
+    names = data.class_names
+    if names is None:
+        return
+    if len(names) < 2:
+        raise ConfigError(f"data.classes has {len(names)}; a classifier needs at least 2")
+    twice = sorted({label for label in names if names.count(label) > 1})
+    if twice:
+        raise ConfigError(f"data.classes names {twice} twice; give each class once")
+    if any(not label.strip() for label in names):
+        raise ConfigError(f"data.classes has an empty name: {names}")
+
+
 def _check_words(data: DataConfig) -> None:
     """`data.words`: Speech Commands words, each once, none of the task's own classes."""
     if data.words is None:
@@ -385,6 +407,7 @@ def load_settings(config: DictConfig) -> Settings:
         raise ConfigError("data=fsd50k is multi-label: data.multi_label must be true")
     if data.columns is not None and data.format != "manifest":
         raise ConfigError(f"data.columns maps manifest columns; data={data.name} has no manifest")
+    _check_classes(data)
     _check_words(data)
     _check_split_manifests(settings)
     if settings.run.export and "onnx" in settings.run.export_formats:
