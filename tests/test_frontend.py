@@ -164,8 +164,10 @@ def test_waveforms_that_are_not_the_check_clips_fail_the_front_end_check(tmp_pat
 def test_tflite_waveform_in_takes_one_clip_and_matches(tmp_path, clips):
     pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
     waves, _ = clips
-    (waveform_check,) = _export(tmp_path, clips, ["tflite"], inputs=["waveform"])
+    waveform_check, micro = _export(tmp_path, clips, ["tflite"], inputs=["waveform"])
     assert waveform_check.passed
+    assert micro.format == "tflite-micro"  # the float front end runs in TFLite Micro too
+    assert micro.passed
     assert waveform_check.frontend_dtype == "float32"
     assert waveform_check.frontend_max_abs_diff <= 1e-3  # FSDD with top_db: float32 suffices
     info = json.loads((tmp_path / "model_waveform.tflite.json").read_text())

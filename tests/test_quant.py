@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import warnings
 
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from audioclf import quant, quantizers, tflite
 from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import run
-from audioclf.export import ExportError, Int8Model, export_model
-from audioclf.export.formats import export_tflite
+from audioclf.export import ExportError, Int8Model, check_export, export_model, inference_model
+from audioclf.export.formats import export_tflite, load_micro_runner
 from audioclf.features import resolve_params
 from audioclf.model import create_model
 from audioclf.model.heads import LinearHead
@@ -384,12 +385,15 @@ def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
     normalization = FeatureNormalization(np.zeros(32, np.float32), np.full(32, 2, np.float32))
     normalised = torch.from_numpy(normalization(features.numpy()))
     int8 = quant.quantize_ptq(tiny_model(), [normalised], normalised[:2])
-    (check,) = _export(
+    check, micro = _export(
         tmp_path, None, features, normalization=normalization, quantized=int8, tflite_layout="nhwc"
     )
     assert check.passed
     assert check.precision == "int8"
     assert check.top1_agreement >= 0.99
+    # The same file as a microcontroller runs it: TFLite Micro's kernels, channel-last int8.
+    assert (micro.format, micro.path, micro.precision) == ("tflite-micro", check.path, "int8")
+    assert micro.passed
     interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"))
     tensor_types = {str(t["dtype"].__name__) for t in interpreter.get_tensor_details()}
     assert tensor_types <= {"int8", "int32"}, tensor_types  # no float op left
@@ -397,7 +401,7 @@ def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
     assert "LOGISTIC" in ops
     assert "DEQUANTIZE" not in ops
     info = json.loads((tmp_path / "model_int8.tflite.json").read_text())
-    assert info["input"]["shape"] == ["batch", 40, 32, 1]
+    assert info["input"]["shape"] == [1, 40, 32, 1]  # one clip, as TFLite Micro takes it
     assert info["input"]["dtype"] == "int8"
     source = interpreter.get_input_details()[0]
     assert info["input"]["quantization"]["scale"] == pytest.approx(source["quantization"][0])
@@ -417,13 +421,14 @@ def test_float_tflite_agrees_and_a_corrupted_one_fails_its_check(tmp_path, featu
     assert not [w for w in caught if "LeafSpec" in str(w.message)]  # torch's, per copy
     assert checks[0].passed
     assert checks[0].max_abs_diff <= 1e-4
+    assert checks[1].format == "tflite-micro"  # TFLite Micro's float kernels agree as well
+    assert checks[1].passed
+    assert checks[1].max_abs_diff <= 1e-4
     path = tmp_path / "model.tflite"
     flat = flatbuffer_utils.read_model(str(path))
     largest = max(flat.buffers, key=lambda b: 0 if b.data is None else len(b.data))
     largest.data = np.zeros_like(largest.data)  # one weight tensor zeroed
     flatbuffer_utils.write_model(flat, str(path))
-    from audioclf.export import check_export, inference_model
-
     check = check_export("tflite", path, inference_model(model, None), features.numpy())
     assert not check.passed
     assert "delta logit" in check.failure
@@ -482,7 +487,7 @@ def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path
     }
     assert exported == {
         (fmt, precision, kind)
-        for fmt in (("onnx", "tflite") if mode == "ptq" else ("onnx",))
+        for fmt in (("onnx", "tflite", "tflite-micro") if mode == "ptq" else ("onnx",))
         for precision in ("float32", "int8")
         for kind in (("waveform",) if mode == "ptq" else ("log_mel",))
     }
@@ -510,7 +515,10 @@ def test_main_job_quantises_tests_both_and_exports_int8(compose_config, tmp_path
         export = outputs / "export"
         models = [int8, export / "model_int8_waveform.tflite", export / "model_int8_waveform.onnx"]
     else:
-        assert [check["precision"] for check in again["export"]] == ["int8"]
+        assert [(check["format"], check["precision"]) for check in again["export"]] == [
+            ("tflite", "int8"),
+            ("tflite-micro", "int8"),
+        ]
         assert all(check["passed"] for check in again["export"])
         models = [int8, tmp_path / "again" / "export" / "model_int8.tflite"]
     for model_file in models:
@@ -531,6 +539,37 @@ def test_microcontroller_config_fits_256_kb_as_full_int8_tflite(compose_config, 
     export_tflite(Int8Model(int8), inputs[:2], path)
     assert path.stat().st_size <= 256 * 1024
     assert tflite.io_quantization(path)["input"]["dtype"] == "int8"
+    # And TFLite Micro runs it, as LiteRT does (a file with a dynamic batch did not load).
+    np.testing.assert_array_equal(
+        tflite.micro_runner(path)(inputs[:4].numpy()), tflite.runner(path)(inputs[:4].numpy())
+    )
+
+
+@pytest.mark.parametrize(
+    ("int8", "reason"),
+    [
+        (False, r"TFLite Micro: 2 outputs for one clip \(input shape \[1, 1"),
+        # TFLite Micro's own message, which it prints rather than raises.
+        (True, r"TFLite Micro: TFLM failed to allocate tensors \(.*PAD.*failed to prepare"),
+    ],
+)
+def test_a_file_that_tflite_micro_cannot_run_fails_its_check_with_the_reason(
+    tmp_path, features, int8, reason
+):
+    # What every TFLite file was before: a dynamic batch, traced on 2 clips, whose stored
+    # shapes TFLite Micro runs as they are.
+    model = inference_model(tiny_model(), None)
+    if int8:
+        model = Int8Model(quant.quantize_ptq(tiny_model(), [features], features[:2]))
+    path = tmp_path / "dynamic.tflite"
+    tflite.convert(model, features[:2], path, int8=int8, batch=torch.export.Dim("batch", max=64))
+    check = check_export("tflite", path, model, features.numpy(), int8=int8)
+    assert check.passed  # LiteRT resizes it
+    micro = check_export(
+        "tflite-micro", path, model, features.numpy(), int8=int8, runner=load_micro_runner
+    )
+    assert not micro.passed
+    assert re.match(reason, micro.failure), micro.failure
 
 
 def test_interrupted_qat_resumes_to_the_uninterrupted_result(compose_config, tmp_path):
@@ -638,15 +677,18 @@ def test_dropout_before_the_classifier_does_not_requantize_so_tflite_matches(tmp
     assert (exported.argmax(1) == expected.argmax(1)).all()
 
 
-def test_an_arcface_model_converts_to_tflite_and_runs_at_any_batch(tmp_path, features):
-    # F.normalize's expand_as over the dynamic batch did not lower in litert-torch, and a
-    # keepdim norm became a RESHAPE to the traced batch of 2 that failed at any other batch.
-    # QAT's int8 class centres, normalised in the graph, converted 6.5 output steps off.
+def test_an_arcface_model_converts_to_tflite_and_agrees(tmp_path, features):
+    # F.normalize's expand_as over a dynamic batch did not lower in litert-torch, and a
+    # keepdim norm became a RESHAPE to the traced batch of 2 that failed at any other batch
+    # (files now have a batch of 1). QAT's int8 class centres, normalised in the graph,
+    # converted 6.5 output steps off.
     torch.manual_seed(0)
     model = create_model("efficientnet_v2", 3, width_mult=0.25, depth_mult=0.25, arcface=True)
     _fit(model, features)
-    (check,) = _export(tmp_path, model.eval(), features)
-    assert check.passed
+    checks = _export(tmp_path, model.eval(), features)
+    assert [check.format for check in checks] == ["tflite", "tflite-micro"]
+    check = checks[0]
+    assert all(check.passed for check in checks)
     assert check.max_abs_diff <= 1e-4
     ptq = quant.quantize_ptq(model, [features], features[:2])
     prepared = quant.prepare(model, features[:2], "xnnpack", "qat").train()

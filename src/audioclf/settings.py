@@ -420,7 +420,7 @@ def load_settings(config: DictConfig) -> Settings:
     if settings.run.export and not settings.run.export_inputs:
         raise ConfigError("run.export_inputs is empty: give log_mel, waveform or both")
     for fmt, modules in (
-        ("tflite", ("litert_torch", "ai_edge_litert")),
+        ("tflite", ("litert_torch", "ai_edge_litert", "tflite_micro")),
         ("mediapipe", ("litert_torch", "ai_edge_litert", "mediapipe")),
     ):
         if not settings.run.export or fmt not in settings.run.export_formats:

@@ -3,9 +3,9 @@ TensorFlow install. Needs the `tflite` extra: pip install -e ".[tflite]".
 
 An int8 PT2E graph (`audioclf.quant`, XNNPACK rules) converts to a full-int8 file: int8 input
 and output, with their scale and zero point in the file, and int8 ops throughout, as
-microcontroller runtimes need. The batch dimension stays dynamic where the converter allows it
-(a file converted with a fixed batch of 2 fails at batch 1): the interpreter is resized to each
-batch. Waveform-in files have a fixed batch of one, and run one clip at a time.
+microcontroller runtimes need. The exported files have a fixed batch of one (TFLite Micro has
+no dynamic shapes) and run one clip at a time here; a file with a dynamic batch dimension is
+resized to each batch.
 """
 
 from __future__ import annotations
@@ -76,23 +76,17 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     interpreter = _interpreter(path, torch.get_num_threads())
     source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     signature = list(source["shape_signature"])
-    channel_last = len(signature) == 4 and signature[-1] == 1 and signature[1] != 1
+    channel_last = _channel_last(signature)
     allocated: tuple[int, ...] | None = None
 
     def run(features: np.ndarray) -> np.ndarray:
         nonlocal allocated
         if signature[0] == 1 and len(features) > 1:
-            # A file with a fixed batch of one (waveform-in): one clip at a time.
+            # A file with a fixed batch of one (as exported): one clip at a time.
             return np.concatenate(
                 [run(features[index : index + 1]) for index in range(len(features))]
             )
-        if channel_last:
-            features = features.transpose(0, 2, 3, 1)
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if source["dtype"] == np.int8:
-            scale, zero_point = source["quantization"]
-            features = np.clip(np.round(features / scale) + zero_point, -128, 127)
-            features = features.astype(np.int8)
+        features = _file_input(features, channel_last, source["dtype"], source["quantization"])
         if allocated != features.shape:  # a new batch size (the last batch, most often)
             interpreter.resize_tensor_input(source["index"], list(features.shape))
             with quiet_logs():  # the XNNPACK delegate announces itself on stderr when applied
@@ -100,13 +94,116 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             allocated = features.shape
         interpreter.set_tensor(source["index"], features)
         interpreter.invoke()
-        logits = interpreter.get_tensor(target["index"])
-        if target["dtype"] == np.int8:
-            scale, zero_point = target["quantization"]
-            logits = (logits.astype(np.float32) - zero_point) * scale
-        return np.array(logits, dtype=np.float32)
+        output = interpreter.get_tensor(target["index"])
+        return _logits(output, target["dtype"], target["quantization"])
 
     return run
+
+
+class MicroError(RuntimeError):
+    """TFLite Micro cannot run a file (an op it lacks, or one that fails to prepare)."""
+
+
+def micro_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """`runner`, through TFLite Micro's interpreter instead (the reference kernels of
+    microcontroller builds, from tflite-micro's Python package), which runs a file's stored
+    shapes as they are: one clip at a time. MicroError, with TFLite Micro's own message,
+    when it cannot run the file."""
+    try:
+        from tflite_micro.python.tflite_micro import runtime
+    except ImportError as error:
+        raise ImportError(f"running TFLite Micro needs tflite-micro: {INSTALL}") from error
+    with _stderr_text() as messages:
+        try:
+            interpreter = runtime.Interpreter.from_file(str(path))
+        except RuntimeError as error:
+            raise MicroError(_micro_message(error, messages())) from error
+    source, target = interpreter.get_input_details(0), interpreter.get_output_details(0)
+    shape = [int(size) for size in source["shape"]]
+    channel_last = _channel_last(shape)
+
+    def quantization(details: dict[str, Any]) -> tuple[float, int]:
+        parameters = details["quantization_parameters"]
+        if not len(parameters["scales"]):
+            return 0.0, 0
+        return float(parameters["scales"][0]), int(parameters["zero_points"][0])
+
+    def run(features: np.ndarray) -> np.ndarray:
+        rows = []
+        for index in range(len(features)):
+            clip = _file_input(
+                features[index : index + 1], channel_last, source["dtype"], quantization(source)
+            )
+            with _stderr_text() as messages:
+                try:
+                    interpreter.set_input(clip.reshape(shape), 0)
+                    interpreter.invoke()
+                except RuntimeError as error:
+                    raise MicroError(_micro_message(error, messages())) from error
+            output = interpreter.get_output(0)
+            if len(output) != 1:
+                raise MicroError(
+                    f"TFLite Micro: {len(output)} outputs for one clip (input shape {shape}): "
+                    "the file's stored shapes are not one clip's, as a file traced on a batch "
+                    "of several with a dynamic batch dimension has them"
+                )
+            rows.append(_logits(output, target["dtype"], quantization(target)))
+        return np.concatenate(rows)
+
+    return run
+
+
+def _micro_message(error: RuntimeError, printed: str) -> str:
+    """TFLite Micro raises a bare 'failed to allocate tensors' and prints why to stderr."""
+    lines = [line.strip() for line in printed.splitlines() if line.strip()]
+    return f"TFLite Micro: {error}" + (f" ({'; '.join(lines[-3:])})" if lines else "")
+
+
+@contextlib.contextmanager
+def _stderr_text() -> Iterator[Callable[[], str]]:
+    """Native code's stderr inside the block goes to a file; the function yielded reads it."""
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+") as sink:
+
+        def printed() -> str:
+            sink.seek(0)
+            return sink.read()
+
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _channel_last(shape: list[int]) -> bool:
+    """A log-mel input of shape (batch, frames, mels, 1)."""
+    return len(shape) == 4 and shape[-1] == 1 and shape[1] != 1
+
+
+def _file_input(
+    features: np.ndarray, channel_last: bool, dtype: Any, quantization: tuple[float, int]
+) -> np.ndarray:
+    """NCHW float32 features (or waveforms) as the file takes them: transposed for a
+    channel-last file, quantised for an int8 input."""
+    if channel_last:
+        features = features.transpose(0, 2, 3, 1)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if dtype == np.int8:
+        scale, zero_point = quantization
+        features = np.clip(np.round(features / scale) + zero_point, -128, 127).astype(np.int8)
+    return features
+
+
+def _logits(output: np.ndarray, dtype: Any, quantization: tuple[float, int]) -> np.ndarray:
+    """A file's output as float32 logits (int8 ones dequantised)."""
+    if dtype == np.int8:
+        scale, zero_point = quantization
+        output = (output.astype(np.float32) - zero_point) * scale
+    return np.array(output, dtype=np.float32)
 
 
 def io_quantization(path: Path) -> dict[str, Any]:

@@ -77,24 +77,21 @@ def check_export(
     runtime; an ExportError it raises fails the check with its message. With `probabilities`
     the file and `reference` output probabilities, not logits: the label-set threshold is 0.5.
     """
-    run = (runner or load_runner)(path)
-    exported, expected = [], []
-    failure = None
+    batches = [inputs[start : start + batch_size] for start in range(0, len(inputs), batch_size)]
     with torch.no_grad():
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start : start + batch_size]
-            try:
-                exported.append(run(batch))
-            except ExportError as error:  # the runtime refused the file: the check's failure
-                failure = str(error)
-                break
-            expected.append(reference(torch.from_numpy(batch)).numpy())
+        expected_logits = np.concatenate(
+            [reference(torch.from_numpy(batch)).numpy() for batch in batches]
+        )
+    failure = None
+    try:
+        run = (runner or load_runner)(path)
+        exported_logits = np.concatenate([run(batch) for batch in batches])
+    except ExportError as error:  # the runtime refused the file: the check's failure
+        failure = str(error)
     precision = "int8" if int8 else "float32"
     max_abs_diff, agreement, accuracy, label_sets = float("inf"), 0.0, None, None
-    if failure is None:
-        exported_logits, expected_logits = np.concatenate(exported), np.concatenate(expected)
-        if exported_logits.shape != expected_logits.shape:
-            failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
+    if failure is None and exported_logits.shape != expected_logits.shape:
+        failure = f"output shape {exported_logits.shape} != {expected_logits.shape}"
     if failure is None:  # outputs of the same shape to compare
         max_abs_diff = float(np.abs(exported_logits - expected_logits).max())
         agreement = float((exported_logits.argmax(1) == expected_logits.argmax(1)).mean())

@@ -17,7 +17,14 @@ from torch import nn
 from audioclf import tflite
 from audioclf.export import mediapipe_file
 from audioclf.export.checks import Check, check_export, table
-from audioclf.export.formats import EXPORTERS, FORMATS, SUFFIXES, TFLITE_FORMATS, ExportError
+from audioclf.export.formats import (
+    EXPORTERS,
+    FORMATS,
+    SUFFIXES,
+    TFLITE_FORMATS,
+    ExportError,
+    load_micro_runner,
+)
 from audioclf.export.modules import (
     ChannelLast,
     Int8Model,
@@ -124,24 +131,28 @@ def export_model(
                 Path(f"{path}.json").write_text(json.dumps(info, indent=1))
                 if fmt == "mediapipe":
                     mediapipe_file.add_metadata(path, info, f"{model_name} ({stem})")
-                checks.append(
-                    check_export(
-                        fmt,
-                        path,
-                        module,
-                        check_inputs,
-                        int8=int8,
-                        labels=labels,
-                        float_accuracy=float_accuracy,
-                        input_kind=input_kind,
-                        frontend_max_abs_diff=frontend_diff,
-                        frontend_dtype=frontend_dtype,
-                        output_step=(io.get("output") or {}).get("scale"),
-                        multi_label=multi_label,
-                        runner=mediapipe_file.runner if fmt == "mediapipe" else None,
-                        probabilities=fmt == "mediapipe",
+                # A TFLite file is checked in LiteRT and again in TFLite Micro, as a
+                # microcontroller runs it (its own kernels, the stored shapes).
+                runtimes = {"tflite": [(fmt, None), ("tflite-micro", load_micro_runner)]}
+                for name, runner in runtimes.get(fmt, [(fmt, None)]):
+                    checks.append(
+                        check_export(
+                            name,
+                            path,
+                            module,
+                            check_inputs,
+                            int8=int8,
+                            labels=labels,
+                            float_accuracy=float_accuracy,
+                            input_kind=input_kind,
+                            frontend_max_abs_diff=frontend_diff,
+                            frontend_dtype=frontend_dtype,
+                            output_step=(io.get("output") or {}).get("scale"),
+                            multi_label=multi_label,
+                            runner=mediapipe_file.runner if fmt == "mediapipe" else runner,
+                            probabilities=fmt == "mediapipe",
+                        )
                     )
-                )
     report = directory / "export_report.json"
     report.write_text(json.dumps([asdict(check) for check in checks], indent=1))
     log.info("exports checked on %d clips (%s):\n%s", len(raw), report, table(checks))

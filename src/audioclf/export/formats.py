@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from audioclf import tflite
-from audioclf.export.modules import Int8Model, WaveformModel, input_name, unwrap
+from audioclf.export.modules import Int8Model, input_name, unwrap
 
 FORMATS = ("onnx", "torchscript", "tflite", "mediapipe")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "tflite": ".tflite", "mediapipe": ".tflite"}
@@ -72,8 +72,11 @@ def export_tflite(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     """TFLite through litert-torch (`audioclf.tflite`); an int8 graph becomes a full-int8
     file. x86-quantized graphs are refused: they convert but crash the interpreter.
 
-    A waveform-in file has a batch of 1: litert-torch cannot convert the front end's gather
-    and reshapes against a dynamic batch (on-device code feeds one clip at a time anyway).
+    Every file has a fixed batch of 1, as on-device code feeds it: TFLite Micro has no
+    dynamic shapes (a file converted with a dynamic batch, traced on 2 clips, failed there at
+    its first PAD; traced on 1 clip, torch.export specialises the batch, or with its
+    size-oblivious option refused the QAT graphs), and litert-torch cannot convert the
+    waveform front end's gather and reshapes against a dynamic batch.
     """
     inner = unwrap(module)
     int8 = isinstance(inner, Int8Model)
@@ -82,9 +85,7 @@ def export_tflite(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
             "tflite: an x86-quantized model converts but crashes the TFLite interpreter; "
             "quantise with model.quantization.backend=xnnpack for TFLite"
         )
-    if isinstance(module, WaveformModel):
-        return tflite.convert(module, example[:1], path, int8=int8, batch=None)
-    return tflite.convert(module, example, path, int8=int8, batch=_batch_dim())
+    return tflite.convert(module, example[:1], path, int8=int8, batch=None)
 
 
 EXPORTERS: dict[str, Callable[[nn.Module, torch.Tensor, Path], Path]] = {
@@ -128,6 +129,23 @@ def load_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     if path.suffix == ".tflite":
         return tflite.runner(path)
     raise ExportError(f"{path}: not an export this project reads (.onnx, .pt, .tflite)")
+
+
+def load_micro_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    """`load_runner` for a .tflite file, through TFLite Micro's interpreter (as a
+    microcontroller runs it); ExportError with TFLite Micro's message when it cannot."""
+    try:
+        run = tflite.micro_runner(Path(path))
+    except (ImportError, tflite.MicroError) as error:
+        raise ExportError(str(error)) from error
+
+    def checked(inputs: np.ndarray) -> np.ndarray:
+        try:
+            return run(inputs)
+        except tflite.MicroError as error:
+            raise ExportError(str(error)) from error
+
+    return checked
 
 
 @contextlib.contextmanager

@@ -55,12 +55,12 @@ def sidecar(
             "inside_model": waveform,
         }
     clip_samples = round(clip_seconds * feature_params.sample_rate)
+    batch = 1 if fmt in TFLITE_FORMATS else "batch"  # TFLite files take one clip
     if waveform:
-        batch = 1 if fmt in TFLITE_FORMATS else "batch"
         shape, description = [batch, clip_samples], WAVEFORM_LAYOUT
     else:
         _, frames, mels = feature_shape
-        shape = ["batch", 1, frames, mels] if layout == "nchw" else ["batch", frames, mels, 1]
+        shape = [batch, 1, frames, mels] if layout == "nchw" else [batch, frames, mels, 1]
         description = LAYOUTS[layout] + (
             "" if stats is None or stats["inside_model"] else ", normalised first"
         )
