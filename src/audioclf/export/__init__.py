@@ -14,7 +14,8 @@ MediaPipe's AudioClassifier (`audioclf.export.mediapipe_file`), checked through 
 Every export is run on real test clips and compared with the PyTorch model it came from: float
 exports must agree to max |delta logit| <= 1e-4 with 100% top-1 agreement, int8 exports to 99%
 top-1 agreement with the int8 PyTorch model and test accuracy within 0.5 points of float, else
-ExportError names the check that failed.
+ExportError names the check that failed. TFLite files (a fixed batch of 1) are run in LiteRT and
+again in TFLite Micro's interpreter, as a microcontroller runs them.
 """
 
 from audioclf.export.checks import Check, check_export, table
