@@ -128,6 +128,7 @@ def test_mediapipes_audio_classifier_reads_the_labels_and_gives_the_models_proba
     info = json.loads((directory / "model_mediapipe.tflite.json").read_text())
     assert info["format"] == "mediapipe"
     assert info["input"]["shape"] == [1, SAMPLES]
+    assert info["output"]["shape"] == [1, len(CLASSES)]
     assert info["output"]["activation"] == "softmax"
 
 

@@ -41,6 +41,13 @@ from audioclf.quant import QuantizedModel
 log = logging.getLogger(__name__)
 
 INPUTS = ("log_mel", "waveform")
+#: The runtimes a format's files are checked in, as (name in the report, runner factory; None:
+#: `load_runner`'s). A TFLite file runs in LiteRT and again in TFLite Micro, as a
+#: microcontroller runs it (its own kernels, the stored shapes); MediaPipe's file in MediaPipe.
+CHECK_RUNTIMES = {
+    "tflite": [("tflite", None), ("tflite-micro", load_micro_runner)],
+    "mediapipe": [("mediapipe", mediapipe_file.runner)],
+}
 
 
 def export_model(
@@ -131,10 +138,7 @@ def export_model(
                 Path(f"{path}.json").write_text(json.dumps(info, indent=1))
                 if fmt == "mediapipe":
                     mediapipe_file.add_metadata(path, info, f"{model_name} ({stem})")
-                # A TFLite file is checked in LiteRT and again in TFLite Micro, as a
-                # microcontroller runs it (its own kernels, the stored shapes).
-                runtimes = {"tflite": [(fmt, None), ("tflite-micro", load_micro_runner)]}
-                for name, runner in runtimes.get(fmt, [(fmt, None)]):
+                for name, runner in CHECK_RUNTIMES.get(fmt, [(fmt, None)]):
                     checks.append(
                         check_export(
                             name,
@@ -149,7 +153,7 @@ def export_model(
                             frontend_dtype=frontend_dtype,
                             output_step=(io.get("output") or {}).get("scale"),
                             multi_label=multi_label,
-                            runner=mediapipe_file.runner if fmt == "mediapipe" else runner,
+                            runner=runner,
                             probabilities=fmt == "mediapipe",
                         )
                     )

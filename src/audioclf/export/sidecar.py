@@ -100,7 +100,7 @@ def sidecar(
         },
         "output": {
             "name": output_name,
-            "shape": ["batch", len(classes)],
+            "shape": [batch, len(classes)],
             "meaning": meaning,
             "activation": activation,
             "dtype": "int8" if io.get("output") else "float32",
