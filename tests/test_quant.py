@@ -18,7 +18,7 @@ from audioclf import quant, quantizers, tflite
 from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import run
 from audioclf.export import ExportError, Int8Model, check_export, export_model, inference_model
-from audioclf.export.formats import export_tflite, load_micro_runner
+from audioclf.export.formats import MicroCheckRunner, export_tflite
 from audioclf.features import resolve_params
 from audioclf.model import create_model
 from audioclf.model.heads import LinearHead
@@ -394,6 +394,8 @@ def test_silu_becomes_int8_so_the_tflite_file_is_full_int8(tmp_path, features):
     # The same file as a microcontroller runs it: TFLite Micro's kernels, channel-last int8.
     assert (micro.format, micro.path, micro.precision) == ("tflite-micro", check.path, "int8")
     assert micro.passed
+    assert micro.arena_bytes > 0  # the RAM it needs there, in the report
+    assert check.arena_bytes is None
     interpreter = Interpreter(model_path=str(tmp_path / "model_int8.tflite"))
     tensor_types = {str(t["dtype"].__name__) for t in interpreter.get_tensor_details()}
     assert tensor_types <= {"int8", "int32"}, tensor_types  # no float op left
@@ -539,10 +541,13 @@ def test_microcontroller_config_fits_256_kb_as_full_int8_tflite(compose_config, 
     export_tflite(Int8Model(int8), inputs[:2], path)
     assert path.stat().st_size <= 256 * 1024
     assert tflite.io_quantization(path)["input"]["dtype"] == "int8"
-    # And TFLite Micro runs it, as LiteRT does (a file with a dynamic batch did not load).
+    # And TFLite Micro runs it, as LiteRT does (a file with a dynamic batch did not load), in
+    # a tensor arena a microcontroller has (about 80 KB).
+    micro = tflite.MicroRunner(path)
     np.testing.assert_array_equal(
-        tflite.micro_runner(path)(inputs[:4].numpy()), tflite.runner(path)(inputs[:4].numpy())
+        micro(inputs[:4].numpy()), tflite.runner(path)(inputs[:4].numpy())
     )
+    assert 32 * 1024 < micro.arena_bytes <= 128 * 1024
 
 
 @pytest.mark.parametrize(
@@ -566,7 +571,7 @@ def test_a_file_that_tflite_micro_cannot_run_fails_its_check_with_the_reason(
     check = check_export("tflite", path, model, features.numpy(), int8=int8)
     assert check.passed  # LiteRT resizes it
     micro = check_export(
-        "tflite-micro", path, model, features.numpy(), int8=int8, runner=load_micro_runner
+        "tflite-micro", path, model, features.numpy(), int8=int8, runner=MicroCheckRunner
     )
     assert not micro.passed
     assert re.match(reason, micro.failure), micro.failure

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -104,53 +105,66 @@ class MicroError(RuntimeError):
     """TFLite Micro cannot run a file (an op it lacks, or one that fails to prepare)."""
 
 
-def micro_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+class MicroRunner:
     """`runner`, through TFLite Micro's interpreter instead (the reference kernels of
     microcontroller builds, from tflite-micro's Python package), which runs a file's stored
     shapes as they are: one clip at a time. MicroError, with TFLite Micro's own message,
-    when it cannot run the file."""
-    try:
-        from tflite_micro.python.tflite_micro import runtime
-    except ImportError as error:
-        raise ImportError(f"running TFLite Micro needs tflite-micro: {INSTALL}") from error
-    with _stderr_text() as messages:
+    when it cannot run the file. `arena_bytes`, once a clip has run: the tensor arena TFLite
+    Micro allocated (its recording allocator's total), the RAM a microcontroller needs beside
+    the model."""
+
+    def __init__(self, path: Path) -> None:
         try:
-            interpreter = runtime.Interpreter.from_file(str(path))
-        except RuntimeError as error:
-            raise MicroError(_micro_message(error, messages())) from error
-    source, target = interpreter.get_input_details(0), interpreter.get_output_details(0)
-    shape = [int(size) for size in source["shape"]]
-    channel_last = _channel_last(shape)
+            from tflite_micro.python.tflite_micro import runtime
+        except ImportError as error:
+            raise ImportError(f"running TFLite Micro needs tflite-micro: {INSTALL}") from error
+        with _stderr_text() as printed:
+            try:
+                self.interpreter = runtime.Interpreter.from_file(str(path))
+            except RuntimeError as error:
+                raise MicroError(_micro_message(error, printed())) from error
+        self.source = self.interpreter.get_input_details(0)
+        self.target = self.interpreter.get_output_details(0)
+        self.shape = [int(size) for size in self.source["shape"]]
+        self.arena_bytes: int | None = None
 
-    def quantization(details: dict[str, Any]) -> tuple[float, int]:
-        parameters = details["quantization_parameters"]
-        if not len(parameters["scales"]):
-            return 0.0, 0
-        return float(parameters["scales"][0]), int(parameters["zero_points"][0])
-
-    def run(features: np.ndarray) -> np.ndarray:
+    def __call__(self, features: np.ndarray) -> np.ndarray:
         rows = []
         for index in range(len(features)):
             clip = _file_input(
-                features[index : index + 1], channel_last, source["dtype"], quantization(source)
+                features[index : index + 1],
+                _channel_last(self.shape),
+                self.source["dtype"],
+                _micro_quantization(self.source),
             )
-            with _stderr_text() as messages:
+            with _stderr_text() as printed:
                 try:
-                    interpreter.set_input(clip.reshape(shape), 0)
-                    interpreter.invoke()
+                    self.interpreter.set_input(clip.reshape(self.shape), 0)
+                    self.interpreter.invoke()
                 except RuntimeError as error:
-                    raise MicroError(_micro_message(error, messages())) from error
-            output = interpreter.get_output(0)
+                    raise MicroError(_micro_message(error, printed())) from error
+            output = self.interpreter.get_output(0)
             if len(output) != 1:
                 raise MicroError(
-                    f"TFLite Micro: {len(output)} outputs for one clip (input shape {shape}): "
-                    "the file's stored shapes are not one clip's, as a file traced on a batch "
-                    "of several with a dynamic batch dimension has them"
+                    f"TFLite Micro: {len(output)} outputs for one clip (input shape "
+                    f"{self.shape}): the file's stored shapes are not one clip's, as a file "
+                    "traced on a batch of several with a dynamic batch dimension has them"
                 )
-            rows.append(_logits(output, target["dtype"], quantization(target)))
+            rows.append(_logits(output, self.target["dtype"], _micro_quantization(self.target)))
+            if self.arena_bytes is None:
+                with _stderr_text() as printed:
+                    self.interpreter.print_allocations()
+                    found = re.search(r"Arena allocation total (\d+) bytes", printed())
+                self.arena_bytes = int(found.group(1)) if found else None
         return np.concatenate(rows)
 
-    return run
+
+def _micro_quantization(details: dict[str, Any]) -> tuple[float, int]:
+    """A TFLite Micro tensor's (scale, zero point); (0, 0) for a float one."""
+    parameters = details["quantization_parameters"]
+    if not len(parameters["scales"]):
+        return 0.0, 0
+    return float(parameters["scales"][0]), int(parameters["zero_points"][0])
 
 
 def _micro_message(error: RuntimeError, printed: str) -> str:

@@ -44,6 +44,9 @@ class Check:
     #: Multi-label models: the share of clips whose predicted labels (logit >= 0, probability
     #: >= 0.5) are those of PyTorch, every label of the clip.
     label_set_agreement: float | None = None
+    #: TFLite Micro: the tensor arena it allocated, the RAM a microcontroller needs beside
+    #: the model.
+    arena_bytes: int | None = None
 
 
 def check_export(
@@ -88,6 +91,7 @@ def check_export(
         exported_logits = np.concatenate([run(batch) for batch in batches])
     except ExportError as error:  # the runtime refused the file: the check's failure
         failure = str(error)
+    arena_bytes = getattr(run, "arena_bytes", None) if failure is None else None
     precision = "int8" if int8 else "float32"
     max_abs_diff, agreement, accuracy, label_sets = float("inf"), 0.0, None, None
     if failure is None and exported_logits.shape != expected_logits.shape:
@@ -139,6 +143,7 @@ def check_export(
         frontend_max_abs_diff,
         frontend_dtype,
         label_sets,
+        arena_bytes,
     )
 
 
@@ -217,6 +222,8 @@ def table(checks: Sequence[Check]) -> str:
     ]
     for check in checks:
         result = "ok" if check.passed else f"FAILED: {check.failure}"
+        if check.arena_bytes is not None:
+            result += f" (arena {check.arena_bytes / 1024:.0f} KB)"
         accuracy = "-" if check.test_accuracy is None else f"{check.test_accuracy:.2%}"
         frontend = (
             "-" if check.frontend_max_abs_diff is None else f"{check.frontend_max_abs_diff:.2g}"

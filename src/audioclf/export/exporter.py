@@ -23,7 +23,7 @@ from audioclf.export.formats import (
     SUFFIXES,
     TFLITE_FORMATS,
     ExportError,
-    load_micro_runner,
+    MicroCheckRunner,
 )
 from audioclf.export.modules import (
     ChannelLast,
@@ -45,7 +45,7 @@ INPUTS = ("log_mel", "waveform")
 #: `load_runner`'s). A TFLite file runs in LiteRT and again in TFLite Micro, as a
 #: microcontroller runs it (its own kernels, the stored shapes); MediaPipe's file in MediaPipe.
 CHECK_RUNTIMES = {
-    "tflite": [("tflite", None), ("tflite-micro", load_micro_runner)],
+    "tflite": [("tflite", None), ("tflite-micro", MicroCheckRunner)],
     "mediapipe": [("mediapipe", mediapipe_file.runner)],
 }
 

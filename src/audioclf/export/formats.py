@@ -131,21 +131,26 @@ def load_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     raise ExportError(f"{path}: not an export this project reads (.onnx, .pt, .tflite)")
 
 
-def load_micro_runner(path: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+class MicroCheckRunner:
     """`load_runner` for a .tflite file, through TFLite Micro's interpreter (as a
-    microcontroller runs it); ExportError with TFLite Micro's message when it cannot."""
-    try:
-        run = tflite.micro_runner(Path(path))
-    except (ImportError, tflite.MicroError) as error:
-        raise ExportError(str(error)) from error
+    microcontroller runs it: `tflite.MicroRunner`); ExportError with TFLite Micro's message
+    when it cannot. `arena_bytes`: its tensor arena, once a clip has run."""
 
-    def checked(inputs: np.ndarray) -> np.ndarray:
+    def __init__(self, path: str | Path) -> None:
         try:
-            return run(inputs)
+            self._run = tflite.MicroRunner(Path(path))
+        except (ImportError, tflite.MicroError) as error:
+            raise ExportError(str(error)) from error
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(inputs)
         except tflite.MicroError as error:
             raise ExportError(str(error)) from error
 
-    return checked
+    @property
+    def arena_bytes(self) -> int | None:
+        return self._run.arena_bytes
 
 
 @contextlib.contextmanager
