@@ -221,8 +221,9 @@ class _Variants:
                 result.append((f"{stem}_{suffix}", wrapped.eval(), self.waveforms, int8))
             elif int8 or fmt == "tflite":
                 # TFLite and int8 files take normalised features (the sidecar has the
-                # statistics): litert-torch cannot convert a broadcast against a dynamic
-                # batch, and an int8 input is quantised after normalising.
+                # statistics): an int8 input is quantised after normalising, and litert-torch
+                # could not convert the broadcast against the dynamic batch TFLite files had
+                # before they took one clip.
                 result.append((stem, self.int8 if int8 else self.bare, self.normalised, int8))
             else:
                 # ONNX and TorchScript normalise inside.
