@@ -128,6 +128,20 @@ def test_many_rates_are_listed_most_files_first_and_unchecked_clips_give_nothing
     assert describe_audio([Clip(Path("a.wav"), "a")], 32000, 1.0) is None
 
 
+def test_parts_of_a_file_count_as_one_file_and_their_length_is_the_clips():
+    # Sound events in two long 8 kHz recordings: 2 files, 6 parts of 3 s.
+    clips = [
+        Clip(Path(f"{n}.wav"), "a", sample_rate=8000, seconds=3.0, offset=10.0 * i, duration=3.0)
+        for n in range(2)
+        for i in range(3)
+    ]
+    audio = describe_audio(clips, 16000, 1.0)
+    assert audio["parts"] == 6
+    upsampled, windowed = audio["warnings"]
+    assert upsampled.startswith("2 of 2 files are recorded below data.sample_rate=16000 Hz")
+    assert windowed.startswith("the median clip is 3.0 s long, data.clip_seconds=1")
+
+
 def test_second_run_reads_evaluation_features_from_the_cache(compose_config, manifest):
     config = compose_config(*_manifest_overrides(manifest))
     first = run(config)

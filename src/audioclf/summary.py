@@ -109,15 +109,17 @@ def describe_audio(
     if not checked:
         return None
     rates = Counter({clip.path: clip.sample_rate for clip in checked}.values())
+    files = sum(rates.values())  # the parts of a file are one file
+    parts = sum(1 for clip in checked if clip.segment is not None)
     seconds = [clip.seconds for clip in checked]
     median = statistics.median(seconds)
     warnings = []
     below = sorted(rate for rate in rates if rate < sample_rate)
     upsampled = sum(rates[rate] for rate in below)
-    if upsampled * 2 > len(checked):
+    if upsampled * 2 > files:
         top = max(below, key=lambda rate: (rates[rate], rate))
         warnings.append(
-            f"{upsampled} of {len(checked)} files are recorded below data.sample_rate="
+            f"{upsampled} of {files} files are recorded below data.sample_rate="
             f"{sample_rate} Hz ({rates_text(rates, below)}): they are upsampled, and the features "
             f"above {max(below) // 2} Hz hold nothing; "
             + (
@@ -128,7 +130,8 @@ def describe_audio(
         )
     if median > 2 * clip_seconds:
         warnings.append(
-            f"the median file is {median:.1f} s long, data.clip_seconds={clip_seconds:g}: "
+            f"the median {'clip' if parts else 'file'} is {median:.1f} s long, "
+            f"data.clip_seconds={clip_seconds:g}: "
             f"training sees a random {clip_seconds:g} s window of each clip and evaluation "
             f"its centred {clip_seconds:g} s; "
             + (
@@ -139,7 +142,7 @@ def describe_audio(
         )
     return {
         "sample_rates": {str(rate): count for rate, count in sorted(rates.items())},
-        "parts": sum(1 for clip in checked if clip.segment is not None),
+        "parts": parts,
         "seconds": {
             "min": round(min(seconds), 3),
             "median": round(median, 3),
