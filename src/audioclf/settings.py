@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -321,6 +322,11 @@ class Settings:
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
+def _named_twice(names: list[str]) -> list[str]:
+    """The names a list holds more than once, sorted."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
+
+
 def _check_classes(data: DataConfig) -> None:
     """`data.classes`: two or more, each once, none empty."""
     names = data.class_names
@@ -328,7 +334,7 @@ def _check_classes(data: DataConfig) -> None:
         return
     if len(names) < 2:
         raise ConfigError(f"data.classes has {len(names)}; a classifier needs at least 2")
-    twice = sorted({label for label in names if names.count(label) > 1})
+    twice = _named_twice(names)
     if twice:
         raise ConfigError(f"data.classes names {twice} twice; give each class once")
     if any(not label.strip() for label in names):
@@ -343,7 +349,7 @@ def _check_words(data: DataConfig) -> None:
         raise ConfigError(f"data.words picks Speech Commands words; data={data.name} has none")
     if not data.words:
         raise ConfigError("data.words is empty; give the keywords, each once")
-    twice = sorted({word for word in data.words if data.words.count(word) > 1})
+    twice = _named_twice(data.words)
     if twice:
         raise ConfigError(f"data.words names {twice} twice; give the keywords, each once")
     reserved = [word for word in data.words if word.startswith("_")]

@@ -126,6 +126,9 @@ class MicroRunner:
         self.source = self.interpreter.get_input_details(0)
         self.target = self.interpreter.get_output_details(0)
         self.shape = [int(size) for size in self.source["shape"]]
+        self.channel_last = _channel_last(self.shape)
+        self.input_quantization = _micro_quantization(self.source)
+        self.output_quantization = _micro_quantization(self.target)
         self.arena_bytes: int | None = None
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
@@ -133,9 +136,9 @@ class MicroRunner:
         for index in range(len(features)):
             clip = _file_input(
                 features[index : index + 1],
-                _channel_last(self.shape),
+                self.channel_last,
                 self.source["dtype"],
-                _micro_quantization(self.source),
+                self.input_quantization,
             )
             with _stderr_text() as printed:
                 try:
@@ -150,7 +153,7 @@ class MicroRunner:
                     f"{self.shape}): the file's stored shapes are not one clip's, as a file "
                     "traced on a batch of several with a dynamic batch dimension has them"
                 )
-            rows.append(_logits(output, self.target["dtype"], _micro_quantization(self.target)))
+            rows.append(_logits(output, self.target["dtype"], self.output_quantization))
             if self.arena_bytes is None:
                 with _stderr_text() as printed:
                     self.interpreter.print_allocations()
@@ -178,19 +181,26 @@ def _stderr_text() -> Iterator[Callable[[], str]]:
     """Native code's stderr inside the block goes to a file; the function yielded reads it."""
     import tempfile
 
-    with tempfile.TemporaryFile(mode="w+") as sink:
+    with tempfile.TemporaryFile(mode="w+") as sink, _stderr_into(sink):
 
         def printed() -> str:
             sink.seek(0)
             return sink.read()
 
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield printed
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+        yield printed
+
+
+@contextlib.contextmanager
+def _stderr_into(sink: Any) -> Iterator[None]:
+    """File descriptor 2 (native code's stderr) goes into the open file `sink` inside the
+    block."""
+    saved = os.dup(2)
+    os.dup2(sink.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _channel_last(shape: list[int]) -> bool:
@@ -248,14 +258,10 @@ def quiet_logs() -> Iterator[None]:
     logging.disable(logging.WARNING)
     progress = os.environ.get(_PROGRESS)
     os.environ[_PROGRESS] = "n"
-    stderr = os.dup(2)
     try:
-        with open(os.devnull, "w") as sink, quiet_pytree_warnings():
-            os.dup2(sink.fileno(), 2)
+        with open(os.devnull, "w") as sink, _stderr_into(sink), quiet_pytree_warnings():
             yield
     finally:
-        os.dup2(stderr, 2)
-        os.close(stderr)
         logging.disable(previous)
         if progress is None:
             del os.environ[_PROGRESS]

@@ -31,7 +31,6 @@ LABELS_FILE = "labels.txt"
 #: The oldest metadata parser that reads every field written here: AudioProperties came in
 #: metadata schema 1.3.0.
 MIN_PARSER_VERSION = "1.3.0"
-INSTALL = 'pip install -e ".[tflite]"'
 
 
 def add_metadata(path: Path, info: dict[str, Any], name: str) -> None:
@@ -117,29 +116,28 @@ def runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
         from mediapipe.tasks.python.components.containers import audio_data
         from mediapipe.tasks.python.core import base_options
     except ImportError as error:
-        raise ExportError(f"running a MediaPipe file needs mediapipe: {INSTALL}") from error
+        raise ExportError(f"running a MediaPipe file needs mediapipe: {tflite.INSTALL}") from error
     info = json.loads(Path(f"{path}.json").read_text())
     classes, sample_rate = list(info["classes"]), int(info["sample_rate"])
     options = audio_classifier.AudioClassifierOptions(
         base_options=base_options.BaseOptions(model_asset_path=str(path)), max_results=-1
     )
+    with tflite.quiet_logs():  # MediaPipe's native start-up lines on stderr
+        classifier = audio_classifier.AudioClassifier.create_from_options(options)
 
     def run(waveforms: np.ndarray) -> np.ndarray:
         rows = []
-        with tflite.quiet_logs():  # MediaPipe's native start-up lines on stderr
-            classifier = audio_classifier.AudioClassifier.create_from_options(options)
-        with classifier:
-            for waveform in waveforms:
-                clip = audio_data.AudioData.create_from_array(
-                    np.ascontiguousarray(waveform, np.float32), sample_rate
+        for waveform in waveforms:
+            clip = audio_data.AudioData.create_from_array(
+                np.ascontiguousarray(waveform, np.float32), sample_rate
+            )
+            results = classifier.classify(clip)
+            if len(results) != 1:
+                raise ExportError(
+                    f"MediaPipe's AudioClassifier gave {len(results)} results for one "
+                    f"clip of {len(waveform)} samples at {sample_rate} Hz (expected 1)"
                 )
-                results = classifier.classify(clip)
-                if len(results) != 1:
-                    raise ExportError(
-                        f"MediaPipe's AudioClassifier gave {len(results)} results for one "
-                        f"clip of {len(waveform)} samples at {sample_rate} Hz (expected 1)"
-                    )
-                rows.append(_scores(results[0].classifications[0].categories, classes))
+            rows.append(_scores(results[0].classifications[0].categories, classes))
         return np.stack(rows)
 
     return run
