@@ -113,6 +113,14 @@ def test_an_int8_checkpoint_loads_with_its_quantization_parameters(features, mon
             quant.load_quantized(tiny_model(), {**state, "qparams": qparams}, "int8.pth")
 
 
+def clear_of_rounding(logits: np.ndarray, step: float, steps: int = 4) -> np.ndarray:
+    """The clips whose top-1 margin is more than `steps` int8 output steps: rounding (1-2
+    steps, and which way depends on the CPU's float kernels inside int8 PyTorch) cannot flip
+    them, a converter fault (tens of steps) can. The tiny models have a few near-ties."""
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0] > steps * step
+
+
 def _export(tmp_path, model, features, **options):
     """export_model with the tiny models' classes and features."""
     return export_model(
@@ -568,11 +576,15 @@ def test_a_file_that_tflite_micro_cannot_run_fails_its_check_with_the_reason(
         model = Int8Model(quant.quantize_ptq(tiny_model(), [features], features[:2]))
     path = tmp_path / "dynamic.tflite"
     tflite.convert(model, features[:2], path, int8=int8, batch=torch.export.Dim("batch", max=64))
-    check = check_export("tflite", path, model, features.numpy(), int8=int8)
-    assert check.passed  # LiteRT resizes it
-    micro = check_export(
-        "tflite-micro", path, model, features.numpy(), int8=int8, runner=MicroCheckRunner
-    )
+    clips = features.numpy()
+    if int8:
+        with torch.no_grad():
+            logits = model(features).numpy()
+        clips = clips[clear_of_rounding(logits, tflite.io_quantization(path)["output"]["scale"])]
+        assert len(clips) >= 12
+    check = check_export("tflite", path, model, clips, int8=int8)
+    assert check.passed, check.failure  # LiteRT resizes it
+    micro = check_export("tflite-micro", path, model, clips, int8=int8, runner=MicroCheckRunner)
     assert not micro.passed
     assert re.match(reason, micro.failure), micro.failure
 
@@ -693,7 +705,7 @@ def test_an_arcface_model_converts_to_tflite_and_agrees(tmp_path, features):
     checks = _export(tmp_path, model.eval(), features)
     assert [check.format for check in checks] == ["tflite", "tflite-micro"]
     check = checks[0]
-    assert all(check.passed for check in checks)
+    assert all(check.passed for check in checks), [c.failure for c in checks]
     assert check.max_abs_diff <= 1e-4
     ptq = quant.quantize_ptq(model, [features], features[:2])
     prepared = quant.prepare(model, features[:2], "xnnpack", "qat").train()
@@ -709,8 +721,10 @@ def test_an_arcface_model_converts_to_tflite_and_agrees(tmp_path, features):
     np.testing.assert_array_equal(run_file(features[:1].numpy()), exported[:1])
     with torch.no_grad():
         expected = qat(features).numpy()
-    assert (exported.argmax(1) == expected.argmax(1)).all()
     step = tflite.io_quantization(path)["output"]["scale"]
+    clear = clear_of_rounding(expected, step)
+    assert clear.sum() >= 12
+    assert (exported.argmax(1) == expected.argmax(1))[clear].all()
     assert np.median(np.abs(exported - expected)) <= 4 * step
 
 
