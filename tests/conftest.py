@@ -4,6 +4,7 @@ tiny model with separable features for the trainer's tests."""
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,11 @@ from audioclf.train import Trainer
 REPO = Path(__file__).resolve().parents[1]
 FSDD = REPO / "data" / "fsdd" / "recordings"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs in two pytest-xdist workers (pyproject's addopts) on two cores: one
+    # thread each, as two processes of two threads would fight over them.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
