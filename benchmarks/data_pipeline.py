@@ -21,8 +21,6 @@ Writes benchmarks/results/data_pipeline.json and the table in README.md.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from audioclf.job import seed_everything
 from audioclf.loading import make_loader
 from audioclf.pipeline import build_datasets
 from audioclf.settings import load_settings
+from machine import machine
 from readme_table import write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,11 +140,7 @@ def main() -> None:
         **results["default"],
         "target_warm_over_cold": 50,
         "variants": results,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "processor": platform.machine(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")

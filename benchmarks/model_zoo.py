@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from audioclf.features import num_frames, resolve_params
 from audioclf.model import Model, create_model
+from machine import machine
 from readme_table import write_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_zoo.json"
@@ -104,10 +103,7 @@ def main() -> None:
     RESULTS.write_text(json.dumps(rows, indent=1) + "\n")
     meta = {
         "input": f"(1, 1, {frames}, {mels}): 1 s at {SAMPLE_RATE} Hz, librosa preset",
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "processor": platform.machine(),
-        "torch": torch.__version__,
+        **machine(),
     }
     (RESULTS.parent / "model_zoo_machine.json").write_text(json.dumps(meta, indent=1) + "\n")
     write_table("model_zoo", table(rows))

@@ -1,6 +1,6 @@
 """Training speed per model: a plain fp32 eager loop, each speed switch, the trainer's default.
 
-    python benchmarks/train_speed.py [--skip-accuracy]
+    python benchmarks/train_speed.py [--skip-accuracy] [--models NAME ...] [--output FILE]
 
 Batches: 64 clips of real FSDD features (1 s at 8 kHz, the default preset: 101 frames x 64 mel
 bins), held in memory, so the figures are the training step's and not the data pipeline's.
@@ -23,7 +23,9 @@ ratios to the plain figure of the same round.
 Then the default model is trained on FSDD by the main job with the default configuration and
 with the plain settings (amp and channels_last off), three seeds each, and the mean test
 accuracies are compared: one seed moves it by a clip or two (0.3-0.7 points) either way.
-Writes benchmarks/results/train_speed.json and the table in README.md.
+Writes benchmarks/results/train_speed.json (with the machine it ran on) and the table in
+README.md; `--output` writes another results file and leaves README.md alone (a run on another
+kind of CPU).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from audioclf.runtime import autocast_dtype, cpu_has_native_bf16, keep_strided_g
 from audioclf.schedules import Schedule, ScheduleSpec, make_optimizer
 from audioclf.settings import TrainingConfig, load_settings
 from audioclf.train import Trainer
+from machine import machine
 from readme_table import write_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -157,7 +160,7 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
-def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+def measure(features: torch.Tensor, labels: torch.Tensor, models: list[str]) -> list[dict]:
     default = TrainingConfig()
     configurations = {
         **SWITCHES,
@@ -169,7 +172,7 @@ def measure(features: torch.Tensor, labels: torch.Tensor) -> list[dict]:
         },
     }
     rows = []
-    for name in MODELS:
+    for name in models:
         steps, compile_seconds = {}, 0.0
         for label, switches in configurations.items():
             steps[label], seconds = make_step(name, switches, features, labels)
@@ -245,16 +248,19 @@ def table(rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-accuracy", action="store_true", help="speed only")
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, metavar="NAME")
+    parser.add_argument("--output", help="a results file other than train_speed.json")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     features, labels = fsdd_batches()
-    rows = measure(features, labels)
+    rows = measure(features, labels, arguments.models)
     result = {
         "default_speedup": rows[0]["default_speedup"],
         "trainer_overhead": rows[0]["trainer_overhead"],
         "batch": BATCH,
         "threads": torch.get_num_threads(),
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "machine": machine(),
         "default_amp": str(autocast_dtype(TrainingConfig().amp, CPU)),
         "rows": rows,
     }
@@ -269,8 +275,11 @@ def main() -> None:
             ),
         }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_speed.json").write_text(json.dumps(result, indent=1) + "\n")
-    write_table("train_speed", table(rows))
+    (RESULTS / (arguments.output or "train_speed.json")).write_text(
+        json.dumps(result, indent=1) + "\n"
+    )
+    if arguments.output is None:
+        write_table("train_speed", table(rows))
     print("\n".join(table(rows)))
     if not math.isfinite(result["default_speedup"]):
         raise SystemExit("no speed-up measured")
