@@ -18,6 +18,7 @@ from audioclf import quant, quantizers, tflite
 from audioclf.checkpoint import load_checkpoint
 from audioclf.cli import run
 from audioclf.export import ExportError, Int8Model, check_export, export_model, inference_model
+from audioclf.export.checks import top1_margins
 from audioclf.export.formats import MicroCheckRunner, export_tflite
 from audioclf.features import resolve_params
 from audioclf.model import create_model
@@ -117,8 +118,7 @@ def clear_of_rounding(logits: np.ndarray, step: float, steps: int = 4) -> np.nda
     """The clips whose top-1 margin is more than `steps` int8 output steps: rounding (1-2
     steps, and which way depends on the CPU's float kernels inside int8 PyTorch) cannot flip
     them, a converter fault (tens of steps) can. The tiny models have a few near-ties."""
-    top_two = np.sort(logits, axis=1)[:, -2:]
-    return top_two[:, 1] - top_two[:, 0] > steps * step
+    return top1_margins(logits) > steps * step
 
 
 def _export(tmp_path, model, features, **options):

@@ -147,14 +147,19 @@ def check_export(
     )
 
 
+def top1_margins(logits: np.ndarray) -> np.ndarray:
+    """Each row's top logit minus its second: how far rounding must move a clip to flip it."""
+    top_two = np.sort(logits, axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
+
+
 def _rounding_or_fault(exported: np.ndarray, expected: np.ndarray, step: float | None) -> str:
     """What tells rounding from a converter fault when int8 top-1 agreement is low: the median
     |dlogit| (a correct conversion differs from int8 PyTorch by rounding, measured at 1-2
     output steps; litert-torch's constant mix-up at 29) against int8 PyTorch's median top-1
     margin (a model trained too little has margins of a few steps, which rounding flips)."""
-    top_two = np.sort(expected, axis=1)[:, -2:]
     deviation = float(np.median(np.abs(exported - expected)))
-    margin = float(np.median(top_two[:, 1] - top_two[:, 0]))
+    margin = float(np.median(top1_margins(expected)))
     if step:
         return (
             f" (median |dlogit| {deviation / step:.1f} output steps, int8 PyTorch's median top-1 "
