@@ -721,11 +721,18 @@ def test_an_arcface_model_converts_to_tflite_and_agrees(tmp_path, features):
     np.testing.assert_array_equal(run_file(features[:1].numpy()), exported[:1])
     with torch.no_grad():
         expected = qat(features).numpy()
-    step = tflite.io_quantization(path)["output"]["scale"]
-    clear = clear_of_rounding(expected, step)
-    assert clear.sum() >= 12
-    assert (exported.argmax(1) == expected.argmax(1))[clear].all()
-    assert np.median(np.abs(exported - expected)) <= 4 * step
+        reference = model(features).numpy()
+    # The two int8 implementations round differently (up to 3 steps in the pooled embedding
+    # here), and the normalisation amplifies that: the embedding uses a few dozen of its
+    # int8 levels, so one level moves the normalised embedding by several of its own steps,
+    # and the logits by up to ~20 output steps (AMD EPYC Milan). So each is judged against
+    # the float model: the file adds no error of its own beyond int8 PyTorch's (measured 0.96
+    # of it), and predicts as int8 PyTorch does. A converter fault (the class centres once
+    # converted 6.5 steps off) doubles the error.
+    file_error = np.abs(exported - reference).mean()
+    assert file_error <= 1.25 * np.abs(expected - reference).mean()
+    agree = (exported.argmax(1) == reference.argmax(1)).sum()
+    assert agree >= (expected.argmax(1) == reference.argmax(1)).sum() - 1
 
 
 def test_an_arcface_int8_checkpoint_from_before_the_folded_head_is_refused(features):
