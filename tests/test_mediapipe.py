@@ -79,6 +79,11 @@ def _export(directory, formats, multi_label=False):
     return checks, waves, logits
 
 
+# One worker runs the whole module, so its module fixture (the TFLite and MediaPipe files)
+# is built once, not once in each pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("mediapipe")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The float model as a plain waveform-in TFLite file and as MediaPipe's."""

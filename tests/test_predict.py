@@ -25,6 +25,10 @@ from audioclf.predict import Predictor, load_predictor, main, predict_file, wind
 from audioclf.settings import ConfigError, load_settings
 from conftest import FSDD, fsdd_clip, write_manifest
 
+# One worker runs the whole module, so its module fixture (a trained run and its
+# exports) is built once, not once in each pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("predict")
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
