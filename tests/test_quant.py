@@ -727,8 +727,9 @@ def test_an_arcface_model_converts_to_tflite_and_agrees(tmp_path, features):
     # int8 levels, so one level moves the normalised embedding by several of its own steps,
     # and the logits by up to ~20 output steps (AMD EPYC Milan). So each is judged against
     # the float model: the file adds no error of its own beyond int8 PyTorch's (measured 0.96
-    # of it), and predicts as int8 PyTorch does. A converter fault (the class centres once
-    # converted 6.5 steps off) doubles the error.
+    # of it), and misses the float model's top-1 on at most one clip more. Faults raise the
+    # error ratio: noise of 6.5 output steps (the class centres once converted that far off)
+    # to 1.44, logits scaled by 1.2 to 1.64 (measured on the same model).
     file_error = np.abs(exported - reference).mean()
     assert file_error <= 1.25 * np.abs(expected - reference).mean()
     agree = (exported.argmax(1) == reference.argmax(1)).sum()
