@@ -246,6 +246,8 @@ def test_console_script_runs_the_same_app_from_another_directory(tmp_path, manif
             *_manifest_overrides(manifest),
             "system.num_workers=0",
             "training.epochs=2",
+            "model.params.width_mult=0.25",
+            "model.params.depth_mult=0.25",
             f"system.cache_dir={tmp_path / 'cache'}",
             f"hydra.run.dir={tmp_path / 'run'}",
         ],
