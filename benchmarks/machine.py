@@ -1,5 +1,6 @@
 """What a benchmark ran on: its figures move with the CPU model, not only with its core count
-(sessions have landed on an AMD EPYC with AVX512-BF16 and on an Intel Xeon without it)."""
+(sessions have landed on an AMD EPYC with AVX512-BF16, an Intel Xeon with AVX512 but no bf16,
+and an AMD EPYC Milan with AVX2 only)."""
 
 from __future__ import annotations
 
