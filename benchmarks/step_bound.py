@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from audioclf.settings import TrainingConfig
 from machine import machine
 from readme_table import write_table
 from train_speed import (
@@ -43,6 +42,7 @@ from train_speed import (
     RESULTS,
     STEPS,
     clips_per_second,
+    default_switches,
     fresh_model,
     fsdd_batches,
     make_step,
@@ -108,16 +108,7 @@ def convolution_share(step: Callable[[int], None]) -> float:
 
 def measure(name: str) -> dict:
     features, labels = fsdd_batches()
-    default = TrainingConfig()
-    switches = {
-        "plain": PLAIN,
-        "default": {
-            "amp": default.amp,
-            "channels_last": default.channels_last,
-            "compile": default.compile,
-            "fused": True,
-        },
-    }
+    switches = {"plain": PLAIN, "default": default_switches()}
     steps = {label: make_step(name, s, features, labels)[0] for label, s in switches.items()}
     rounds: dict[str, list[float]] = {label: [] for label in [*steps, "gemm"]}
     for index in range(ROUNDS):

@@ -94,7 +94,7 @@ def fresh_model(name: str) -> torch.nn.Module:
 
 
 def make_step(
-    name: str, switches: dict[str, bool], features: torch.Tensor, labels: torch.Tensor
+    name: str, switches: dict[str, bool | str], features: torch.Tensor, labels: torch.Tensor
 ) -> tuple[Callable[[int], None], float]:
     """A training step over batch i with these switches, and the seconds compiling took."""
     model = fresh_model(name).train()
@@ -160,17 +160,19 @@ def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
-def measure(features: torch.Tensor, labels: torch.Tensor, models: list[str]) -> list[dict]:
+def default_switches() -> dict[str, bool | str]:
+    """The trainer's default configuration as switches (its optimizers use the fused kernel)."""
     default = TrainingConfig()
-    configurations = {
-        **SWITCHES,
-        "default": {
-            "amp": default.amp,
-            "channels_last": default.channels_last,
-            "compile": default.compile,
-            "fused": True,
-        },
+    return {
+        "amp": default.amp,
+        "channels_last": default.channels_last,
+        "compile": default.compile,
+        "fused": True,
     }
+
+
+def measure(features: torch.Tensor, labels: torch.Tensor, models: list[str]) -> list[dict]:
+    configurations = {**SWITCHES, "default": default_switches()}
     rows = []
     for name in models:
         steps, compile_seconds = {}, 0.0
