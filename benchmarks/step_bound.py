@@ -7,8 +7,8 @@ This measures what stands between the default step and that target, on the machi
 
 - the step's convolution FLOPs: the forward's, counted per convolution from its output shape,
   and the backward's as twice those (input and weight gradients) less the input gradient the
-  first convolution does not compute (torch's FlopCounterMode counts a grouped convolution's
-  backward as a dense one's, 6x too much for EfficientNetV2);
+  first convolution does not compute (torch's FlopCounterMode agrees on CNN14, whose
+  convolutions are dense, but counts EfficientNetV2's grouped backward 6x higher: 48 GFLOP);
 - the CPU's float32 GEMM rate: a 2048^3 matmul, the best of five in each round, which oneDNN's
   convolutions reach at best;
 - the plain and the default step (`benchmarks/train_speed.py`'s loops, the same batches), in
