@@ -79,3 +79,28 @@ def test_class_names_no_font_draws_give_one_warning_not_one_per_glyph_and_drawin
     # One warning, or none where a font for Chinese is installed (it is then used).
     found = metrics_module._font_for("猫犬") is not None
     assert caplog.text.count("no installed font draws every character") == (0 if found else 1)
+
+
+def test_the_library_leaves_the_callers_matplotlib_backend_alone(tmp_path):
+    # Importing audioclf.metrics switched every importer's backend to Agg: a notebook that
+    # imported the trainer lost its inline plots. The confusion matrix draws on a Figure of its
+    # own, written to PNG whatever the backend.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, matplotlib; matplotlib.use('svg')\n"
+        "import audioclf.job\n"
+        "from pathlib import Path\n"
+        "from audioclf.metrics import multiclass_metrics, write_evaluation\n"
+        "import torch\n"
+        "metrics = multiclass_metrics(torch.eye(2), torch.tensor([0, 1]))\n"
+        "write_evaluation(metrics, ['a', 'b'], Path(sys.argv[1]))\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+    assert (tmp_path / "test_confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,15 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display here, nor on a training server
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torchmetrics.functional import classification as tmf  # noqa: E402
+import numpy as np
+import torch
+from matplotlib import font_manager
+from matplotlib.figure import Figure
+from torchmetrics.functional import classification as tmf
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +140,9 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], classes: Sequence[s
     """The confusion matrix as a labelled heat map (rows: true class, columns: predicted)."""
     counts = np.asarray(matrix)
     size = max(4.0, 0.45 * len(classes) + 2)
-    figure, axes = plt.subplots(figsize=(size, size), dpi=100)
+    # A Figure of its own, not pyplot's: files only, and the caller's backend stays as it is.
+    figure = Figure(figsize=(size, size), dpi=100)
+    axes = figure.subplots()
     axes.imshow(counts, cmap="Blues")
     axes.set(
         xticks=range(len(classes)),
@@ -196,7 +194,6 @@ def write_evaluation(
         paths["confusion_png"] = directory / f"{name}_confusion_matrix.png"
         figure = confusion_matrix_figure(metrics["confusion_matrix"], classes)
         figure.savefig(paths["confusion_png"])
-        plt.close(figure)
     return paths
 
 
