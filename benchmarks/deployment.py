@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from audioclf.checkpoint import load_checkpoint, stored_normalization
 from audioclf.cli import CONFIG_DIR, run
-from audioclf.export import ExportError, InferenceModel, Int8Model, inference_model
+from audioclf.export import ExportError, InferenceModel, inference_model
 from audioclf.model import load_state
 from audioclf.pipeline import build_datasets, build_model
 from audioclf.predict import load_predictor
@@ -125,7 +125,9 @@ def runtimes(directory: Path) -> tuple[list[tuple[str, str, Callable, int | None
     normalization = stored_normalization(content, "best.pth")
     int8_content = load_checkpoint(directory / "checkpoints" / "int8.pth")
     fresh = build_model(settings.model, classes, n_mels)
-    int8 = Int8Model(load_quantized(fresh, int8_content["quantized"]))
+    # The int8 model as PyTorch runs it: its graph behind the input normalisation a PANNs
+    # model's int8 graph takes out of it (bn0), if any.
+    int8 = load_quantized(fresh, int8_content["quantized"]).eval()
     export = directory / "export"
     rows = [
         ("pytorch", "float32", _torch_runner(InferenceModel(model, normalization).eval())),

@@ -26,6 +26,7 @@ from audioclf.model.heads import LinearHead
 from audioclf.model.layers import ConvBnAct
 from audioclf.normalization import FeatureNormalization
 from audioclf.pipeline import build_model
+from audioclf.predict import load_predictor
 from audioclf.predict import main as predict_main
 from audioclf.settings import ConfigError, load_settings
 from conftest import fsdd_clip, tiny_split_manifest
@@ -137,23 +138,101 @@ def _export(tmp_path, model, features, **options):
     )
 
 
-def test_ptq_folds_the_batch_norm_panns_mobilenets_pool_before(features):
+@pytest.fixture(scope="module")
+def panns_model(features) -> torch.nn.Module:
+    """A PANNs MobileNetV1 fitted to the features moved off zero, so bn0 has statistics and
+    an affine transform of its own (a fresh model's outputs, about 1e-20, prove nothing)."""
+    torch.manual_seed(0)
+    model = create_model("panns_mobilenetv1", 3, n_mels=32)
+    _fit(model, features + 3.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def panns_int8(features, panns_model) -> quant.QuantizedModel:
+    return quant.quantize_ptq(panns_model, [features + 3.0], features[:2])
+
+
+def test_ptq_folds_every_batch_norm_of_panns_mobilenets_and_takes_bn0_out(
+    features, panns_model, panns_int8
+):
     # Conv, AvgPool, BatchNorm: torchao folds only a BatchNorm right after its convolution, so
     # each block kept a float BatchNorm between int8 ops (a DEQUANTIZE, float MUL and ADD and a
-    # QUANTIZE in the TFLite file, 14 times). Only bn0, on the input mel bins, stays.
-    model = create_model("panns_mobilenetv1", 3, n_mels=32).eval()
-    int8 = quant.quantize_ptq(model, [features], features[:2])
-    batch_norms = [
-        node
-        for node in int8.network.graph.nodes
-        if node.target == torch.ops.aten.batch_norm.default
-    ]
-    assert len(batch_norms) == 1
-    assert isinstance(model.features[1][2], torch.nn.BatchNorm2d)  # the float model untouched
-    fresh = create_model("panns_mobilenetv1", 3, n_mels=32)
-    reloaded = quant.load_quantized(fresh, int8.checkpoint_state())  # prepared the same way
+    # QUANTIZE in the TFLite file, 14 times). bn0, on the input mel bins, normalises before
+    # the first convolution's zero padding, so it cannot fold: the int8 model takes it out of
+    # the graph as its input normalisation, and the graph is int8 from its input.
+    inputs, int8 = features + 3.0, panns_int8
+    assert not any("batch_norm" in str(node.target) for node in int8.network.graph.nodes)
+    bn0 = panns_model.bn0  # the float model untouched
+    assert isinstance(bn0, torch.nn.BatchNorm2d)
+    assert isinstance(panns_model.features[1][2], torch.nn.BatchNorm2d)
+    std = torch.sqrt(bn0.running_var + bn0.eps) / bn0.weight
+    mean = bn0.running_mean - bn0.bias * std
+    normalization = int8.input_normalization
+    np.testing.assert_allclose(normalization.std, std.detach().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(normalization.mean, mean.detach().numpy(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        assert torch.equal(reloaded(features), int8(features))
+        logits = panns_model(inputs)
+        assert torch.equal(int8(inputs).argmax(1), logits.argmax(1))
+        assert (int8(inputs) - logits).abs().max() < 0.05 * logits.abs().max()
+    # A fresh model's bn0 differs: the checkpoint's normalisation is what the reload uses.
+    fresh = create_model("panns_mobilenetv1", 3, n_mels=32)
+    reloaded = quant.load_quantized(fresh, int8.checkpoint_state())
+    with torch.no_grad():
+        assert torch.equal(reloaded(inputs), int8(inputs))
+
+
+def test_panns_int8_tflite_file_is_int8_from_its_input_with_bn0_in_the_sidecar(
+    tmp_path, features, panns_int8
+):
+    from ai_edge_litert.interpreter import Interpreter
+
+    inputs, int8 = features + 3.0, panns_int8
+    check, micro = _export(tmp_path, None, inputs, quantized=int8)
+    assert check.passed
+    assert micro.passed
+    path = tmp_path / "model_int8.tflite"
+    interpreter = Interpreter(model_path=str(path))
+    tensor_types = {str(t["dtype"].__name__) for t in interpreter.get_tensor_details()}
+    assert tensor_types <= {"int8", "int32"}, tensor_types  # bn0's float MUL and ADD are gone
+    info = json.loads((tmp_path / "model_int8.tflite.json").read_text())
+    assert info["input"]["dtype"] == "int8"
+    assert info["normalization"]["inside_model"] is False
+    assert info["normalization"]["mean"] == int8.input_normalization.mean.tolist()
+    # Fed raw features through its sidecar, the file gives the int8 PyTorch model's logits.
+    with torch.no_grad():
+        expected = int8(inputs).numpy()
+    logits = load_predictor(path).logits(inputs.numpy())
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.95
+    assert np.abs(logits - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_a_normalisation_after_another_is_the_two_in_turn():
+    # What an int8 file of a model with an input BatchNorm and pipeline statistics takes.
+    rng = np.random.default_rng(0)
+
+    def random_normalization() -> FeatureNormalization:
+        mean = rng.normal(size=8).astype(np.float32)
+        return FeatureNormalization(mean, rng.uniform(0.5, 2.0, 8).astype(np.float32))
+
+    first, second = random_normalization(), random_normalization()
+    x = rng.normal(size=(3, 1, 5, 8)).astype(np.float32)
+    np.testing.assert_allclose(second.after(first)(x), second(first(x)), rtol=1e-5, atol=1e-5)
+    assert second.after(None) is second
+
+
+def test_an_input_normalisation_in_a_checkpoint_needs_a_model_with_an_input_batch_norm(
+    features, panns_int8
+):
+    state = quant.quantize_ptq(tiny_model(), [features], features[:2]).checkpoint_state()
+    assert "input_normalization" not in state  # EfficientNetV2 has no input BatchNorm
+    state["input_normalization"] = {"mean": [0.0] * 32, "std": [1.0] * 32}
+    with pytest.raises(quant.QuantizationError, match="int8.pth: .*no input BatchNorm"):
+        quant.load_quantized(tiny_model(), state, "int8.pth")
+    panns_state = panns_int8.checkpoint_state()
+    panns_state["input_normalization"]["std"][3] = 0.0
+    with pytest.raises(quant.QuantizationError, match="input normalisation is malformed"):
+        quant.load_quantized(create_model("panns_mobilenetv1", 3, n_mels=32), panns_state)
 
 
 def test_load_quantized_names_a_state_for_another_architecture(features):
@@ -353,7 +432,8 @@ def test_ptq_conversion_skips_qat_folding_and_converts_the_same(features, monkey
     )
     torch.manual_seed(0)
     model = create_model("panns_mobilenetv1", 3, n_mels=32).eval()
-    prepared = quant.prepare(model, features[:2], "xnnpack", "ptq")
+    # bn0 kept in the graph, as int8 checkpoints before rules 4 have it.
+    prepared = quant.prepare(model, features[:2], "xnnpack", "ptq", take_input_norm=False)
     quant.calibrate(prepared, [features])
     assert any(
         node.target == torch.ops.aten.batch_norm.default or "batch_norm" in str(node.target)
@@ -371,6 +451,11 @@ def test_ptq_conversion_skips_qat_folding_and_converts_the_same(features, monkey
     ]
     with torch.no_grad():
         assert torch.equal(int8(features), reference(features))
+    state = int8.checkpoint_state()
+    assert "input_normalization" not in state  # such a checkpoint loads with bn0 in the graph
+    fresh = create_model("panns_mobilenetv1", 3, n_mels=32)
+    with torch.no_grad():
+        assert torch.equal(quant.load_quantized(fresh, state)(features), int8(features))
     qat = quant.prepare(tiny_model().train(), features[:4], "xnnpack", "qat")
     qat.convert()
     assert calls == [1, 1]  # QAT keeps it
@@ -750,10 +835,10 @@ def test_an_arcface_int8_checkpoint_from_before_the_folded_head_is_refused(featu
     state = quant.quantize_ptq(model.eval(), [features], features[:2]).checkpoint_state()
     quant.load_quantized(model, state)
     state["spec"]["rules"] = 2
-    with pytest.raises(quant.QuantizationError, match=r"earlier version's rules \(2, now 3\)"):
+    with pytest.raises(quant.QuantizationError, match=r"earlier version's rules \(2, now 4\)"):
         quant.load_quantized(model, state)
-    state["spec"]["rules"] = 4
-    with pytest.raises(quant.QuantizationError, match=r"newer version's rules \(4, now 3\)"):
+    state["spec"]["rules"] = 5
+    with pytest.raises(quant.QuantizationError, match=r"newer version's rules \(5, now 4\)"):
         quant.load_quantized(model, state)
 
 

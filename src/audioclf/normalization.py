@@ -43,6 +43,16 @@ class FeatureNormalization:
         std = np.maximum(np.sqrt(variance), cls.MIN_STD)
         return cls(mean.astype(np.float32), std.astype(np.float32))
 
+    def after(self, first: FeatureNormalization | None) -> FeatureNormalization:
+        """`first`, then this one, as one normalisation (this one alone when `first` is None):
+        `((x - m1) / s1 - m2) / s2 = (x - (m1 + m2 * s1)) / (s1 * s2)`."""
+        if first is None:
+            return self
+        return FeatureNormalization(
+            (first.mean + self.mean * first.std).astype(np.float32),
+            (first.std * self.std).astype(np.float32),
+        )
+
     def as_lists(self) -> dict[str, list[float]]:
         """Plain lists, for JSON sidecars and checkpoints."""
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import types
 import warnings
@@ -40,6 +39,7 @@ from torch.fx import GraphModule
 from audioclf.model import Model
 from audioclf.model.heads import ArcFaceHead, fold_arcface
 from audioclf.model.layers import DropPath
+from audioclf.normalization import FeatureNormalization
 from audioclf.quantizers import (
     BACKENDS,
     DROPOUT,
@@ -47,6 +47,8 @@ from audioclf.quantizers import (
     copy_graph,
     load_torchao,
     make_quantizer,
+    pin_qparams,
+    some_keys,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,10 @@ MODES = ("ptq", "qat")
 #: into the graph it was prepared as, only. 2: PTQ captures the fused model (1 left PANNs
 #: MobileNets' BatchNorms after pooling in float), dropout shares its input's int8 range (1
 #: requantized after it, which TFLite does not). 3: ArcFace heads folded (2 normalised the
-#: class centres in the graph); other models' graphs are those of 2.
-RULES = 3
+#: class centres in the graph); other models' graphs are those of 2. 4: an input BatchNorm
+#: (PANNs' bn0) taken out of the graph as the model's input normalisation, so the graph is
+#: int8 from its input; an int8 checkpoint without `input_normalization` keeps it in, as 3 did.
+RULES = 4
 _MAX_BATCH = 4096
 
 
@@ -147,14 +151,23 @@ def _refuse_random_ops(graph: GraphModule, name: str) -> None:
 class QuantizedModel(nn.Module):
     """A PT2E graph, prepared (observers / fake quantizers: calibrate or fine-tune it) or
     converted (int8), behind the zoo's interface. `train()` / `eval()` switch the graph's
-    dropout and BatchNorm (`set_graph_mode`)."""
+    dropout and BatchNorm (`set_graph_mode`). `input_normalization`, when the model's own
+    input BatchNorm was taken out of the graph (`Model.take_input_normalization`), is applied
+    in float before it; exports put it in their sidecars."""
 
-    def __init__(self, graph: GraphModule, spec: QuantSpec, converted: bool = False) -> None:
+    def __init__(
+        self,
+        graph: GraphModule,
+        spec: QuantSpec,
+        converted: bool = False,
+        input_normalization: FeatureNormalization | None = None,
+    ) -> None:
         super().__init__()
         load_torchao()
         self.network = _switchable(graph)
         self.spec = spec
         self.converted = converted
+        self.set_input_normalization(input_normalization)
         #: The prepared graph's state, kept at conversion: what a checkpoint stores.
         self.prepared_state: dict[str, torch.Tensor] | None = None
         #: Each observer's [scale, zero point] that conversion used, by name (`pin_qparams`).
@@ -162,9 +175,18 @@ class QuantizedModel(nn.Module):
         self._bn_frozen = False
         self._observers_frozen = False
 
+    def set_input_normalization(self, normalization: FeatureNormalization | None) -> None:
+        self.input_normalization = normalization
+        for name in ("mean", "std"):
+            value = None if normalization is None else getattr(normalization, name)
+            tensor = None if value is None else torch.as_tensor(value, dtype=torch.float32)
+            self.register_buffer(f"input_{name}", tensor, persistent=False)
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(1)
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         return self.network(x)
 
     def train(self, mode: bool = True) -> QuantizedModel:
@@ -208,7 +230,7 @@ class QuantizedModel(nn.Module):
             warnings.simplefilter("ignore")  # torchao's, an observer's that never ran included
             pinned = pin_qparams(graph, qparams, source)
             converted = convert_pt2e(graph, fold_quantize=False)
-        result = QuantizedModel(converted, self.spec, converted=True)
+        result = QuantizedModel(converted, self.spec, True, self.input_normalization)
         result.prepared_state = state
         result.qparams = pinned
         return result.eval()
@@ -220,76 +242,9 @@ class QuantizedModel(nn.Module):
         content = {"spec": asdict(self.spec), "state": dict(state)}
         if self.qparams is not None:
             content["qparams"] = dict(self.qparams)
+        if self.input_normalization is not None:
+            content["input_normalization"] = self.input_normalization.as_lists()
         return content
-
-
-def pin_qparams(
-    graph: GraphModule, stored: dict[str, Any] | None = None, source: str = "checkpoint"
-) -> dict[str, list[torch.Tensor]]:
-    """Fix the quantization parameters that convert_pt2e reads from each observer (or fake
-    quantizer) of `graph`: `stored` ones, or each computed here once. HistogramObserver
-    searches for its range on every call (11 of the 11.3 s of converting a PANNs MobileNetV1),
-    and an int8 checkpoint's load paid that again. Returns them, by observer name."""
-    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
-
-    # By node: an observer shared by two nodes is one module under two names.
-    calls = [node.target for node in graph.graph.nodes if node.op == "call_module"]
-    observers = {
-        name: module
-        for name in calls
-        if isinstance(module := graph.get_submodule(name), ObserverBase | FakeQuantizeBase)
-    }
-    if stored is not None:
-        missing, unexpected = (
-            sorted(set(observers) - set(stored)),
-            sorted(set(stored) - set(observers)),
-        )
-        if missing or unexpected:
-            raise QuantizationError(
-                f"{source}: its quantization parameters do not match the graph's observers: "
-                f"missing {_some(missing)}, unexpected {_some(unexpected)}"
-            )
-    pinned = {}
-    for name, observer in observers.items():
-        if stored is None:
-            scale, zero_point = observer.calculate_qparams()
-        else:
-            scale, zero_point = _checked_qparams(stored[name], observer, f"{source}: {name}")
-        scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
-        pinned[name] = [scale, zero_point]
-        # An instance attribute: convert_pt2e calls it (the class's method searched again).
-        observer.calculate_qparams = functools.partial(_pinned, scale, zero_point)
-    return pinned
-
-
-def _pinned(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return scale, zero_point
-
-
-def _checked_qparams(value: Any, observer: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
-    """A stored [scale, zero point] pair for `observer`, or a QuantizationError saying why not."""
-    if (
-        not isinstance(value, list | tuple)
-        or len(value) != 2
-        or not all(isinstance(item, torch.Tensor) for item in value)
-    ):
-        raise QuantizationError(f"{where}: quantization parameters must be [scale, zero point]")
-    scale, zero_point = value
-    # Per tensor one value, per channel one per channel, as the observer's own statistics.
-    reference = getattr(observer, "min_val", getattr(observer, "scale", None))
-    size = None if not isinstance(reference, torch.Tensor) else max(reference.numel(), 1)
-    if (
-        not scale.is_floating_point()
-        or zero_point.is_floating_point()
-        or scale.shape != zero_point.shape
-        or (size is not None and scale.numel() != size)
-        or not bool(torch.isfinite(scale).all() and (scale > 0).all())
-    ):
-        raise QuantizationError(
-            f"{where}: quantization parameters out of range (scale {tuple(scale.shape)} "
-            f"{scale.dtype}, zero point {tuple(zero_point.shape)} {zero_point.dtype})"
-        )
-    return scale, zero_point
 
 
 @contextlib.contextmanager
@@ -356,10 +311,13 @@ def prepare(
     backend: str = "xnnpack",
     mode: str = "ptq",
     per_channel: bool = True,
+    take_input_norm: bool = True,
 ) -> QuantizedModel:
     """A copy of `model` captured and prepared for PTQ (observers) or QAT (fake quantizers);
     `model` itself is left as it was (a captured graph would share its parameters, and
-    fine-tuning them would change it)."""
+    fine-tuning them would change it). With `take_input_norm` its input BatchNorm, if it has
+    one, becomes the QuantizedModel's input normalisation (fixed at its running statistics
+    in QAT too); `example` is the model's input either way."""
     load_torchao()
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
@@ -370,6 +328,10 @@ def prepare(
     # Contiguous: weights a channels_last training left behind gave DDP's QAT fine-tuning
     # (float32, contiguous) gradients of other strides than its buckets, with a warning.
     source = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+    take = getattr(source, "take_input_normalization", None)
+    normalization = take() if take_input_norm and take is not None else None
+    if qat and normalization is not None:
+        log.info("QAT: the input BatchNorm stays at its running statistics (int8 input)")
     if qat and fold_arcface(source):
         log.info("QAT: the ArcFace head fine-tunes as its folded linear layer (no margin)")
     if not qat and hasattr(source, "fuse_model"):
@@ -382,7 +344,7 @@ def prepare(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph, quantizer)
-    result = QuantizedModel(prepared, spec)
+    result = QuantizedModel(prepared, spec, input_normalization=normalization)
     return result.train(qat)
 
 
@@ -453,7 +415,22 @@ def load_quantized(
             "run.train=false run.quantise=true run.checkpoint_path=<its run>/checkpoints/best.pth"
         )
     example = torch.zeros(2, *spec.input_shape)
-    prepared = prepare(model, example, spec.backend, spec.mode, spec.per_channel)
+    stored = content.get("input_normalization")
+    prepared = prepare(
+        model, example, spec.backend, spec.mode, spec.per_channel, take_input_norm=bool(stored)
+    )
+    if stored:
+        if prepared.input_normalization is None:
+            raise QuantizationError(
+                f"{source}: has an input normalisation, but {type(model).__name__} has no "
+                "input BatchNorm to take it from"
+            )
+        try:
+            prepared.set_input_normalization(FeatureNormalization.from_lists(stored))
+        except (ValueError, KeyError, TypeError) as error:
+            raise QuantizationError(
+                f"{source}: its input normalisation is malformed ({error})"
+            ) from error
     load_graph_state(prepared.network, state, source)
     # Checkpoints from before the parameters were stored: computed from the state, as then.
     return prepared.convert(content.get("qparams"), source)
@@ -473,13 +450,9 @@ def load_graph_state(module: nn.Module, state: dict[str, torch.Tensor], source: 
     if missing or unexpected:
         raise QuantizationError(
             f"{source}: the int8 state does not match this architecture: "
-            f"missing {_some(missing)}, unexpected {_some(unexpected)}"
+            f"missing {some_keys(missing)}, unexpected {some_keys(unexpected)}"
         )
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise QuantizationError(f"{source}: the int8 state does not load: {error}") from error
-
-
-def _some(keys: list[str]) -> str:
-    return "[]" if not keys else ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")

@@ -9,7 +9,9 @@ loading, for `audioclf.quant`.
 - `x86` (servers): torchao's X86InductorQuantizer.
 
 torchao is imported once and quietly, its rewrite patterns are traced once per process, and
-its QAT conv-BN passes skip the kinds of convolution a graph does not have.
+its QAT conv-BN passes skip the kinds of convolution a graph does not have. `pin_qparams`
+fixes the quantization parameters conversion reads from a graph's observers (an int8
+checkpoint's, or each computed once).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
 from torch.fx import GraphModule
 
 from audioclf.runtime import quiet_pytree_warnings
@@ -296,3 +299,77 @@ def make_quantizer(backend: str, qat: bool, per_channel: bool = True):
             get_default_x86_inductor_quantization_config(is_qat=qat)
         )
     raise QuantizationError(f"backend {backend!r}: one of {BACKENDS}")
+
+
+def pin_qparams(
+    graph: GraphModule, stored: dict[str, Any] | None = None, source: str = "checkpoint"
+) -> dict[str, list[torch.Tensor]]:
+    """Fix the quantization parameters that convert_pt2e reads from each observer (or fake
+    quantizer) of `graph`: `stored` ones, or each computed here once. HistogramObserver
+    searches for its range on every call (11 of the 11.3 s of converting a PANNs MobileNetV1),
+    and an int8 checkpoint's load paid that again. Returns them, by observer name."""
+    from torchao.quantization.pt2e import FakeQuantizeBase, ObserverBase
+
+    # By node: an observer shared by two nodes is one module under two names.
+    calls = [node.target for node in graph.graph.nodes if node.op == "call_module"]
+    observers = {
+        name: module
+        for name in calls
+        if isinstance(module := graph.get_submodule(name), ObserverBase | FakeQuantizeBase)
+    }
+    if stored is not None:
+        missing, unexpected = (
+            sorted(set(observers) - set(stored)),
+            sorted(set(stored) - set(observers)),
+        )
+        if missing or unexpected:
+            raise QuantizationError(
+                f"{source}: its quantization parameters do not match the graph's observers: "
+                f"missing {some_keys(missing)}, unexpected {some_keys(unexpected)}"
+            )
+    pinned = {}
+    for name, observer in observers.items():
+        if stored is None:
+            scale, zero_point = observer.calculate_qparams()
+        else:
+            scale, zero_point = _checked_qparams(stored[name], observer, f"{source}: {name}")
+        scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
+        pinned[name] = [scale, zero_point]
+        # An instance attribute: convert_pt2e calls it (the class's method searched again).
+        observer.calculate_qparams = functools.partial(_pinned, scale, zero_point)
+    return pinned
+
+
+def _pinned(scale: torch.Tensor, zero_point: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return scale, zero_point
+
+
+def _checked_qparams(value: Any, observer: nn.Module, where: str) -> tuple[torch.Tensor, ...]:
+    """A stored [scale, zero point] pair for `observer`, or a QuantizationError saying why not."""
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(item, torch.Tensor) for item in value)
+    ):
+        raise QuantizationError(f"{where}: quantization parameters must be [scale, zero point]")
+    scale, zero_point = value
+    # Per tensor one value, per channel one per channel, as the observer's own statistics.
+    reference = getattr(observer, "min_val", getattr(observer, "scale", None))
+    size = None if not isinstance(reference, torch.Tensor) else max(reference.numel(), 1)
+    if (
+        not scale.is_floating_point()
+        or zero_point.is_floating_point()
+        or scale.shape != zero_point.shape
+        or (size is not None and scale.numel() != size)
+        or not bool(torch.isfinite(scale).all() and (scale > 0).all())
+    ):
+        raise QuantizationError(
+            f"{where}: quantization parameters out of range (scale {tuple(scale.shape)} "
+            f"{scale.dtype}, zero point {tuple(zero_point.shape)} {zero_point.dtype})"
+        )
+    return scale, zero_point
+
+
+def some_keys(keys: list[str]) -> str:
+    """The first five of `keys` for an error message."""
+    return "[]" if not keys else ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")

@@ -104,7 +104,7 @@ def export_model(
     checks = []
     for fmt in formats:
         for input_kind in ("waveform",) if fmt == "mediapipe" else inputs:
-            for stem, module, check_inputs, int8 in variants.of(fmt, input_kind):
+            for stem, module, check_inputs, int8, stats in variants.of(fmt, input_kind):
                 path = directory / f"{stem}{SUFFIXES[fmt]}"
                 layout = tflite_layout if fmt == "tflite" and input_kind == "log_mel" else "nchw"
                 exported = ChannelLast(module) if layout == "nhwc" else module
@@ -130,7 +130,7 @@ def export_model(
                     fmt,
                     model_name,
                     multi_label,
-                    normalization=normalization,
+                    normalization=stats,
                     layout=layout,
                     io_quantization=io or None,
                     frontend_max_abs_diff=frontend_diff,
@@ -192,6 +192,13 @@ class _Variants:
         self.model = model
         self.inside = None if model is None else inference_model(model, normalization)
         self.int8 = None if quantized is None else Int8Model(quantized)
+        # An int8 graph without the model's input BatchNorm takes it as normalisation too.
+        self.int8_normalization = normalization
+        if quantized is not None and quantized.input_normalization is not None:
+            self.int8_normalization = quantized.input_normalization.after(normalization)
+        self.int8_normalised = (
+            raw if self.int8_normalization is None else self.int8_normalization(raw)
+        )
         self._frontends: dict[torch.dtype, tuple[LogMelFrontEnd, float]] = {}
 
     @functools.cached_property
@@ -202,32 +209,37 @@ class _Variants:
             return self.inside
         return inference_model(self.model, None)
 
-    def of(self, fmt: str, input_kind: str) -> list[tuple[str, nn.Module, np.ndarray, bool]]:
-        """(file stem, module, check inputs, int8) for each model in `fmt` with `input_kind`."""
+    def of(
+        self, fmt: str, input_kind: str
+    ) -> list[tuple[str, nn.Module, np.ndarray, bool, FeatureNormalization | None]]:
+        """(file stem, module, check inputs, int8, normalisation) for each model in `fmt`
+        with `input_kind`."""
         stems = [] if self.inside is None else [("model", False)]
         stems += [] if self.int8 is None else [("model_int8", True)]
         result = []
         for stem, int8 in stems:
+            stats = self.int8_normalization if int8 else self.normalization
             if input_kind == "waveform":
                 # TFLite has no float64 kernels: its front end computes in float32.
                 dtype = torch.float32 if fmt in TFLITE_FORMATS else torch.float64
                 module = self.int8 if int8 else self.bare
                 # MediaPipe's AudioClassifier reports the output as scores: probabilities.
                 activation = self.activation if fmt == "mediapipe" else None
-                wrapped = WaveformModel(
-                    self._frontend(dtype), self.normalization, module, activation
-                )
+                wrapped = WaveformModel(self._frontend(dtype), stats, module, activation)
                 suffix = "mediapipe" if fmt == "mediapipe" else "waveform"
-                result.append((f"{stem}_{suffix}", wrapped.eval(), self.waveforms, int8))
+                result.append((f"{stem}_{suffix}", wrapped.eval(), self.waveforms, int8, stats))
             elif int8 or fmt == "tflite":
                 # TFLite and int8 files take normalised features (the sidecar has the
                 # statistics): an int8 input is quantised after normalising, and litert-torch
                 # could not convert the broadcast against the dynamic batch TFLite files had
                 # before they took one clip.
-                result.append((stem, self.int8 if int8 else self.bare, self.normalised, int8))
+                if int8:
+                    result.append((stem, self.int8, self.int8_normalised, int8, stats))
+                else:
+                    result.append((stem, self.bare, self.normalised, int8, stats))
             else:
                 # ONNX and TorchScript normalise inside.
-                result.append((stem, self.inside, self.raw, int8))
+                result.append((stem, self.inside, self.raw, int8, stats))
         return result
 
     def _frontend(self, dtype: torch.dtype) -> LogMelFrontEnd:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from audioclf.model.heads import fold_arcface
 from audioclf.model.layers import fuse_conv_bn
+from audioclf.normalization import FeatureNormalization
 
 
 class Model(nn.Module):
@@ -33,6 +35,9 @@ class Model(nn.Module):
     #: Whether the model normalises its input itself (PANNs' bn0): the data pipeline's
     #: per-mel-bin normalisation (`features.normalize`) is then left off.
     normalizes_input = False
+    #: The BatchNorm over the input's mel bins of a model that normalises its input itself
+    #: (PANNs' `bn0`): int8 models take it out of their graph (`take_input_normalization`).
+    input_batch_norm: str | None = None
 
     def __init__(self, num_classes: int, gradient_checkpointing: bool = False) -> None:
         super().__init__()
@@ -78,6 +83,35 @@ class Model(nn.Module):
                 f"{type(self).__name__} is built for {self.n_mels} mel bins (params.n_mels), "
                 f"got features with {mels}"
             )
+
+    def take_input_normalization(self) -> FeatureNormalization | None:
+        """Replace the input BatchNorm (`input_batch_norm`) by an identity and return what it
+        computed in eval mode as a per-mel-bin normalisation, `(x - mean) / std`. None, the
+        model unchanged, when it has none, keeps no running statistics or scales a bin by
+        zero or less (a normalisation's std is positive).
+
+        Int8 models take it so: PANNs' `bn0` normalises before the first convolution's zero
+        padding, so it cannot fold into that convolution, and kept in the graph it stays in
+        float, before the input is quantised."""
+        name = self.input_batch_norm
+        layer = None if name is None else self.get_submodule(name)
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm) or layer.running_var is None:
+            return None
+        with torch.no_grad():
+            variance = layer.running_var.double() + layer.eps
+            scale = torch.rsqrt(variance)
+            if layer.weight is not None:
+                scale = scale * layer.weight.double()
+            shift = -layer.running_mean.double() * scale
+            if layer.bias is not None:
+                shift = shift + layer.bias.double()
+        if not (torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(shift).all()):
+            return None
+        # x * scale + shift = (x - mean) / std
+        mean, std = (-shift / scale).numpy(), (1.0 / scale).numpy()
+        parent, _, child = name.rpartition(".")
+        setattr(self.get_submodule(parent) if parent else self, child, nn.Identity())
+        return FeatureNormalization(mean.astype(np.float32), std.astype(np.float32))
 
     def run_block(
         self, block: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor

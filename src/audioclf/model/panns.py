@@ -40,6 +40,7 @@ class PannsModel(Model):
     """
 
     normalizes_input = True
+    input_batch_norm = "bn0"
 
     classifier_name = "fc_audioset"
     min_input_size = (32, 32)  # five 2x2 average pools
