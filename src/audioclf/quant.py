@@ -12,12 +12,13 @@ A captured graph keeps the Python branches it took: `QuantizedModel.train()` / `
 switch its dropout and BatchNorm ops by their `training` argument (`set_graph_mode`), and
 stochastic depth is off in QAT graphs (`capture`).
 
-`QuantizedModel` puts a prepared or converted graph behind the zoo's interface
-(`forward(x, labels=None)`, train/eval), so the Trainer fine-tunes and tests it unchanged.
-Its checkpoint holds the *prepared* graph's state (weights plus observer / fake-quantizer
-statistics), how it was prepared and each observer's quantization parameters: `load_quantized`
-rebuilds the float architecture, prepares it the same way, loads that state and converts with
-those parameters, which gives the same int8 model.
+`QuantizedModel` puts a prepared or converted graph behind the zoo's interface (`forward(x,
+labels=None)`, train/eval), so the Trainer fine-tunes and tests it unchanged. Its checkpoint
+holds the *prepared* graph's state (weights plus observer / fake-quantizer statistics), how it
+was prepared, each observer's quantization parameters and the input normalisation a model's
+input BatchNorm became (PANNs' bn0, `take_input_normalization`, kept out of the graph so that
+it is int8 from its input): `load_quantized` rebuilds the float architecture, prepares it the
+same way, loads that state and converts with those parameters, which gives the same int8 model.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ class QuantizedModel(nn.Module):
         self._observers_frozen = False
 
     def set_input_normalization(self, normalization: FeatureNormalization | None) -> None:
+        """Apply `normalization` to the input before the graph (None: nothing)."""
         self.input_normalization = normalization
         for name in ("mean", "std"):
             value = None if normalization is None else getattr(normalization, name)
