@@ -76,6 +76,16 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def int8_products_saturate() -> bool:
+    """Whether onnxruntime's default int8 kernels can saturate on this CPU: x86 with AVX2 or
+    AVX512 but no VNNI, where its u8 x s8 kernels add pairs of products in int16
+    (VPMADDUBSW)."""
+    return (
+        getattr(torch.cpu, "_is_avx2_supported", lambda: False)()
+        and not getattr(torch.cpu, "_is_vnni_supported", lambda: True)()
+    )
+
+
 def autocast_dtype(
     amp: bool | Literal["auto"], device: torch.device, amp_dtype: str = "float16"
 ) -> torch.dtype | None:
