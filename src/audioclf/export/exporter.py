@@ -193,12 +193,10 @@ class _Variants:
         self.inside = None if model is None else inference_model(model, normalization)
         self.int8 = None if quantized is None else Int8Model(quantized)
         # An int8 graph without the model's input BatchNorm takes it as normalisation too.
-        self.int8_normalization = normalization
+        self.int8_normalization, self.int8_normalised = normalization, self.normalised
         if quantized is not None and quantized.input_normalization is not None:
             self.int8_normalization = quantized.input_normalization.after(normalization)
-        self.int8_normalised = (
-            raw if self.int8_normalization is None else self.int8_normalization(raw)
-        )
+            self.int8_normalised = self.int8_normalization(raw)
         self._frontends: dict[torch.dtype, tuple[LogMelFrontEnd, float]] = {}
 
     @functools.cached_property
