@@ -231,10 +231,10 @@ class _Variants:
                 # statistics): an int8 input is quantised after normalising, and litert-torch
                 # could not convert the broadcast against the dynamic batch TFLite files had
                 # before they took one clip.
-                if int8:
-                    result.append((stem, self.int8, self.int8_normalised, int8, stats))
-                else:
-                    result.append((stem, self.bare, self.normalised, int8, stats))
+                module, inputs = (
+                    (self.int8, self.int8_normalised) if int8 else (self.bare, self.normalised)
+                )
+                result.append((stem, module, inputs, int8, stats))
             else:
                 # ONNX and TorchScript normalise inside.
                 result.append((stem, self.inside, self.raw, int8, stats))
